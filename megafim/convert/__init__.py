@@ -1,0 +1,1 @@
+"""Conversion between megafim checkpoints and Hugging Face Llama directories."""

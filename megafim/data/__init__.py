@@ -1,0 +1,1 @@
+"""Data: tokenizer, Megatron-compatible indexed datasets, sample index, and the FIM transform."""

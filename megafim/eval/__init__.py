@@ -1,0 +1,1 @@
+"""Evaluation: AR / FIM / middle-only loss and HumanEval infilling with execution."""

@@ -1,0 +1,1 @@
+"""Kernels: each Triton kernel sits beside its autograd function and its pure-torch reference."""

@@ -1,0 +1,1 @@
+"""Parallelism: process groups (one frozen dataclass), collectives with autograd, tensor-parallel layers."""
