@@ -1,0 +1,124 @@
+"""Command line -> ``TrainConfig``: defaults, then ``--config FILE``, then overrides.
+
+Overrides come in two spellings, applied in the order given:
+- ``--set section.field=value`` for any field (the value is parsed as YAML: ``--set model.overrides.n_layers=4``);
+- Megatron-style flags for the common settings (``--lr 3e-4``, ``--tensor-model-parallel-size 2``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from megafim.training.config import ConfigError, TrainConfig, from_dict, merge_dicts, to_dict
+
+# Megatron-LM flag -> (config path, type). The help text is the field's meaning.
+MEGATRON_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--data-path": ("data.data_path", str, "dataset prefixes, optionally weighted: 0.7 A 0.3 B"),
+    "--tokenizer-model": ("data.tokenizer_model", str, "sentencepiece .model file"),
+    "--seq-length": ("data.seq_length", int, "tokens per sample"),
+    "--micro-batch-size": ("batch.micro_batch_size", int, "samples per rank per micro-step"),
+    "--global-batch-size": ("batch.global_batch_size", int, "samples per optimizer step"),
+    "--train-iters": ("schedule.train_iters", int, "optimizer steps"),
+    "--lr": ("optimizer.lr", float, "peak learning rate"),
+    "--min-lr": ("optimizer.min_lr", float, "final learning rate of the cosine decay"),
+    "--lr-warmup-iters": ("schedule.warmup_iters", int, "linear warmup steps"),
+    "--seed": ("schedule.seed", int, "random seed"),
+    "--tensor-model-parallel-size": ("parallel.tensor", int, "tensor-parallel degree"),
+    "--pipeline-model-parallel-size": ("parallel.pipeline", int, "pipeline-parallel degree"),
+    "--zero-stage": ("parallel.zero_stage", int, "DeepSpeed ZeRO stage 0-3"),
+    "--n-future": ("model.n_future", int, "number of future-token heads"),
+    "--fim-rate": ("data.fim.rate", float, "FIM probability per document/piece"),
+    "--fim-spm-rate": ("data.fim.spm_rate", float, "SPM probability among FIM pieces"),
+    "--save": ("checkpoint.save", str, "checkpoint directory"),
+    "--load": ("checkpoint.load", str, "resume from this checkpoint directory"),
+    "--save-interval": ("checkpoint.save_interval", int, "save every N steps"),
+    "--deepspeed-config": ("deepspeed_config", str, "DeepSpeed JSON merged over the generated one"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m megafim.train",
+        description="Train a FIM + multi-token GPT under DeepSpeed (launch with torchrun for several ranks).")
+    parser.add_argument("--config", type=Path, help="YAML config file (examples/configs/*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
+                        help="override any config field; the value is parsed as YAML; repeatable")
+    parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    for flag, (path, tp, help_text) in MEGATRON_FLAGS.items():
+        nargs = "+" if flag == "--data-path" else None
+        parser.add_argument(flag, dest="megatron:" + path, type=tp, nargs=nargs, default=None,
+                            help=f"{help_text} ({path})")
+    parser.add_argument("--activation-checkpointing", dest="megatron:model.activation_checkpointing",
+                        action="store_const", const=True, default=None,
+                        help="recompute activations in backward (model.activation_checkpointing)")
+    return parser
+
+
+def _set_path(tree: dict, path: str, value, source: str) -> None:
+    """Set ``tree[a][b][c] = value`` for ``path = 'a.b.c'``; the leaf may be new only under overrides."""
+    keys = path.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        if not isinstance(node.get(key), dict):
+            raise ConfigError(f"{source}: {'.'.join(keys[:i + 1])} is not a section (in {path!r})")
+        node = node[key]
+    leaf = keys[-1]
+    if leaf not in node and keys[-2:-1] != ["overrides"]:
+        raise ConfigError(f"{source}: unknown field {path} (known here: {', '.join(sorted(node))})")
+    node[leaf] = value
+
+
+def parse_set(item: str) -> tuple[str, object]:
+    """``'a.b=3'`` -> ``('a.b', 3)``; the value is parsed as YAML so lists and numbers work."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.field=value")
+    path, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+    return path.strip(), value
+
+
+def load_yaml(path: Path) -> dict:
+    """Read a YAML config file; errors name the file (and the line for syntax errors)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """Parse ``argv`` into the effective config (defaults < file < ``--set``/flags in order)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    tree = to_dict(TrainConfig())
+    if args.config is not None:
+        file_tree = load_yaml(args.config)
+        # Type-check the file alone first so that errors name the file.
+        from_dict(TrainConfig, merge_dicts(tree, file_tree), where=f"{args.config}: ")
+        tree = merge_dicts(tree, file_tree)
+    for item in args.overrides:
+        path, value = parse_set(item)
+        _set_path(tree, path, value, f"--set {item}")
+    for key, value in vars(args).items():
+        if key.startswith("megatron:") and value is not None:
+            _set_path(tree, key.split(":", 1)[1], value, "command line")
+    return from_dict(TrainConfig, tree, where="command line: " if args.overrides else ""), args
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    """The effective config as YAML (saved beside every checkpoint, loadable with ``--config``)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
