@@ -1,0 +1,165 @@
+"""Multi-token prediction loss with sequential head backward (Gloeckle et al. 2024, section 2).
+
+The trunk runs once; then, inside ONE ``torch.autograd.Function``, each head in turn runs its forward
+on a detached copy of the trunk output, the fused linear cross-entropy (which yields the gradient of
+the head's normed output and of the shared unembedding), and ``torch.autograd.grad`` back to the trunk
+output and the head's parameters. The gradients are accumulated and the head's activations and logits
+freed before the next head starts, so peak memory holds one head's activations and one logits chunk
+whatever the number of heads. The function's backward hands the stored gradients (times grad_output)
+to autograd, so the trainer calls backward once: calling DeepSpeed's ``engine.backward`` once per
+head gives silently wrong gradients under ZeRO-1/2 (ENVIRONMENT.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from megafim.ops.linear_cross_entropy import fused_linear_cross_entropy
+from megafim.ops.linear_cross_entropy_reference import IGNORE_INDEX, token_weights
+
+Head = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Everything the autograd function needs besides its tensor inputs."""
+
+    heads: tuple[Head, ...]
+    labels: Tensor  # (B, T)
+    loss_mask: Tensor  # (B, T) float
+    tp_group: dist.ProcessGroup | None
+    vocab_start: int
+    ignore_index: int
+    impl: str
+    chunk_size: int | None
+
+
+def shifted_targets(labels: Tensor, loss_mask: Tensor, k: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Head k's labels and mask at position t: ``labels[t + k]`` and ``loss_mask[t + k]``.
+
+    The mask travels with the label it weights (both are aligned with ``labels``); the last k positions
+    have no target and get ``ignore_index`` / 0. Returns (B, T) tensors.
+    """
+    seq = labels.shape[1]
+    shifted = torch.full_like(labels, ignore_index)
+    mask = torch.zeros_like(loss_mask, dtype=torch.float32)
+    if k < seq:
+        shifted[:, : seq - k] = labels[:, k:]
+        mask[:, : seq - k] = loss_mask[:, k:]
+    return shifted, mask
+
+
+def _run_head(spec: _Spec, k: int, hidden: Tensor, weight: Tensor, grad_params: list[Tensor],
+              grad_weight: Tensor | None) -> tuple[Tensor, Tensor, tuple[Tensor | None, ...]]:
+    """Forward, loss and backward of head k. Returns (loss_k, d loss_k / d hidden, d loss_k / d params)."""
+    batch, seq, dim = hidden.shape
+    labels_k, mask_k = shifted_targets(spec.labels, spec.loss_mask, k, spec.ignore_index)
+    weights_k = token_weights(labels_k, mask_k, ignore_index=spec.ignore_index, reduction="mean")
+    with torch.enable_grad():
+        trunk_out = hidden.detach().requires_grad_(True)
+        normed = spec.heads[k](trunk_out)  # (B, T, d)
+        if normed.shape != hidden.shape:
+            raise ValueError(f"multi_token_loss: head {k} returned shape {tuple(normed.shape)}, "
+                             f"expected the hidden's {tuple(hidden.shape)}")
+        result = fused_linear_cross_entropy(
+            normed.detach().reshape(batch * seq, dim), weight, labels_k.reshape(-1), weights_k,
+            tp_group=spec.tp_group, vocab_start=spec.vocab_start, impl=spec.impl,
+            chunk_size=spec.chunk_size, need_grad_weight=grad_weight is not None,
+            grad_weight_acc=grad_weight,
+        )
+        grads = torch.autograd.grad(
+            normed, [trunk_out, *grad_params], result.grad_hidden.view(batch, seq, dim), allow_unused=True
+        )
+    return result.loss, grads[0], grads[1:]
+
+
+class SequentialHeadsLoss(torch.autograd.Function):
+    """forward: every head's forward + fused loss + backward, one after another; returns (loss, per-head
+    losses). backward: the gradients stored by forward, times grad_output, for hidden, W and params."""
+
+    @staticmethod
+    def forward(ctx, spec: _Spec, hidden: Tensor, weight: Tensor, *params: Tensor):
+        trainable = [i for i, p in enumerate(params) if p.requires_grad]
+        grad_params: list[Tensor | None] = [None] * len(params)
+        # fp32 sum of the heads' trunk gradients: n bf16 additions would each round.
+        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
+        grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
+        head_losses = []
+        for k in range(len(spec.heads)):
+            loss_k, grad_h, grads = _run_head(spec, k, hidden, weight, [params[i] for i in trainable],
+                                              grad_weight)
+            grad_hidden += grad_h
+            for i, g in zip(trainable, grads):
+                if g is not None:
+                    grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+            head_losses.append(loss_k)
+            del grad_h, grads  # this head's activations and logits are freed here, before the next head
+        ctx.grads = (grad_hidden.to(hidden.dtype), grad_weight, grad_params)
+        head_losses = torch.stack(head_losses)
+        ctx.mark_non_differentiable(head_losses)
+        return head_losses.sum(), head_losses
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor, _grad_head_losses: Tensor | None):
+        if ctx.grads is None:
+            raise RuntimeError("multi_token_loss: backward ran twice; its gradients were already used")
+        grad_hidden, grad_weight, grad_params = ctx.grads
+        ctx.grads = None  # hand the buffers to autograd, which can then keep them without a copy
+        scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype))
+                  for g in (grad_hidden, grad_weight, *grad_params)]
+        return (None, *scaled)
+
+
+def _validate(hidden: Tensor, heads: Sequence[Head], params: Sequence[Tensor], weight: Tensor,
+              labels: Tensor, loss_mask: Tensor) -> None:
+    if hidden.dim() != 3:
+        raise ValueError(f"multi_token_loss: hidden must be (B, T, d), got {tuple(hidden.shape)}")
+    if len(heads) == 0:
+        raise ValueError("multi_token_loss: needs at least one head")
+    if labels.shape != hidden.shape[:2] or loss_mask.shape != hidden.shape[:2]:
+        raise ValueError(f"multi_token_loss: labels {tuple(labels.shape)} and loss_mask "
+                         f"{tuple(loss_mask.shape)} must be (B, T) = {tuple(hidden.shape[:2])}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"multi_token_loss: unembed_weight must be (V_local, {hidden.shape[2]}), "
+                         f"got {tuple(weight.shape)}")
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError("multi_token_loss: params must be deduplicated (a shared parameter listed twice "
+                         "would receive its gradient twice)")
+    if any(p is weight for p in params):
+        raise ValueError("multi_token_loss: pass unembed_weight separately, not in params")
+
+
+def multi_token_loss(
+    hidden: Tensor,
+    heads: Sequence[Head],
+    params: Sequence[Tensor],
+    unembed_weight: Tensor,
+    labels: Tensor,
+    loss_mask: Tensor,
+    *,
+    tp_group: dist.ProcessGroup | None = None,
+    vocab_start: int = 0,
+    impl: str = "auto",
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sum over heads of each head's masked mean cross-entropy, with sequential head backward.
+
+    hidden (B, T, d): trunk output. heads: n callables, head k maps hidden -> final-normed hidden
+    (B, T, d) and predicts ``labels[t + k]`` at position t (positions t >= T - k are masked out).
+    params: every parameter the heads use, deduplicated (shared ones such as the final norm once).
+    unembed_weight (V_local, d): this tensor-parallel rank's vocabulary rows from ``vocab_start``.
+    labels (B, T): next-token labels (``ignore_index`` for none). loss_mask (B, T) float, aligned with
+    labels: head k weights ``labels[t + k]`` by ``loss_mask[t + k]``.
+    Returns (loss, differentiable; head_losses (n,), detached).
+    """
+    _validate(hidden, heads, params, unembed_weight, labels, loss_mask)
+    spec = _Spec(tuple(heads), labels, loss_mask, tp_group, vocab_start, ignore_index, impl, chunk_size)
+    return SequentialHeadsLoss.apply(spec, hidden, unembed_weight, *params)
