@@ -1,0 +1,105 @@
+"""Context-level fill-in-the-middle at load time (Bavarian et al. 2022; docs/fim.md).
+
+``FimTransform`` is a pure function of (context, seed, epoch, sample index): the same sample comes out
+of any DataLoader worker, any data-parallel layout and after any resume. The work is done in C++
+(``csrc/fim.cpp``) with exactly the semantics of the slow definition in ``fim_reference.py``;
+``unpermute`` undoes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from megafim._native import load as _load_native
+from megafim.data import fim_reference as _ref
+
+LEVELS = ("context", "document")
+
+
+@dataclass(frozen=True)
+class FimConfig:
+    """How samples are turned into fill-in-the-middle examples."""
+
+    rate: float = 0.5
+    """Probability that a piece (a document, or what of it is in the context) becomes FIM."""
+    spm_rate: float = 0.5
+    """Probability that a FIM piece uses SPM (``<PRE><SUF> suffix <MID> prefix middle``), else PSM."""
+    level: str = "context"
+    """``context``: pieces are joined again and the context's tail is cut off or padded.
+    ``document``: every piece keeps its own token count (its suffix absorbs the difference)."""
+    mask_sentinels: bool = False
+    """Leave the sentinel tokens out of the loss (end-of-text is always trained on)."""
+
+    def __post_init__(self) -> None:
+        for name in ("rate", "spm_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"FimConfig.{name} must be a number in [0, 1], got {value!r}")
+        if self.level not in LEVELS:
+            raise ValueError(f"FimConfig.level must be one of {LEVELS}, got {self.level!r}")
+        if not isinstance(self.mask_sentinels, bool):
+            raise ValueError(f"FimConfig.mask_sentinels must be a bool, got {self.mask_sentinels!r}")
+
+
+@dataclass
+class FimResult:
+    tokens: np.ndarray
+    """int32, the same length as the context (``seq_length + 1``)."""
+    loss_mask: np.ndarray
+    """float32 per token, as a target: 0 for padding (and sentinels if masked), 1 otherwise."""
+    middle_mask: np.ndarray
+    """bool per token: the token belongs to the middle of a FIM piece."""
+    modes: list[str]
+    """Per end-of-text-separated piece of the input context: "ar", "psm" or "spm"."""
+
+
+class FimTransform:
+    """``FimTransform(config, tokenizer)(context, seed=, epoch=, index=) -> FimResult``.
+
+    The tokenizer needs ``token_bytes``, ``encode`` and the ids ``eod``, ``fim_prefix``,
+    ``fim_middle``, ``fim_suffix``, ``fim_pad``. When it offers ``model_spec()`` and the native BPE
+    encoder is built, re-encoding runs in C++ without the GIL; otherwise the C++ code calls
+    ``tokenizer.encode`` for the few words it re-encodes.
+    """
+
+    def __init__(self, config: FimConfig, tokenizer) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        native = _load_native("fim")
+        ids = dict(eod=tokenizer.eod, fim_prefix=tokenizer.fim_prefix, fim_middle=tokenizer.fim_middle,
+                   fim_suffix=tokenizer.fim_suffix, fim_pad=tokenizer.fim_pad)
+        token_bytes = list(tokenizer.token_bytes)
+        if getattr(native, "has_native_encoder", False) and hasattr(tokenizer, "model_spec"):
+            pieces, scores, types = tokenizer.model_spec()
+            self._native = native.Fim.with_model_spec(token_bytes, **ids, pieces=list(pieces),
+                                                      scores=list(scores), types=list(types))
+            self.native_encoder = True
+        else:
+            self._native = native.Fim.with_callable(token_bytes, **ids, encode=tokenizer.encode)
+            self.native_encoder = False
+
+    def __call__(self, context: np.ndarray, *, seed: int, epoch: int, index: int) -> FimResult:
+        c = self.config
+        mask64 = _ref.MASK64
+        tokens, loss, middle, modes = self._native.transform(
+            np.asarray(context), seed & mask64, epoch & mask64, index & mask64, float(c.rate),
+            float(c.spm_rate), c.level == "document", c.mask_sentinels)
+        return FimResult(tokens, loss, middle, [_ref.MODES[m] for m in modes])
+
+    def reference(self, context: np.ndarray, *, seed: int, epoch: int, index: int) -> FimResult:
+        """The same transform by the slow definition (fim_reference.py)."""
+        c = self.config
+        r = _ref.transform_context(context, self.tokenizer, seed=seed, epoch=epoch, index=index, rate=c.rate,
+                                   spm_rate=c.spm_rate, level=c.level, mask_sentinels=c.mask_sentinels)
+        return FimResult(r.tokens, r.loss_mask, r.middle_mask, r.modes)
+
+
+def unpermute(tokens, tokenizer) -> list[bytes]:
+    """The original bytes of each end-of-text-separated piece of a FIM'd context.
+
+    Exact for every piece the context holds in full (context level); a piece cut off by the end of
+    the context gives what is left of prefix + middle + suffix in that order.
+    """
+    return _ref.unpermute(tokens, tokenizer)
