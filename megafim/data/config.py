@@ -113,6 +113,11 @@ class DataConfig:
             raise ValueError(f"DataConfig.seq_length must be a positive int, got {self.seq_length!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"DataConfig.seed must be an int in [0, 2**63), got {self.seed!r}")
+        if self.fim is not None:
+            from megafim.data.fim import FimConfig
+
+            if not isinstance(self.fim, FimConfig):
+                raise ValueError(f"DataConfig.fim must be a FimConfig or None, got {type(self.fim).__name__}")
         if self.fingerprint not in ("stat", "content"):
             raise ValueError(f"DataConfig.fingerprint must be 'stat' or 'content', got {self.fingerprint!r}")
 
