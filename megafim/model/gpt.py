@@ -1,0 +1,160 @@
+"""The Llama-style GPT with n future-token heads (Gloeckle et al. 2024), in plain PyTorch.
+
+    tokens -> embed_tokens -> layers.0 .. layers.{n_layers-2}   (the trunk)
+           -> heads.k  (one Block each, k = 0 .. n_future-1)
+           -> norm (shared) -> lm_head (shared, untied from the embedding)
+
+Head k predicts token t+k+1. ``layers`` and ``heads`` are ModuleDicts keyed by index, so a pipeline
+stage that deletes the layers it does not run keeps the others' parameter names. No process groups
+live here: tensor parallelism swaps modules from outside (``megafim.parallel``), and the two
+``sequence_*`` modules are the hooks sequence parallelism fills (identities otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from megafim.model.attention import Attention, KVCache
+from megafim.model.config import ModelConfig
+from megafim.model.layers import RMSNorm, SwiGLU, rotary_cos_sin
+from megafim.ops.multi_token_loss import multi_token_loss
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``+ mlp(norm(.))``; HF Llama names."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)  # (B, T, d)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class GPTOutput:
+    """With labels: ``loss`` (sum of the heads' masked mean cross-entropies, differentiable) and
+    ``head_losses`` (n_future,), detached; ``logits`` is None (the fused loss never materialises them).
+    Without labels: ``logits`` (n_future, B, T, V) and the losses are None."""
+
+    loss: Tensor | None = None
+    head_losses: Tensor | None = None
+    logits: Tensor | None = None
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleDict({str(i): Block(config) for i in range(config.n_trunk_layers)})
+        self.heads = nn.ModuleDict({str(k): Block(config) for k in range(config.n_future)})
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Sequence-parallel hooks (megafim.parallel fills them): gather (B, T/tp, d) -> (B, T, d) and
+        # scatter back; ``sequence_shards`` is tp then, so the trunk knows the full length.
+        self.sequence_gather: nn.Module = nn.Identity()
+        self.sequence_scatter: nn.Module = nn.Identity()
+        self.sequence_shards = 1
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) everywhere; the projections that write into the residual stream get
+        init_std / sqrt(2 n_layers) so the stream's variance does not grow with depth (GPT-2)."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scaled = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * self.config.n_layers) if scaled else std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    # -- pieces the trainer (pipeline stages) and inference call separately --------------------------
+
+    def rope(self, seq_len: int, start_pos: int = 0, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """Rotary cos/sin (T, hd) for positions start_pos .. start_pos + seq_len - 1."""
+        if start_pos + seq_len > self.config.max_seq_len:
+            raise ValueError(f"GPT: positions up to {start_pos + seq_len} exceed ModelConfig.max_seq_len = "
+                             f"{self.config.max_seq_len}")
+        positions = torch.arange(start_pos, start_pos + seq_len, device=device)
+        return rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """tokens (B, T) int -> (B, T, d) (this rank's (B, T/tp, d) under sequence parallelism)."""
+        return self.embed_tokens(tokens)
+
+    def trunk(self, h: Tensor, *, start_pos: int = 0, kv_caches: Mapping[str, KVCache] | None = None) -> Tensor:
+        """Run whichever trunk layers this module holds, in index order. h (B, T, d) -> (B, T, d).
+
+        kv_caches maps a block's name (``"layers.3"``) to its cache; absent names run without one."""
+        cos, sin = self.rope(h.shape[1] * self.sequence_shards, start_pos, h.device)
+        recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for key, layer in self.layers.items():
+            cache = None if kv_caches is None else kv_caches.get(f"layers.{key}")
+            if recompute and cache is None:
+                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, cache)
+        return h
+
+    def head_fns(self, seq_len: int, *, heads: Sequence[int] | None = None, start_pos: int = 0,
+                 kv_caches: Mapping[str, KVCache] | None = None, device=None) -> list[Callable[[Tensor], Tensor]]:
+        """One callable per head k (all, or those listed): full trunk output (B, T, d) -> head block ->
+        shared final norm, (B, T, d). These are the ``heads`` that ``multi_token_loss`` runs one by one."""
+        cos, sin = self.rope(seq_len, start_pos, device)
+
+        def run(k: int, h: Tensor) -> Tensor:
+            cache = None if kv_caches is None else kv_caches.get(f"heads.{k}")
+            h = self.heads[str(k)](self.sequence_scatter(h), cos, sin, cache)
+            return self.sequence_gather(self.norm(h))
+
+        selected = range(len(self.heads)) if heads is None else heads
+        return [lambda h, k=k: run(k, h) for k in selected]
+
+    def loss_from_trunk(self, h: Tensor, labels: Tensor, loss_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The last pipeline stage's part: trunk output -> (loss, head_losses (n_future,)).
+
+        labels (B, T) are next-token labels; head k is scored on labels[t + k]. loss_mask (B, T) float
+        (default all ones) weights every head's targets, aligned with labels."""
+        hidden = self.sequence_gather(h)  # (B, T, d) on every tensor-parallel rank
+        if loss_mask is None:
+            loss_mask = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
+        params = list({id(p): p for p in [*self.heads.parameters(), *self.norm.parameters()]}.values())
+        return multi_token_loss(
+            hidden, self.head_fns(hidden.shape[1], device=hidden.device), params, self.lm_head.weight,
+            labels, loss_mask.float(),
+            # a vocab-parallel lm_head (megafim.parallel) carries its group and first row; plain: None, 0
+            tp_group=getattr(self.lm_head, "process_group", None),
+            vocab_start=getattr(self.lm_head, "vocab_start", 0),
+        )
+
+    # -- whole-model entry points ---------------------------------------------------------------------
+
+    def head_hidden(self, tokens: Tensor, *, heads: Sequence[int] | None = None, start_pos: int = 0,
+                    kv_caches: Mapping[str, KVCache] | None = None) -> Tensor:
+        """Final-normed hidden states of the chosen heads (all by default): (n, B, T, d)."""
+        h = self.sequence_gather(self.trunk(self.embed(tokens), start_pos=start_pos, kv_caches=kv_caches))
+        fns = self.head_fns(h.shape[1], heads=heads, start_pos=start_pos, kv_caches=kv_caches, device=h.device)
+        return torch.stack([fn(h) for fn in fns])
+
+    def logits(self, tokens: Tensor, *, heads: Sequence[int] | None = None, start_pos: int = 0,
+               kv_caches: Mapping[str, KVCache] | None = None) -> Tensor:
+        """Logits of the chosen heads (all by default): (n, B, T, V); head k's row t scores token t+k+1."""
+        return self.lm_head(self.head_hidden(tokens, heads=heads, start_pos=start_pos, kv_caches=kv_caches))
+
+    def forward(self, tokens: Tensor, labels: Tensor | None = None, loss_mask: Tensor | None = None) -> GPTOutput:
+        """tokens (B, T). With labels (B, T): the multi-token loss; without: every head's logits."""
+        if labels is None:
+            return GPTOutput(logits=self.logits(tokens))
+        loss, head_losses = self.loss_from_trunk(self.trunk(self.embed(tokens)), labels, loss_mask)
+        return GPTOutput(loss=loss, head_losses=head_losses)

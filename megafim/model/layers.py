@@ -1,0 +1,94 @@
+"""Building blocks of the Llama-style block: RMSNorm, rotary embeddings, SwiGLU MLP.
+
+Fast paths (apex's fused RMSNorm) are chosen per call from the tensor's device, because the model is
+built on the CPU and moved afterwards; which path runs is logged once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger("megafim.model")
+
+
+@functools.cache
+def announce(kind: str, path: str) -> None:
+    """Log, once per (kind, path), which implementation of ``kind`` runs."""
+    log.info("%s: using %s", kind, path)
+
+
+@functools.cache
+def _apex_rms_norm():
+    """apex's fused RMSNorm function, or None when apex (a CUDA-only build) is not installed."""
+    try:
+        from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+    except ImportError:
+        return None
+    return fused_rms_norm_affine
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dim (apex on CUDA when installed)."""
+    fused = _apex_rms_norm() if x.is_cuda else None
+    if fused is not None:
+        announce("RMSNorm", "apex FusedRMSNorm")
+        return fused(x, weight, weight.shape, eps)
+    announce("RMSNorm", "torch.nn.functional.rms_norm")
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain (no bias, no mean subtraction), as in Llama."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin tables (T, head_dim), fp32, in Hugging Face Llama's layout.
+
+    Frequency j (of head_dim / 2) is used by channels j and j + head_dim / 2: ``rotate_half`` pairs
+    the two halves of the head, so weights export to ``LlamaForCausalLM`` without permuting q or k.
+    Computed in fp32 on every call (a few KB) so that a bf16 model keeps exact positions.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+                                / head_dim))  # (hd/2,)
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, T, H, hd) by the positions' angles; cos/sin are (T, hd)."""
+    cos = cos.to(x.dtype)[None, :, None, :]  # (1, T, 1, hd)
+    sin = sin.to(x.dtype)[None, :, None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` (Shazeer 2020), Llama's MLP; names match Hugging Face."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, d) -> (B, T, d)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
