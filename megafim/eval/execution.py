@@ -105,7 +105,7 @@ def run_program(program: str, config: SandboxConfig = SandboxConfig()) -> Execut
     """Run one program in a fresh sandbox and return how it ended."""
     import subprocess
 
-    request = json.dumps({"program": program, "config": asdict(config)}).encode()
+    request = _request(program, config)
     proc = subprocess.Popen(
         [sys.executable, "-I", _RUNNER_PATH],
         stdin=subprocess.PIPE,
@@ -164,12 +164,17 @@ def isolation_report(config: SandboxConfig = SandboxConfig()) -> dict:
     """What isolation the sandbox achieves on this machine (runs one trivial program)."""
     import subprocess
 
-    request = json.dumps({"program": "pass", "config": asdict(config), "report": True}).encode()
+    request = _request("pass", config, report=True)
     out = subprocess.run(
         [sys.executable, "-I", _RUNNER_PATH], input=request, capture_output=True, check=True,
         timeout=config.timeout_s + 30, start_new_session=True,
     ).stdout
     return json.loads(out.decode().strip().splitlines()[-1])["isolation"]
+
+
+def _request(program: str, config: SandboxConfig, report: bool = False) -> bytes:
+    settings = dict(asdict(config), cpu_s=config.cpu_s)
+    return json.dumps({"program": program, "config": settings, "report": report}).encode()
 
 
 def _result_text(report: dict) -> str:
@@ -236,7 +241,17 @@ def _isolate(config: dict) -> dict:
 
 def _enter_user_namespace(flags: int) -> bool:
     """Unprivileged users can often create namespaces inside a new user namespace; the user keeps
-    its own uid there (mapped to itself), so it gains no privilege outside."""
+    its own uid there (mapped to itself), so it gains no privilege outside. Tried first in a
+    throw-away child: a user namespace whose uid map cannot be written would leave us unmapped."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if _enter_user_namespace_here(flags) else 1)
+    if os.waitpid(pid, 0)[1] != 0:
+        return False
+    return _enter_user_namespace_here(flags)
+
+
+def _enter_user_namespace_here(flags: int) -> bool:
     uid, gid = os.geteuid(), os.getegid()
     if not _unshare(0x10000000 | flags):  # CLONE_NEWUSER
         return False
@@ -465,7 +480,7 @@ def _runner_main() -> None:
     import shutil
 
     request = json.loads(sys.stdin.buffer.read())
-    config = dict(request["config"], cpu_s=int(request["config"]["timeout_s"]) + 2)
+    config = request["config"]
     try:
         uid = _pick_uid(config)
         workdir = _make_workdir(uid)
