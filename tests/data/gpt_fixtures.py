@@ -17,6 +17,7 @@ def write_dataset(prefix: str | Path, documents: list[np.ndarray], dtype=np.uint
     """Write one sequence per document; returns the prefix as a string."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     prefix = str(prefix)
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
     for doc in documents:
