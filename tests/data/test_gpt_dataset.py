@@ -1,5 +1,7 @@
 """GPTDataset over real .bin/.idx files: samples against the token stream, splits, workers, FIM."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -126,3 +128,42 @@ def test_megatron_style_data_path():
     assert DataConfig.from_megatron_args(["a", "b"]).weights is None
     with pytest.raises(ValueError, match="pairs"):
         DataConfig.from_megatron_args(["0.3", "a", "0.7"])
+
+
+# ---- FIM composed into the dataset (a real tokenizer, trained once per session) ---------------
+from tests.data.test_tokenizer_fixtures import small_model, small_tokenizer, stdlib_files, train_tool  # noqa: E402,F401
+
+
+@pytest.fixture(scope="module")
+def code_dataset(small_tokenizer, tmp_path_factory):
+    """40 stdlib files, each encoded and ended with end-of-text, as Megatron's --append-eod does."""
+    tok = small_tokenizer
+    docs = [np.array(tok.encode(p.read_text(encoding="utf-8")) + [tok.eod])
+            for p in stdlib_files(limit=40, step=37)]
+    return write_dataset(tmp_path_factory.mktemp("code") / "code", docs, dtype=np.uint16)
+
+
+def test_fim_is_applied_to_the_context_by_seed_epoch_index(code_dataset, small_tokenizer):
+    from megafim.data.fim import FimTransform
+
+    fim = FimTransform(FimConfig(rate=0.9, spm_rate=0.5), small_tokenizer)
+    spec = GPTDatasetSpec(path_prefix=code_dataset, seq_length=128, seed=11, num_samples=40)
+    ds = GPTDataset(spec, open_dataset(code_dataset), fim=fim)
+    plain = GPTDataset(spec, open_dataset(code_dataset))
+    middles = 0
+    for i in range(len(ds)):
+        item, ctx = ds[i], plain.context(i)
+        want = fim(ctx, seed=ds.fim_seed, epoch=ds.epoch_of(i), index=i)
+        assert torch.equal(item["tokens"], torch.as_tensor(want.tokens[:-1], dtype=torch.int64))
+        assert torch.equal(item["labels"], torch.as_tensor(want.tokens[1:], dtype=torch.int64))
+        assert torch.equal(item["loss_mask"], torch.as_tensor(want.loss_mask[1:], dtype=torch.float32))
+        assert torch.equal(item["middle_mask"], torch.as_tensor(want.middle_mask[1:]))
+        middles += int(item["middle_mask"].sum())
+    assert middles > 0
+    # A fresh object (a resumed run) and two DataLoader workers give the same samples.
+    again = GPTDataset(spec, open_dataset(code_dataset), fim=fim)
+    loader = torch.utils.data.DataLoader(again, batch_size=5, num_workers=2)
+    got = torch.cat([b["tokens"] for b in loader])
+    assert torch.equal(got, torch.stack([ds[i]["tokens"] for i in range(len(ds))]))
+    # Other splits or datasets draw other FIM randomness for the same index.
+    assert GPTDataset(replace(spec, split_name="valid"), open_dataset(code_dataset)).fim_seed != ds.fim_seed
