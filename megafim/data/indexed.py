@@ -1,0 +1,282 @@
+"""Megatron-LM's indexed dataset (``<prefix>.bin`` + ``<prefix>.idx``), read and written byte for byte.
+
+``IndexedDataset`` memory-maps both files and checks them before use (magic, version, dtype code, array
+sizes against the ``.idx`` size, pointers and lengths against the ``.bin`` size), failing with an
+error that names the file. ``IndexedDatasetBuilder`` writes through the streaming C++ writer
+(``csrc/indexed_writer.h``): bounded memory, temporary names, renamed into place by ``finalize``.
+The layout is documented in ``docs/data_format.md``; datasets made by Megatron-LM's tools load here
+and ours load in ``megatron.core.datasets.indexed_dataset.IndexedDataset``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+HEADER_BYTES = 34  # magic (9) + version <Q (8) + dtype code <B (1) + sequence count <Q (8) + document count <Q (8)
+
+# Megatron's DType codes (megatron/core/datasets/indexed_dataset.py); tokens are uint16 or int32.
+DTYPE_CODES: dict[int, type[np.number]] = {
+    1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16,
+}
+CODE_OF_DTYPE = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
+UINT16_VOCAB_LIMIT = 65500  # Megatron's DType.optimal_dtype: uint16 below this vocabulary size
+
+
+class IndexedDatasetError(ValueError):
+    """A ``.bin/.idx`` pair that cannot be read; the message names the file and what is wrong."""
+
+
+def optimal_dtype(vocab_size: int) -> type[np.number]:
+    """uint16 when every id fits with room to spare (as Megatron-LM decides), else int32."""
+    return np.uint16 if vocab_size < UINT16_VOCAB_LIMIT else np.int32
+
+
+def bin_path(prefix: str | os.PathLike) -> str:
+    return f"{os.fspath(prefix)}.bin"
+
+
+def idx_path(prefix: str | os.PathLike) -> str:
+    return f"{os.fspath(prefix)}.idx"
+
+
+class IndexedDataset:
+    """A validated, memory-mapped ``.bin/.idx`` pair: ``len(ds)`` sequences of token ids.
+
+    ``full_check=True`` also checks every pointer against the running sum of the lengths and that the
+    document indices never decrease (a linear pass; the default checks only the ends).
+    """
+
+    def __init__(self, path_prefix: str | os.PathLike, full_check: bool = False) -> None:
+        self.path_prefix = os.fspath(path_prefix)
+        self._full_check = full_check
+        self._open()
+
+    def _open(self) -> None:
+        idx, bin_ = idx_path(self.path_prefix), bin_path(self.path_prefix)
+        for p in (idx, bin_):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"indexed dataset file {p} does not exist")
+        idx_size = os.path.getsize(idx)
+        if idx_size < HEADER_BYTES:
+            raise IndexedDatasetError(f"{idx}: truncated: {idx_size} bytes, shorter than the {HEADER_BYTES}-byte header")
+        with open(idx, "rb") as f:
+            header = f.read(HEADER_BYTES)
+        magic, version, code, n_seq, n_doc = struct.unpack("<9sQBQQ", header)
+        if magic != INDEX_MAGIC:
+            raise IndexedDatasetError(f"{idx}: not a Megatron indexed dataset (magic {magic!r}, expected {INDEX_MAGIC!r})")
+        if version != INDEX_VERSION:
+            raise IndexedDatasetError(f"{idx}: unsupported version {version} (expected {INDEX_VERSION})")
+        if code not in DTYPE_CODES:
+            raise IndexedDatasetError(f"{idx}: unknown dtype code {code} (known: {sorted(DTYPE_CODES)})")
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        expected = HEADER_BYTES + 12 * n_seq + 8 * n_doc
+        if idx_size < expected:
+            raise IndexedDatasetError(
+                f"{idx}: truncated: {idx_size} bytes, but {n_seq} sequences and {n_doc} document indices need {expected}")
+        if idx_size > expected:
+            extra = "(per-sequence modes of a multimodal dataset, not supported)" if idx_size - expected == n_seq else ""
+            raise IndexedDatasetError(f"{idx}: {idx_size - expected} bytes after the document indices {extra}".rstrip())
+        index = np.memmap(idx, dtype=np.uint8, mode="r")
+        self._index_map = index
+        self.sequence_lengths = index[HEADER_BYTES:HEADER_BYTES + 4 * n_seq].view(np.int32)
+        self.sequence_pointers = index[HEADER_BYTES + 4 * n_seq:HEADER_BYTES + 12 * n_seq].view(np.int64)
+        self.document_indices = index[HEADER_BYTES + 12 * n_seq:expected].view(np.int64)
+        bin_size = os.path.getsize(bin_)
+        self._bin = (np.memmap(bin_, dtype=np.uint8, mode="r") if bin_size else np.zeros(0, np.uint8))
+        self._check_arrays(idx, bin_, bin_size)
+        if self._full_check:
+            self.check_all()
+
+    def _check_arrays(self, idx: str, bin_: str, bin_size: int) -> None:
+        n_seq, item = len(self.sequence_lengths), self.dtype.itemsize
+        docs = self.document_indices
+        if len(docs) == 0 or docs[0] != 0 or docs[-1] != n_seq:
+            first = int(docs[0]) if len(docs) else None
+            last = int(docs[-1]) if len(docs) else None
+            raise IndexedDatasetError(f"{idx}: document indices must run from 0 to the sequence count {n_seq}, "
+                                      f"found first {first} and last {last}")
+        if bin_size % item:
+            raise IndexedDatasetError(f"{bin_}: {bin_size} bytes is not a whole number of {self.dtype} tokens")
+        end = 0
+        if n_seq:
+            if self.sequence_pointers[0] != 0:
+                raise IndexedDatasetError(f"{idx}: the first sequence pointer is {int(self.sequence_pointers[0])}, not 0")
+            end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * item
+        if end != bin_size:
+            raise IndexedDatasetError(f"{idx}: the last sequence ends at byte {end} but {bin_} holds {bin_size} bytes")
+
+    def check_all(self, chunk: int = 1 << 22) -> None:
+        """Check every length, pointer and document index (in chunks: memory stays small)."""
+        idx, item = idx_path(self.path_prefix), self.dtype.itemsize
+        at = 0
+        for s in range(0, len(self.sequence_lengths), chunk):
+            lengths = np.asarray(self.sequence_lengths[s:s + chunk], dtype=np.int64)
+            if (lengths < 0).any():
+                bad = s + int(np.argmax(lengths < 0))
+                raise IndexedDatasetError(f"{idx}: sequence {bad} has negative length {int(lengths[bad - s])}")
+            expect = at + np.concatenate([[0], np.cumsum(lengths[:-1] * item)])
+            wrong = np.nonzero(np.asarray(self.sequence_pointers[s:s + chunk]) != expect)[0]
+            if len(wrong):
+                i = s + int(wrong[0])
+                raise IndexedDatasetError(f"{idx}: sequence {i} points to byte {int(self.sequence_pointers[i])}, "
+                                          f"expected {int(expect[wrong[0]])} (sequences must be contiguous)")
+            at = int(expect[-1] + lengths[-1] * item)
+        prev = 0
+        for s in range(0, len(self.document_indices), chunk):
+            d = np.asarray(self.document_indices[s:s + chunk])
+            if len(d) and (d[0] < prev or (np.diff(d) < 0).any()):
+                raise IndexedDatasetError(f"{idx}: document indices decrease near entry {s}")
+            prev = int(d[-1]) if len(d) else prev
+
+    # -- access ------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.sequence_lengths)
+
+    def __getitem__(self, idx: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(len(self))
+            if step != 1:
+                raise ValueError("slices of an IndexedDataset must be contiguous (step 1)")
+            return [self.get(i) for i in range(start, stop)]
+        return self.get(idx)
+
+    def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``[offset, offset + length)`` of sequence ``idx`` (a read-only view of the map)."""
+        n = len(self)
+        i = int(idx)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sequence {idx} out of range for {self.path_prefix} with {n} sequences")
+        seq_len = int(self.sequence_lengths[i])
+        if length is None:
+            length = seq_len - offset
+        if offset < 0 or length < 0 or offset + length > seq_len:
+            raise IndexError(f"tokens [{offset}, {offset + length}) out of range for sequence {i} of length {seq_len}")
+        start = int(self.sequence_pointers[i]) + offset * self.dtype.itemsize
+        return self._bin[start:start + length * self.dtype.itemsize].view(self.dtype)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._bin) // self.dtype.itemsize
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_indices) - 1
+
+    def document(self, d: int) -> np.ndarray:
+        """All tokens of document ``d`` (its sequences, concatenated)."""
+        s0, s1 = int(self.document_indices[d]), int(self.document_indices[d + 1])
+        if s1 == s0:
+            return np.zeros(0, self.dtype)
+        start = int(self.sequence_pointers[s0])
+        end = int(self.sequence_pointers[s1 - 1]) + int(self.sequence_lengths[s1 - 1]) * self.dtype.itemsize
+        return self._bin[start:end].view(self.dtype)
+
+    @staticmethod
+    def exists(path_prefix: str | os.PathLike) -> bool:
+        return os.path.isfile(idx_path(path_prefix)) and os.path.isfile(bin_path(path_prefix))
+
+    # Pickled by prefix (DataLoader workers re-open the maps themselves).
+    def __getstate__(self) -> tuple[str, bool]:
+        return (self.path_prefix, self._full_check)
+
+    def __setstate__(self, state: tuple[str, bool]) -> None:
+        self.path_prefix, self._full_check = state
+        self._open()
+
+    def __repr__(self) -> str:
+        return (f"IndexedDataset({self.path_prefix!r}, sequences={len(self)}, documents={self.num_documents}, "
+                f"dtype={self.dtype})")
+
+
+class IndexedDatasetBuilder:
+    """Writes ``<prefix>.bin/.idx`` in a streaming way (memory does not grow with the dataset).
+
+    Use as a context manager, or call ``finalize()``; on an exception (or ``abort()``) the temporary
+    files are removed and an existing dataset at ``prefix`` is left as it was.
+    """
+
+    def __init__(self, path_prefix: str | os.PathLike, dtype: type[np.number] | np.dtype = np.uint16) -> None:
+        from megafim._native import load
+
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype(np.uint16), np.dtype(np.int32)):
+            raise ValueError(f"token dtype {self.dtype}: must be uint16 or int32")
+        self.path_prefix = os.fspath(path_prefix)
+        Path(self.path_prefix).parent.mkdir(parents=True, exist_ok=True)
+        self._writer = load("indexed_builder").IndexedWriter(self.path_prefix, CODE_OF_DTYPE[self.dtype])
+
+    def add_item(self, tokens) -> None:
+        """Append one sequence (ids must fit the dtype)."""
+        self._writer.add_sequence(_as_int32(tokens))
+
+    def end_document(self) -> None:
+        """End the current document (the sequences added since the previous end)."""
+        self._writer.end_document()
+
+    def add_document(self, tokens, lengths: list[int] | None = None) -> None:
+        """Append a document: ``tokens`` split into sequences of ``lengths`` (default: one sequence)."""
+        tokens = _as_int32(tokens)
+        if lengths is None:
+            lengths = [len(tokens)]
+        if sum(lengths) != len(tokens) or any(n < 0 for n in lengths):
+            raise ValueError(f"sequence lengths {lengths} do not split a document of {len(tokens)} tokens")
+        at = 0
+        for n in lengths:
+            self._writer.add_sequence(tokens[at:at + n])
+            at += n
+        self._writer.end_document()
+
+    def add_index(self, path_prefix: str | os.PathLike) -> None:
+        """Append a whole dataset (checked in full first; its dtype must match)."""
+        other = IndexedDataset(path_prefix, full_check=True)
+        if other.dtype != self.dtype:
+            raise ValueError(f"{idx_path(path_prefix)}: dtype {other.dtype} differs from the output's {self.dtype}")
+        n_seq, n_doc = len(other), len(other.document_indices)
+        del other  # unmap before copying
+        self._writer.append_dataset(os.fspath(path_prefix), n_seq, n_doc)
+
+    def finalize(self) -> None:
+        """Write the ``.idx`` and move both files into place."""
+        self._writer.commit()
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+    @property
+    def num_documents(self) -> int:
+        return self._writer.num_documents
+
+    @property
+    def num_tokens(self) -> int:
+        return self._writer.num_tokens
+
+    def __enter__(self) -> "IndexedDatasetBuilder":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.abort()
+
+
+def _as_int32(tokens) -> np.ndarray:
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"a sequence must be 1-D, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, got {arr.dtype}")
+    if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+        raise ValueError("token ids must fit int32")
+    return np.ascontiguousarray(arr, dtype=np.int32)
