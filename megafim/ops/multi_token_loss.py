@@ -12,6 +12,7 @@ head gives silently wrong gradients under ZeRO-1/2 (ENVIRONMENT.md).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -162,4 +163,76 @@ def multi_token_loss(
     """
     _validate(hidden, heads, params, unembed_weight, labels, loss_mask)
     spec = _Spec(tuple(heads), labels, loss_mask, tp_group, vocab_start, ignore_index, impl, chunk_size)
-    return SequentialHeadsLoss.apply(spec, hidden, unembed_weight, *params)
+    zero3 = _Zero3Params([unembed_weight, *params])
+    if not zero3.params:
+        return SequentialHeadsLoss.apply(spec, hidden, unembed_weight, *params)
+    if not hidden.requires_grad:
+        raise ValueError("multi_token_loss: under ZeRO-3 the trunk output must require grad")
+    hidden = _Zero3ReleaseInBackward.apply(hidden, zero3)
+    zero3.gather()
+    try:
+        loss, head_losses = SequentialHeadsLoss.apply(spec, hidden, unembed_weight, *params)
+    finally:
+        zero3.release()
+    return _Zero3GatherInBackward.apply(loss, zero3), head_losses
+
+
+class _Zero3Params:
+    """DeepSpeed ZeRO-3 partitioned parameters among the loss's inputs, and their gathering.
+
+    Outside its module's forward a ZeRO-3 parameter has shape [0]. Autograd records an input's shape
+    when the function is applied and checks gradients against it, and the parameter's gradient
+    accumulator copies a gradient into the parameter's current layout: so the parameters must be
+    gathered (full shape) both when the function is applied and when their gradients are accumulated
+    in backward, as ZeRO-3's own module hooks arrange for ordinary layers. Around the loss's backward
+    node, ``_Zero3GatherInBackward`` gathers them before it and ``_Zero3ReleaseInBackward`` (on the
+    trunk output, downstream of the accumulators, which autograd runs first) partitions them after.
+    This holds every head's parameters and W at once during those calls: the price of ZeRO-3 here.
+    """
+
+    def __init__(self, tensors: Sequence[Tensor]):
+        self.params = [t for t in tensors if hasattr(t, "ds_id")]
+        self._gathered: list[Tensor] = []
+
+    def gather(self) -> None:
+        """Gather the parameters that are partitioned now (others are held by ZeRO-3's module hooks)."""
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        self._gathered = [p for p in self.params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        if self._gathered:
+            self._gathered[0].all_gather(param_list=self._gathered)
+
+    def release(self) -> None:
+        """Partition what ``gather`` gathered, except parameters a module hook has claimed since."""
+        free = [p for p in self._gathered if not p.ds_active_sub_modules]
+        self._gathered = []
+        if free:
+            free[0].partition(param_list=free)
+
+
+class _Zero3GatherInBackward(torch.autograd.Function):
+    """forward: identity on the loss; backward: gather the ZeRO-3 parameters."""
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, zero3: _Zero3Params):
+        ctx.zero3 = zero3
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ctx.zero3.gather()
+        return grad, None
+
+
+class _Zero3ReleaseInBackward(torch.autograd.Function):
+    """forward: identity on the trunk output; backward: partition the ZeRO-3 parameters again."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, zero3: _Zero3Params):
+        ctx.zero3 = zero3
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ctx.zero3.release()
+        return grad, None
