@@ -256,3 +256,36 @@ def test_native_argument_errors():
         native.shuffle_samples(np.array([0, 3], np.int64), 4, 0)
     with pytest.raises(ValueError, match="no tokens"):
         plan_epochs(0, 10, None)
+
+
+def _megatron_helpers():
+    """megatron-core's compiled helpers, loaded directly (importing megatron itself takes seconds)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("megatron")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted((Path(list(spec.submodule_search_locations)[0]) / "core" / "datasets").glob("helpers_cpp*.so"))
+    if not found:
+        return None
+    loader = importlib.util.spec_from_file_location("helpers_cpp", found[0])
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return module
+
+
+def test_rows_equal_megatron_build_sample_idx():
+    """Same packing as Megatron-LM: on the same document order, the same (position, offset) rows."""
+    helpers = _megatron_helpers()
+    if helpers is None:
+        pytest.skip("megatron-core (dev dependency) is not installed")
+    rng = np.random.default_rng(4)
+    for seq_length in (1, 7, 64):
+        sizes = rng.integers(0, 40, size=200).astype(np.int32)
+        T = int(sizes.sum())
+        epochs = 3
+        order = np.concatenate([rng.permutation(200) for _ in range(epochs + 1)]).astype(np.int32)
+        theirs = helpers.build_sample_idx_int32(sizes, order[:200 * epochs], seq_length, epochs, T, True, 1)
+        ours = native.sample_index(sizes, order, seq_length, len(theirs) - 1)
+        np.testing.assert_array_equal(ours, theirs)
