@@ -112,7 +112,7 @@ def run_program(program: str, config: SandboxConfig = SandboxConfig()) -> Execut
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,  # our signals and terminal never reach it, nor its ours
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"},
+        env=_runner_env(),
     )
     try:
         # The runner enforces the timeout itself; this backstop only catches a stuck runner.
@@ -154,9 +154,12 @@ def run_programs(
         if on_result is not None:
             on_result(i, results[i])
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         for future in [pool.submit(one, i) for i in range(len(programs))]:
             future.result()  # re-raises a SandboxError from any worker
+    finally:  # on an error, drop the programs not started yet instead of running them all
+        pool.shutdown(wait=True, cancel_futures=True)
     return results  # type: ignore[return-value]
 
 
@@ -167,9 +170,17 @@ def isolation_report(config: SandboxConfig = SandboxConfig()) -> dict:
     request = _request("pass", config, report=True)
     out = subprocess.run(
         [sys.executable, "-I", _RUNNER_PATH], input=request, capture_output=True, check=True,
-        timeout=config.timeout_s + 30, start_new_session=True,
+        timeout=config.timeout_s + 30, start_new_session=True, env=_runner_env(),
     ).stdout
     return json.loads(out.decode().strip().splitlines()[-1])["isolation"]
+
+
+def _runner_env() -> dict[str, str]:
+    """Nothing of the harness's environment but where to find programs and temporary space."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
+    if "TMPDIR" in os.environ:
+        env["TMPDIR"] = os.environ["TMPDIR"]
+    return env
 
 
 def _request(program: str, config: SandboxConfig, report: bool = False) -> bytes:
@@ -445,7 +456,11 @@ def _reaper(program: str, config: dict, result_fd: int, workdir: str, uid: int |
         if pid == code_pid:
             break
     if os.WIFSIGNALED(status):
-        detail = f"killed by signal {signal.Signals(os.WTERMSIG(status)).name}"
+        try:
+            name = signal.Signals(os.WTERMSIG(status)).name
+        except ValueError:  # real-time signals have no name
+            name = str(os.WTERMSIG(status))
+        detail = f"killed by signal {name}"
     else:
         detail = f"exited before the tests finished (code {os.WEXITSTATUS(status)})"
     # If C reported, its line is already in the pipe ahead of this one; A reads the first line.
