@@ -280,3 +280,34 @@ def _as_int32(tokens) -> np.ndarray:
     if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
         raise ValueError("token ids must fit int32")
     return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def find_datasets(directory: str | os.PathLike) -> list[str]:
+    """The prefixes of every ``.bin/.idx`` pair in ``directory``, sorted by name."""
+    d = Path(directory)
+    prefixes = sorted(str(p.with_suffix("")) for p in d.glob("*.idx") if p.with_suffix(".bin").is_file())
+    if not prefixes:
+        raise FileNotFoundError(f"{d}: no .bin/.idx pairs found")
+    return prefixes
+
+
+def merge_datasets(prefixes: list[str], output_prefix: str | os.PathLike) -> IndexedDataset:
+    """Concatenate datasets (documents in the order given) into ``output_prefix``, streaming.
+
+    Every input is checked in full, and their dtypes must agree, before anything is written.
+    """
+    if not prefixes:
+        raise ValueError("merge: no input datasets")
+    out = os.fspath(output_prefix)
+    if out in [os.fspath(p) for p in prefixes]:
+        raise ValueError(f"merge: the output {out} is also an input")
+    dtypes = {}
+    for p in prefixes:
+        dtypes[os.fspath(p)] = IndexedDataset(p, full_check=True).dtype
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{p} ({t})" for p, t in dtypes.items())
+        raise ValueError(f"merge: the inputs' token dtypes differ: {listing}")
+    with IndexedDatasetBuilder(out, dtype=next(iter(dtypes.values()))) as builder:
+        for p in prefixes:
+            builder.add_index(p)
+    return IndexedDataset(out)

@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Tokenize a corpus into Megatron-LM ``.bin/.idx`` datasets (Megatron-LM's flag names).
+
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
+        --tokenizer-model tok/stdlib.model --json-keys text --append-eod --workers 2
+
+``--input`` takes JSON-lines files, or source files / directories / globs (one document per file).
+Writes ``<output-prefix>_<key>_document.bin/.idx`` per key. Bad documents (malformed JSON, a missing
+key, a non-string value, invalid UTF-8, an empty text) are skipped and listed with ``file:line`` in
+the closing summary; ``--strict`` stops at the first. See docs/preprocessing.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megafim.data.preprocess import PreprocessConfig, format_summary, run_preprocess  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", nargs="+", required=True,
+                   help="JSONL file(s), or source files, directories or globs (one document per file)")
+    p.add_argument("--output-prefix", required=True, help="outputs: <prefix>_<key>_document.bin/.idx")
+    p.add_argument("--tokenizer-model", required=True, help="a model from tools/train_tokenizer.py")
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenize (default: text)")
+    p.add_argument("--append-eod", action="store_true", help="append the end-of-document id to each document")
+    p.add_argument("--workers", type=int, default=1, help="encoding threads (default 1)")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad document instead of skipping it")
+    p.add_argument("--log-interval", type=float, default=0.5, help="seconds between progress updates")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--summary-json", help="also write the closing summary to this JSON file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so the temporary outputs are removed too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        config = PreprocessConfig(inputs=args.input, output_prefix=args.output_prefix,
+                                  tokenizer_model=args.tokenizer_model, json_keys=args.json_keys,
+                                  append_eod=args.append_eod, workers=args.workers, strict=args.strict,
+                                  progress=not args.quiet, log_interval=args.log_interval)
+        summary = run_preprocess(config)
+    except (ValueError, OSError) as err:
+        print(f"preprocess_data: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("preprocess_data: interrupted; no outputs were written", file=sys.stderr)
+        return 130
+    print(format_summary(summary), file=sys.stderr)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
