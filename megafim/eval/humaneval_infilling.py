@@ -327,5 +327,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """``main`` with the expected errors (bad input, missing data, no generator, a broken
+    sandbox) as one line on stderr and exit status 2 instead of a traceback."""
+    from megafim.eval.execution import SandboxError
+    from megafim.eval.generators import MegafimCheckpointUnavailable
+
+    try:
+        return main()
+    except (FileNotFoundError, ValueError, MegafimCheckpointUnavailable, SandboxError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

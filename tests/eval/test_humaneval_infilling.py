@@ -190,6 +190,13 @@ def test_cli_table_and_load_hook(tmp_path, capsys):
     with pytest.raises(MegafimCheckpointUnavailable, match="not available yet"):
         he.main(["--load", str(tmp_path), "--data-dir", str(DATA_DIR)])
     assert "WARNING" in he.build_parser().format_help()
+    # From the command line: one clear line and a non-zero status, not a traceback.
+    out = subprocess.run(
+        [sys.executable, "-m", "megafim.eval.humaneval_infilling", "--load", str(tmp_path),
+         "--data-dir", str(DATA_DIR)],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert out.returncode == 2 and "not available yet" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 # ---------------------------------------------------------------------------------------------
