@@ -469,7 +469,7 @@ def _reaper(program: str, config: dict, result_fd: int, workdir: str, uid: int |
     os._exit(0)
 
 
-def _supervise(reaper_pid: int, read_fd: int, timeout_s: float) -> dict:
+def _supervise(read_fd: int, timeout_s: float) -> dict:
     """A: wait for the first result line, the reaper's end, or the deadline."""
     deadline = time.monotonic() + timeout_s
     buffer = b""
@@ -512,7 +512,7 @@ def _runner_main() -> None:
         _reaper(request["program"], config, write_fd, workdir, uid, isolation["pid_namespace"])
     os.close(write_fd)
     try:
-        report = _supervise(reaper_pid, read_fd, config["timeout_s"])
+        report = _supervise(read_fd, config["timeout_s"])
     finally:
         try:
             os.kill(reaper_pid, signal.SIGKILL)  # as PID 1 of its namespace, it takes all along

@@ -122,7 +122,7 @@ def test_leftover_processes_are_killed():
         assert _uids_alive(10_000_000, 20_000_000) == []
 
 
-def test_environment_and_working_directory_are_fresh(tmp_path, monkeypatch):
+def test_environment_and_working_directory_are_fresh(monkeypatch):
     monkeypatch.setenv("MEGAFIM_TEST_SECRET", "s3cret")
     program = _prog(f"""
         import os

@@ -89,6 +89,7 @@ def test_env_var_names_the_data_dir(monkeypatch):
     assert len(he.load_problems("random-span-light")) == 164
 
 
+@pytest.mark.slow
 @needs_data
 def test_canonical_solutions_pass_164_of_164(tmp_path):
     """The slowest test here (~10-20 s on two busy cores): every reference middle must pass."""
