@@ -123,6 +123,20 @@ def test_wrong_completions_fail_and_pass_at_k_counts_them(tmp_path):
 
 
 @needs_data
+def test_uneven_sample_counts_limit_k(tmp_path):
+    problems = he.load_problems("random-span-light", DATA_DIR)
+    a, b = list(problems.values())[:2]
+    samples = [he.Sample(a.task_id, a.canonical_solution)] + \
+        [he.Sample(b.task_id, b.canonical_solution if i == 0 else "") for i in range(3)]
+    report = he.evaluate_samples("random-span-light", problems, samples, [1, 2],
+                                 tmp_path / "r.jsonl", CONFIG, workers=2)
+    assert (report.samples_per_task, report.samples_per_task_max) == (1, 3)
+    assert report.pass_at_k == pytest.approx({1: (1 + 1 / 3) / 2})  # no pass@2: task a has 1
+    table = he.format_table(report)
+    assert "1-3" in table and "2/164" in table and "66.67%" in table
+
+
+@needs_data
 def test_samples_file_errors_name_the_line(tmp_path):
     problems = he.load_problems("random-span-light", DATA_DIR)
     bad = tmp_path / "bad.jsonl"
