@@ -391,6 +391,23 @@ PYBIND11_MODULE(fim, m) {
           },
           py::arg("token_bytes"), py::arg("eod"), py::arg("fim_prefix"), py::arg("fim_middle"),
           py::arg("fim_suffix"), py::arg("fim_pad"), py::arg("encode"))
+#ifdef MEGAFIM_HAVE_BPE
+      .def_static(
+          "with_model_spec",
+          [](const py::list& token_bytes, int32_t eod, int32_t pre, int32_t mid, int32_t suf, int32_t pad,
+             const py::list& pieces, std::vector<float> scores, std::vector<int> types) {
+            // The tokenizer's own C++ encoder (csrc/bpe.h): exact sentencepiece ids, thread-safe.
+            BpeModelSpec spec{to_strings(pieces), std::move(scores), std::move(types)};
+            auto bpe = std::make_shared<const BpeEncoder>(std::move(spec));
+            Encoder enc = [bpe](std::string_view text, std::vector<int32_t>& dst) { bpe->encode(text, dst); };
+            PyFim f;
+            f.fim = std::make_unique<Fim>(to_strings(token_bytes), Specials{eod, pre, mid, suf, pad}, enc);
+            f.releases_gil = true;
+            return f;
+          },
+          py::arg("token_bytes"), py::arg("eod"), py::arg("fim_prefix"), py::arg("fim_middle"),
+          py::arg("fim_suffix"), py::arg("fim_pad"), py::arg("pieces"), py::arg("scores"), py::arg("types"))
+#endif
       .def("transform", &run, py::arg("context"), py::arg("seed"), py::arg("epoch"), py::arg("index"),
            py::arg("rate"), py::arg("spm_rate"), py::arg("keep_length"), py::arg("mask_sentinels"),
            "-> (tokens int32, loss_mask float32, middle_mask bool, modes uint8: 0 ar, 1 psm, 2 spm)");

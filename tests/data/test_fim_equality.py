@@ -1,0 +1,137 @@
+"""The C++ fast path equals the slow definition (fim_reference.py) exactly, on random contexts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from megafim.data.fim import FimConfig, FimTransform
+from megafim.data.fim_reference import piece_key, transform_piece
+from tests.data.test_fim_fixtures import fim_tokenizer, fim_tokenizer_sp, small_model, train_tool  # noqa: F401
+
+# Plain ASCII, runs of spaces, tabs and newlines, accented letters the tokenizer has seen, and
+# characters it never saw (byte fallback: 2-, 3- and 4-byte sequences).
+ALPHABET = list("abcdefxyz_=(): .,#'\"0123456789") + [" ", "  ", "    ", "\n", "\t"] + list(
+    "éüöä日本語π≈½—") + ["😀", "∮", "ᚠ", "𝔘", "Ω", "ß", "\u00a0", "\u2028"]
+
+texts = st.lists(st.sampled_from(ALPHABET), max_size=40).map("".join)
+
+
+@st.composite
+def contexts(draw, tok):
+    """A window of a packed stream of documents: it may start and end inside a document, a word or
+    a character, hold empty documents, and sometimes a corrupt run of raw byte tokens."""
+    docs = draw(st.lists(texts, min_size=1, max_size=8))
+    stream: list[int] = []
+    for d in docs:
+        ids = tok.encode(d)
+        if draw(st.integers(0, 7)) == 0:  # garbage: bytes that need not be valid UTF-8
+            at = draw(st.integers(0, len(ids)))
+            ids[at:at] = draw(st.lists(st.sampled_from(raw_bytes(tok)), min_size=1, max_size=4))
+        stream += ids
+        stream.append(tok.eod)
+    start = draw(st.integers(0, len(stream) - 1))
+    length = draw(st.integers(0, len(stream) - start))
+    return np.asarray(stream[start:start + length], dtype=np.int32)
+
+
+def raw_bytes(tok) -> list[int]:
+    """Byte-fallback ids of a few lead, continuation and never-valid bytes."""
+    ids = [i for i, b in enumerate(tok.token_bytes)
+           if len(b) == 1 and b[0] in (0x80, 0xA0, 0xBF, 0xC3, 0xE2, 0xF0, 0xC0, 0xFF)]
+    assert len(ids) == 8
+    return ids
+
+
+def assert_same(fast, slow):
+    assert fast.modes == slow.modes
+    np.testing.assert_array_equal(fast.tokens, slow.tokens)
+    np.testing.assert_array_equal(fast.loss_mask, slow.loss_mask)
+    np.testing.assert_array_equal(fast.middle_mask, slow.middle_mask)
+    assert fast.tokens.dtype == np.int32 and fast.loss_mask.dtype == np.float32
+    assert fast.middle_mask.dtype == np.bool_
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), seed=st.integers(0, 2**64 - 1), epoch=st.integers(0, 50), index=st.integers(0, 2**40),
+       rate=st.sampled_from([0.0, 0.5, 0.9, 1.0]), spm_rate=st.sampled_from([0.0, 0.5, 1.0]),
+       level=st.sampled_from(["context", "document"]), mask_sentinels=st.booleans())
+def test_fast_path_equals_definition(fim_tokenizer, data, seed, epoch, index, rate, spm_rate, level,  # noqa: F811
+                                     mask_sentinels):
+    ctx = data.draw(contexts(fim_tokenizer))
+    t = FimTransform(FimConfig(rate, spm_rate, level, mask_sentinels), fim_tokenizer)
+    fast = t(ctx, seed=seed, epoch=epoch, index=index)
+    assert len(fast.tokens) == len(ctx)
+    assert_same(fast, t.reference(ctx, seed=seed, epoch=epoch, index=index))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(st.characters(codec="utf-8", exclude_characters="\u2581"), max_size=60),
+       seed=st.integers(0, 2**64 - 1), spm_rate=st.sampled_from([0.0, 1.0]))
+def test_any_unicode_text(fim_tokenizer, text, seed, spm_rate):  # noqa: F811
+    """Arbitrary code points (surrogates excluded by the codec) as one whole document, always FIM."""
+    tok = fim_tokenizer
+    ctx = np.asarray([tok.eod] + tok.encode(text) + [tok.eod] + tok.encode(text[::-1]), dtype=np.int32)
+    t = FimTransform(FimConfig(rate=1.0, spm_rate=spm_rate), tok)
+    assert_same(t(ctx, seed=seed, epoch=0, index=0), t.reference(ctx, seed=seed, epoch=0, index=0))
+
+
+def test_edges_inside_a_character(fim_tokenizer):  # noqa: F811
+    """A context starting and ending inside a byte-fallback character keeps those bytes outside."""
+    tok = fim_tokenizer
+    ids = tok.encode("😀 def f(x):\n    return x  # 𝔘")
+    assert tok.token_bytes[ids[0]] == b"\xf0" and tok.token_bytes[ids[-1]] == b"\x98"
+    ctx = np.asarray(ids[2:-1], dtype=np.int32)  # starts at the emoji's 3rd byte, ends before 𝔘's last
+    t = FimTransform(FimConfig(rate=1.0, spm_rate=0.0), tok)
+    for index in range(20):
+        fast = t(ctx, seed=3, epoch=0, index=index)
+        assert_same(fast, t.reference(ctx, seed=3, epoch=0, index=index))
+        out = fast.tokens.tolist()
+        assert fast.modes == ["psm"]
+        assert out[:2] == ids[2:4] and out[2] == tok.fim_prefix  # the orphan bytes stay in front
+        whole = transform_piece(ctx.tolist(), piece_key(3, 0, index, 0), tok, 1.0, 0.0).tokens  # untruncated
+        assert whole[:len(out)] == out
+        mid = whole.index(tok.fim_middle)
+        assert whole[mid - 3:mid] == ids[-4:-1]  # the partial 𝔘 stays right after the suffix
+
+
+@pytest.mark.parametrize("level", ["context", "document"])
+def test_small_and_special_pieces(fim_tokenizer, level):  # noqa: F811
+    tok = fim_tokenizer
+    cases = [[], [tok.eod], [tok.eod] * 3, tok.encode("x"), tok.encode("é") + [tok.eod] + tok.encode(" "),
+             tok.encode("ab cd") + [tok.fim_pad] + tok.encode("ef"),  # a special token: left alone
+             tok.encode("  ") + [tok.eod] + tok.encode("日"),
+             # a lead byte, a whole character, then the lead's continuation bytes: not UTF-8
+             [byte(tok, 0xE2)] + tok.encode("a") + [byte(tok, 0x80), byte(tok, 0x80)] + tok.encode(" b")]
+    t = FimTransform(FimConfig(rate=1.0, level=level), tok)
+    for ctx in cases:
+        ctx = np.asarray(ctx, dtype=np.int32)
+        for index in range(10):
+            assert_same(t(ctx, seed=0, epoch=1, index=index), t.reference(ctx, seed=0, epoch=1, index=index))
+    for case in (cases[5], cases[7]):  # a special token inside, invalid UTF-8: left as they are
+        out = t(np.asarray(case, dtype=np.int32), seed=0, epoch=0, index=0)
+        assert out.modes == ["ar"] and out.tokens.tolist() == case
+
+
+def byte(tok, value: int) -> int:
+    return tok.token_bytes.index(bytes([value]))
+
+
+def test_rejects_ids_outside_the_vocabulary(fim_tokenizer):  # noqa: F811
+    t = FimTransform(FimConfig(), fim_tokenizer)
+    with pytest.raises(ValueError, match="position 1 is outside the vocabulary"):
+        t(np.asarray([5, fim_tokenizer.vocab_size + 3]), seed=0, epoch=0, index=0)
+
+
+def test_python_encoder_path_equals_native_path(fim_tokenizer, fim_tokenizer_sp):  # noqa: F811
+    """Re-encoding through tokenizer.encode (any tokenizer) gives what the C++ encoder gives."""
+    native = FimTransform(FimConfig(rate=0.9), fim_tokenizer)
+    python = FimTransform(FimConfig(rate=0.9), fim_tokenizer_sp)
+    assert native.native_encoder and not python.native_encoder
+    text = "def f(x):\n    return x  # 日本 😀 ∮\n" * 30
+    stream = np.asarray((fim_tokenizer.encode(text) + [fim_tokenizer.eod]) * 4, dtype=np.int32)
+    for index in range(40):
+        ctx = stream[index * 7:index * 7 + 257]
+        assert_same(native(ctx, seed=5, epoch=2, index=index), python(ctx, seed=5, epoch=2, index=index))
