@@ -8,3 +8,23 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # DeepSpeed picks its CPU accelerator by itself; saying so silences its warning.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer_path(tmp_path_factory) -> Path:
+    """A 1200-piece tokenizer trained by tools/train_tokenizer.py on two stdlib packages (~1 s)."""
+    prefix = tmp_path_factory.mktemp("small_tokenizer") / "tok"
+    subprocess.run([sys.executable, str(REPO / "tools" / "train_tokenizer.py"), "--input", str(STDLIB / "json"),
+                    str(STDLIB / "email"), "--vocab-size", "1200", "--output-prefix", str(prefix)],
+                   check=True, capture_output=True)
+    return Path(f"{prefix}.model")
