@@ -59,9 +59,9 @@ class FimTransform:
     """``FimTransform(config, tokenizer)(context, seed=, epoch=, index=) -> FimResult``.
 
     The tokenizer needs ``token_bytes``, ``encode`` and the ids ``eod``, ``fim_prefix``,
-    ``fim_middle``, ``fim_suffix``, ``fim_pad``. When it offers ``model_spec()`` and the native BPE
-    encoder is built, re-encoding runs in C++ without the GIL; otherwise the C++ code calls
-    ``tokenizer.encode`` for the few words it re-encodes.
+    ``fim_middle``, ``fim_suffix``, ``fim_pad``. When it encodes with the C++ encoder
+    (``backend == "native"``), re-encoding runs in C++ without the GIL on the same model
+    (``model_spec()``); otherwise the C++ code calls ``tokenizer.encode`` for the words it re-encodes.
     """
 
     def __init__(self, config: FimConfig, tokenizer) -> None:
@@ -71,7 +71,7 @@ class FimTransform:
         ids = dict(eod=tokenizer.eod, fim_prefix=tokenizer.fim_prefix, fim_middle=tokenizer.fim_middle,
                    fim_suffix=tokenizer.fim_suffix, fim_pad=tokenizer.fim_pad)
         token_bytes = list(tokenizer.token_bytes)
-        if getattr(native, "has_native_encoder", False) and hasattr(tokenizer, "model_spec"):
+        if getattr(native, "has_native_encoder", False) and getattr(tokenizer, "backend", None) == "native":
             pieces, scores, types = tokenizer.model_spec()
             self._native = native.Fim.with_model_spec(token_bytes, **ids, pieces=list(pieces),
                                                       scores=list(scores), types=list(types))
