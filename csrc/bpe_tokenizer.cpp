@@ -2,6 +2,7 @@
 //
 //   enc = Encoder(pieces: list[bytes], scores: list[float], types: list[int])
 //   enc.encode(text: str) -> list[int]
+//   enc.encode_bytes(data: bytes) -> list[int]
 //   enc.encode_batch(texts: list[str], num_threads: int = 0) -> list[np.ndarray[int32]]
 //
 // encode_batch releases the GIL and encodes on a pool of std::threads (0: one per core).
@@ -48,8 +49,7 @@ megafim::BpeEncoder make_encoder(const std::vector<py::bytes>& pieces, std::vect
   }
 }
 
-py::list encode_one(const megafim::BpeEncoder& enc, const py::handle& text) {
-  const std::string_view view = utf8_view(text);
+py::list encode_view(const megafim::BpeEncoder& enc, std::string_view view) {
   std::vector<int32_t> ids;
   ids.reserve(view.size() / 3 + 4);
   {
@@ -59,6 +59,18 @@ py::list encode_one(const megafim::BpeEncoder& enc, const py::handle& text) {
   py::list out(ids.size());
   for (size_t i = 0; i < ids.size(); ++i) PyList_SET_ITEM(out.ptr(), i, PyLong_FromLong(ids[i]));
   return out;
+}
+
+py::list encode_one(const megafim::BpeEncoder& enc, const py::handle& text) {
+  return encode_view(enc, utf8_view(text));
+}
+
+// Raw bytes, as C++ callers pass them: malformed UTF-8 is encoded the way sentencepiece does.
+py::list encode_bytes(const megafim::BpeEncoder& enc, const py::bytes& data) {
+  char* buf = nullptr;
+  Py_ssize_t size = 0;
+  if (PyBytes_AsStringAndSize(data.ptr(), &buf, &size) != 0) throw py::error_already_set();
+  return encode_view(enc, std::string_view(buf, static_cast<size_t>(size)));
 }
 
 // Encodes views[i] into results[i] on `threads` threads; texts are handed out one at a time.
@@ -120,6 +132,7 @@ PYBIND11_MODULE(bpe_tokenizer, m) {
       .def(py::init(&make_encoder), py::arg("pieces"), py::arg("scores"), py::arg("types"),
            "Build from a model's pieces (UTF-8 bytes), scores and sentencepiece piece types.")
       .def("encode", &encode_one, py::arg("text"), "ids of one str")
+      .def("encode_bytes", &encode_bytes, py::arg("data"), "ids of raw bytes (malformed UTF-8 as sentencepiece)")
       .def("encode_batch", &encode_batch, py::arg("texts"), py::arg("num_threads") = 0,
            "int32 id arrays of many str, on num_threads threads without the GIL (0: one per core)")
       .def_property_readonly("vocab_size", &megafim::BpeEncoder::vocab_size)

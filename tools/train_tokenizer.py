@@ -59,7 +59,8 @@ class TrainConfig:
     max_sentence_bytes: int = 8192
     """Training "sentences" are multi-line chunks cut at line boundaries to at most this many bytes."""
     character_coverage: float = 0.9999
-    """Wanted share of characters covered by pieces; lowered automatically to honour vocab_size."""
+    """Wanted share of characters covered by pieces (sentencepiece's option); when the characters this
+    needs do not fit in half of vocab_size, only the most frequent ones that fit are kept."""
     max_piece_length: int = 16
     seed: int = 0
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
@@ -80,8 +81,8 @@ class TrainConfig:
             raise ValueError(f"--max-bytes {self.max_bytes}: must be positive")
         if self.max_sentence_bytes < 64:
             raise ValueError(f"--max-sentence-bytes {self.max_sentence_bytes}: must be at least 64")
-        if not 0.0 < self.character_coverage <= 1.0:
-            raise ValueError(f"--character-coverage {self.character_coverage}: must be in (0, 1]")
+        if not 0.98 <= self.character_coverage <= 1.0:  # sentencepiece's own limits
+            raise ValueError(f"--character-coverage {self.character_coverage}: must be in [0.98, 1]")
         if not self.json_keys:
             raise ValueError("--json-keys: give at least one key")
 
@@ -287,35 +288,44 @@ def kept_characters(counts: Counter, coverage: float) -> int:
     """How many characters sentencepiece's trainer makes pieces of at this coverage.
 
     Mirrors its loop: characters by falling count (ties by code point); before each one, stop when the
-    share covered so far (compared in float32) reaches the coverage. A tab is counted but never kept.
+    share covered so far (compared in float32) reaches the coverage.
     """
-    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], ord(kv[0])))
-    total = sum(counts.values())
+    ordered = sorted(counts.values(), reverse=True)
+    total = sum(ordered)
     coverage32 = np.float32(coverage)
-    covered = kept = 0
-    for char, n in ordered:
+    covered = 0
+    for kept, n in enumerate(ordered):
         if np.float32(covered / total) >= coverage32:
-            break
+            return kept
         covered += n
-        kept += char != "\t"
-    return kept
+    return len(ordered)
 
 
-def choose_coverage(counts: Counter, vocab_size: int, wanted: float) -> tuple[float, int]:
-    """The largest coverage <= wanted whose characters use at most half the non-reserved vocabulary.
+def choose_characters(counts: Counter, vocab_size: int, wanted: float) -> tuple[float, set[str]]:
+    """(coverage to train with, characters to drop from the training text).
 
-    Half, so that merges (what makes BPE worth having) keep at least half the budget; the rare
-    characters left out are still encoded exactly, as byte-fallback pieces.
+    Characters may use at most half of the vocabulary left after the special and byte pieces, so that
+    merges (what makes BPE worth having) keep at least half. When the wanted coverage needs more,
+    only the most frequent characters that fit are kept: the others are cut out of the training text
+    (sentencepiece refuses coverages under 0.98, which a corpus with thousands of rare CJK characters
+    would need), and the model encodes them as byte-fallback pieces.
     """
     budget = max(1, (vocab_size - N_META - N_BYTES) // 2)
-    kept = kept_characters(counts, wanted)
-    if kept <= budget:
-        return wanted, kept
-    ordered = sorted(counts.values(), reverse=True)
-    coverage = float(np.float32(sum(ordered[:budget]) / sum(ordered)))
-    while kept_characters(counts, coverage) > budget:  # float32 rounding: step down until it fits
-        coverage = float(np.nextafter(np.float32(coverage), np.float32(0)))
-    return coverage, kept_characters(counts, coverage)
+    if kept_characters(counts, wanted) <= budget:
+        return wanted, set()
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], ord(kv[0])))
+    return 1.0, {char for char, _ in ordered[budget:]}
+
+
+def drop_characters(sentences: list[str], dropped: set[str]) -> list[str]:
+    """Cut each sentence at the dropped characters (no merge may span where one was)."""
+    if not dropped:
+        return sentences
+    table = str.maketrans({c: "\x00" for c in dropped})
+    out = []
+    for s in sentences:
+        out.extend(part for part in s.translate(table).split("\x00") if part)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -350,13 +360,15 @@ def train(config: TrainConfig, log=print) -> dict:
     start = time.time()
     sentences, stats = load_corpus(config)
     counts = count_characters(sentences)
-    coverage, n_chars = choose_coverage(counts, config.vocab_size, config.character_coverage)
+    coverage, dropped = choose_characters(counts, config.vocab_size, config.character_coverage)
+    sentences = drop_characters(sentences, dropped)
+    n_chars = kept_characters(counts, coverage) if not dropped else len(counts) - len(dropped)
     log(f"corpus: {stats.bytes / 1e6:.1f} MB in {stats.sentences} chunks; {_skip_summary(stats)}"
         + (" (capped by --max-bytes)" if stats.truncated_by_max_bytes else ""))
     for example in stats.examples:
         log(f"  skipped {example}")
-    log(f"characters: {len(counts)} distinct; {n_chars} become pieces (coverage {coverage:.6g}), "
-        "the rest are encoded as bytes")
+    log(f"characters: {len(counts)} distinct; {n_chars} become pieces, the rest are encoded as bytes"
+        + (f" ({len(dropped)} rarest cut from the training text to fit --vocab-size)" if dropped else ""))
     settings = trainer_settings(config, coverage)
     model = io.BytesIO()
     try:
@@ -367,10 +379,11 @@ def train(config: TrainConfig, log=print) -> dict:
     if processor.vocab_size() != config.vocab_size:
         raise ValueError(f"--vocab-size {config.vocab_size} is too large for this corpus: sentencepiece "
                          f"found only {processor.vocab_size()} pieces; use a smaller vocabulary or more text")
-    return _write_outputs(config, processor, model.getvalue(), settings, stats, n_chars, time.time() - start)
+    return _write_outputs(config, processor, model.getvalue(), settings, stats, n_chars, dropped,
+                          time.time() - start)
 
 
-def _write_outputs(config, processor, model_bytes, settings, stats, n_chars, seconds) -> dict:
+def _write_outputs(config, processor, model_bytes, settings, stats, n_chars, dropped, seconds) -> dict:
     prefix = Path(config.output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     special = {"eod": processor.piece_to_id(EOD_PIECE)}
@@ -385,6 +398,7 @@ def _write_outputs(config, processor, model_bytes, settings, stats, n_chars, sec
         "unk_id": processor.unk_id(),
         "byte_fallback_ids": [processor.piece_to_id(f"<0x{b:02X}>") for b in (0, 255)],
         "character_pieces": n_chars,
+        "characters_cut_from_training": len(dropped),
         "sentencepiece_settings": {k: v for k, v in settings.items() if k not in ("minloglevel",)},
         "config": {**asdict(config), "extensions": list(config.extensions),
                    "exclude_dirs": list(config.exclude_dirs)},
@@ -392,7 +406,8 @@ def _write_outputs(config, processor, model_bytes, settings, stats, n_chars, sec
         "train_seconds": round(seconds, 2),
     }
     _atomic_write(prefix.with_name(prefix.name + ".model"), model_bytes)
-    vocab = "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n"
+    # Pieces may hold newlines and tabs: written JSON-escaped so that each piece is one line.
+    vocab = "".join(f"{json.dumps(processor.id_to_piece(i), ensure_ascii=False)[1:-1]}\t{processor.get_score(i):g}\n"
                     for i in range(processor.vocab_size()))
     _atomic_write(prefix.with_name(prefix.name + ".vocab"), vocab.encode("utf-8"))
     _atomic_write(prefix.with_name(prefix.name + ".json"), (json.dumps(info, indent=2) + "\n").encode())
