@@ -23,6 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from megafim.data.preprocess import PreprocessConfig, format_summary, run_preprocess  # noqa: E402
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``), unwound like Ctrl-C so that the temporary outputs are removed too."""
+
+
+def _on_sigterm(*_) -> None:
+    raise Terminated()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True,
@@ -41,8 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # `kill` (SIGTERM) unwinds like Ctrl-C, so the temporary outputs are removed too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         config = PreprocessConfig(inputs=args.input, output_prefix=args.output_prefix,
                                   tokenizer_model=args.tokenizer_model, json_keys=args.json_keys,
@@ -52,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"preprocess_data: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("preprocess_data: interrupted; no outputs were written", file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, Terminated) else 130
     print(format_summary(summary), file=sys.stderr)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")

@@ -102,7 +102,7 @@ def resolve_inputs(inputs: list[str]) -> tuple[list[str], bool]:
     for item in inputs:
         if os.path.isdir(item):
             found = _walk_sources(item)
-        elif os.path.isfile(item):
+        elif os.path.exists(item):  # a file, or a pipe such as <(zcat corpus.jsonl.gz)
             found = [item]
         else:
             found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
@@ -142,7 +142,7 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     for prefix in cfg.output_prefixes:
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     pipeline = native.Pipeline(cfg, pieces, scores, types)
-    total_bytes = sum(os.path.getsize(f) for f in files)
+    total_bytes = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
     start = time.perf_counter()
     finished = _run_with_progress(pipeline, total_bytes, config)
     summary = dict(pipeline.summary())
@@ -153,14 +153,22 @@ def run_preprocess(config: PreprocessConfig) -> dict:
 
 
 def _run_with_progress(pipeline, total_bytes: int, config: PreprocessConfig) -> bool:
-    """Runs the pipeline on a thread (it releases the GIL) while this thread draws the progress bar."""
+    """Runs the pipeline on a thread (it releases the GIL) while this thread draws the progress bar.
+
+    This thread waits on an Event, never on Thread.join: a signal handler that raises inside join()
+    (Ctrl-C, our SIGTERM handler) can leave the thread marked as finished while it still runs
+    (CPython bpo-45274), and the cleanup below must wait for the real end.
+    """
     outcome: dict = {}
+    done = threading.Event()
 
     def target() -> None:
         try:
             outcome["finished"] = pipeline.run()
         except BaseException as err:  # handed to the calling thread below
             outcome["error"] = err
+        finally:
+            done.set()
 
     thread = threading.Thread(target=target, name="megafim-preprocess", daemon=True)
     bar = None
@@ -172,13 +180,13 @@ def _run_with_progress(pipeline, total_bytes: int, config: PreprocessConfig) -> 
     start = time.perf_counter()
     thread.start()
     try:
-        while thread.is_alive():
-            thread.join(config.log_interval)
+        while not done.wait(config.log_interval):
             if bar is not None:
                 _update_bar(bar, pipeline.progress(), time.perf_counter() - start)
     except BaseException:
         pipeline.cancel()  # Ctrl-C / SystemExit: stop the threads; run() removes the temporary files
-        thread.join()
+        while not done.wait(0.1):
+            pass
         raise
     finally:
         if bar is not None:

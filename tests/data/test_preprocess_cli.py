@@ -1,0 +1,94 @@
+"""tools/preprocess_data.py as users run it: the closing summary, and interrupted runs (Ctrl-C, kill,
+kill -9) that must never leave a .bin/.idx pair that looks valid nor touch an earlier output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megafim.data.indexed import IndexedDataset
+
+REPO = Path(__file__).resolve().parents[2]
+TOOL = REPO / "tools" / "preprocess_data.py"
+
+
+def tool_cmd(inputs, prefix, model, *extra) -> list[str]:
+    return [sys.executable, str(TOOL), "--input", *map(str, inputs), "--output-prefix", str(prefix),
+            "--tokenizer-model", str(model), "--quiet", *extra]
+
+
+def test_cli_summary_and_json(tmp_path, small_tokenizer_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "a = 1\\n"}\n{"text": ""}\nnot json\n{"text": "b = 2\\n"}\n')
+    out = subprocess.run(tool_cmd([src], tmp_path / "o", small_tokenizer_path, "--append-eod", "--workers", "2",
+                                  "--summary-json", tmp_path / "s.json"), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "documents: 2" in out.stderr
+    assert f"empty_document: 1 (first: {src}:2)" in out.stderr
+    assert f"malformed_json: 1 (first: {src}:3)" in out.stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["documents"] == 2 and summary["skipped"] == {"empty_document": 1, "malformed_json": 1}
+    assert len(IndexedDataset(tmp_path / "o_text_document")) == 2
+
+    strict = subprocess.run(tool_cmd([src], tmp_path / "s", small_tokenizer_path, "--strict"),
+                            capture_output=True, text=True)
+    assert strict.returncode == 1 and f"{src}:2: empty_document" in strict.stderr
+    assert not list(tmp_path.glob("s_*"))
+
+
+def open_when_read(fifo: Path, proc: subprocess.Popen):
+    """Open the pipe for writing once the tool has opened it for reading (failing if the tool died)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:  # ENXIO: no reader yet
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the tool never opened its input"
+            time.sleep(0.01)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "w")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_run_leaves_no_valid_looking_pair(tmp_path, small_tokenizer_path, sig):
+    # An earlier, valid output at the same prefix must survive untouched.
+    old = tmp_path / "old.jsonl"
+    old.write_text('{"text": "the earlier dataset"}\n')
+    subprocess.run(tool_cmd([old], tmp_path / "o", small_tokenizer_path), check=True, capture_output=True)
+    prefix = tmp_path / "o_text_document"
+    before = prefix.with_suffix(".bin").read_bytes(), prefix.with_suffix(".idx").read_bytes()
+
+    # The input is a pipe that we feed: the run is certainly in the middle when the signal comes.
+    fifo = tmp_path / "feed.jsonl"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(tool_cmd([fifo], tmp_path / "o", small_tokenizer_path, "--workers", "2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with open_when_read(fifo, proc) as feed:
+        for i in range(60_000):  # ~2 MB, two blocks: some jobs are written before the signal
+            feed.write(json.dumps({"text": f"def f_{i}(x):\n    return x * {i}\n"}) + "\n")
+        feed.flush()
+        assert list(tmp_path.glob("o_text_document.bin.tmp-*")), "the run has not started writing"
+        proc.send_signal(sig)
+        time.sleep(0.2)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -9}[sig], err
+    after = prefix.with_suffix(".bin").read_bytes(), prefix.with_suffix(".idx").read_bytes()
+    assert after == before
+    assert len(IndexedDataset(prefix)) == 1
+    leftovers = sorted(p.name for p in tmp_path.glob("*.tmp-*"))
+    if sig == signal.SIGKILL:  # nothing can clean up; what is left never has a dataset's name
+        assert leftovers and all(".tmp-" in name for name in leftovers)
+    else:
+        assert leftovers == [], err
+        assert b"interrupted; no outputs were written" in err
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" not in p.name) == [
+        "feed.jsonl", "o_text_document.bin", "o_text_document.idx", "old.jsonl"]
