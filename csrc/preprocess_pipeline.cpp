@@ -1,0 +1,464 @@
+// The preprocessing pipeline behind tools/preprocess_data.py: input files -> .bin/.idx datasets,
+// entirely in C++ threads with the GIL released.
+//
+//   reader thread   reads the inputs in blocks of whole lines (JSONL) or whole files (source mode)
+//                   and numbers them into jobs;
+//   N workers       split lines, check UTF-8, parse JSON (csrc/json_lines.h), encode the texts with
+//                   megafim::BpeEncoder (csrc/bpe.h);
+//   calling thread  takes finished jobs back in input order and streams them into one
+//                   IndexedWriter per JSON key (csrc/indexed_writer.h).
+//
+// Memory is bounded whatever the corpus size: at most `max_inflight` jobs (each about one block of
+// input plus its tokens) exist at once, the writers keep no per-document arrays, and the skipped-
+// line report keeps counts plus the first few locations per reason. The largest single line (or
+// source file) is the only thing that can make one job bigger than a block.
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "bpe.h"
+#include "indexed_writer.h"
+#include "json_lines.h"
+
+namespace py = pybind11;
+
+namespace megafim {
+namespace {
+
+// Bad input under strict mode: the message starts with file:line.
+struct InputError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct PipelineConfig {
+  std::vector<std::string> inputs;           // files, in the order their documents are written
+  bool jsonl = true;                         // JSON lines; false: each file is one document
+  std::vector<std::string> keys;             // JSON keys (source mode: one name for the output)
+  std::vector<std::string> output_prefixes;  // one per key
+  uint8_t dtype_code = kDtypeUint16;
+  bool append_eod = false;
+  int32_t eod = -1;
+  int workers = 1;
+  bool strict = false;
+  size_t block_bytes = 1 << 20;
+  size_t max_examples = 5;                   // locations kept per skip reason
+};
+
+struct Skip {
+  LineError reason;
+  uint32_t file;
+  uint64_t line;
+};
+
+struct FileDoc {
+  uint32_t file;
+  size_t offset, size;
+};
+
+struct Job {
+  uint64_t seq = 0;
+  uint32_t file = 0;        // JSONL: the file of every line in `data`
+  uint64_t first_line = 1;  // JSONL: the number of the first line in `data`
+  std::string data;
+  std::vector<FileDoc> docs;  // source mode: the files packed into `data`
+  // results, filled by a worker
+  std::vector<std::vector<int32_t>> tokens, lengths;  // per key: concatenated tokens, per document
+  std::vector<Skip> skips;
+  uint64_t blank_lines = 0;
+};
+
+// Per-worker scratch, reused from line to line.
+struct Scratch {
+  JsonLineParser parser;
+  std::vector<std::string> values;
+  std::vector<std::vector<int32_t>> ids;
+};
+
+class Pipeline {
+ public:
+  Pipeline(PipelineConfig cfg, BpeModelSpec spec) : cfg_(std::move(cfg)), encoder_(std::move(spec)) {
+    if (cfg_.keys.empty() || cfg_.keys.size() != cfg_.output_prefixes.size())
+      throw std::invalid_argument("one output prefix per JSON key is needed");
+    if (!cfg_.jsonl && cfg_.keys.size() != 1) throw std::invalid_argument("source-file inputs take one key");
+    if (cfg_.workers < 1) throw std::invalid_argument("workers must be >= 1");
+    if (cfg_.block_bytes < 1) throw std::invalid_argument("block_bytes must be >= 1");
+    dtype_itemsize(cfg_.dtype_code);
+    max_inflight_ = 2 * static_cast<uint64_t>(cfg_.workers) + 2;
+  }
+
+  // Runs to the end; returns false when cancelled. Throws InputError (strict) or I/O errors; in
+  // every failing case the temporary files are gone and earlier outputs are untouched.
+  bool run() {
+    std::vector<std::unique_ptr<IndexedWriter>> writers;
+    try {
+      for (const auto& prefix : cfg_.output_prefixes)
+        writers.emplace_back(new IndexedWriter(prefix, cfg_.dtype_code));
+    } catch (...) {
+      for (auto& w : writers) w->abort();
+      throw;
+    }
+    std::thread reader(&Pipeline::read_inputs, this);
+    std::vector<std::thread> workers;
+    for (int i = 0; i < cfg_.workers; ++i) workers.emplace_back(&Pipeline::work, this);
+    std::exception_ptr failure;
+    try {
+      write_jobs(writers);
+    } catch (...) {
+      failure = std::current_exception();
+      cancel();
+    }
+    reader.join();
+    for (auto& t : workers) t.join();
+    if (!failure && !thread_error_.empty()) failure = std::make_exception_ptr(std::runtime_error(thread_error_));
+    if (failure || cancelled_) {
+      for (auto& w : writers) w->abort();
+      if (failure) std::rethrow_exception(failure);
+      return false;
+    }
+    for (auto& w : writers) w->commit();
+    for (auto& w : writers) sequences_.push_back(w->num_sequences());
+    return true;
+  }
+
+  void cancel() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cancelled_ = true;
+    }
+    cv_.notify_all();
+  }
+
+  // (documents, tokens over every key, input bytes, skipped lines) written so far.
+  py::tuple progress() const {
+    return py::make_tuple(documents_.load(), tokens_.load(), input_bytes_.load(), skipped_.load());
+  }
+
+  py::dict summary() const {
+    py::dict d, counts, examples;
+    for (int r = 1; r < kNumLineErrors; ++r) {
+      if (!skip_counts_[r]) continue;
+      const char* name = line_error_name(static_cast<LineError>(r));
+      counts[name] = skip_counts_[r];
+      py::list where;
+      for (const auto& s : skip_examples_[r]) where.append(py::make_tuple(cfg_.inputs[s.file], s.line));
+      examples[name] = where;
+    }
+    d["documents"] = documents_.load();
+    d["tokens"] = tokens_.load();
+    d["input_bytes"] = input_bytes_.load();
+    d["blank_lines"] = blank_lines_;
+    d["skipped"] = counts;
+    d["skipped_examples"] = examples;
+    d["sequences_per_output"] = sequences_;
+    return d;
+  }
+
+ private:
+  PipelineConfig cfg_;
+  BpeEncoder encoder_;
+  uint64_t max_inflight_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;  // one condition for every wait: the waits are rare and short
+  std::vector<std::unique_ptr<Job>> todo_;          // LIFO is fine: order is restored by seq
+  std::map<uint64_t, std::unique_ptr<Job>> done_;
+  uint64_t next_read_ = 0, next_write_ = 0;
+  bool reader_finished_ = false, cancelled_ = false;
+  std::string thread_error_;
+
+  std::atomic<uint64_t> documents_{0}, tokens_{0}, input_bytes_{0}, skipped_{0};
+  uint64_t blank_lines_ = 0;
+  uint64_t skip_counts_[kNumLineErrors] = {};
+  std::vector<Skip> skip_examples_[kNumLineErrors];
+  std::vector<uint64_t> sequences_;
+
+  // -- reader ----------------------------------------------------------------------------------
+
+  // Hands a job to the workers once fewer than max_inflight jobs are unwritten; false if cancelled.
+  bool submit(std::unique_ptr<Job> job) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return cancelled_ || next_read_ - next_write_ < max_inflight_; });
+    if (cancelled_) return false;
+    job->seq = next_read_++;
+    todo_.push_back(std::move(job));
+    lock.unlock();
+    cv_.notify_all();
+    return true;
+  }
+
+  void read_inputs() {
+    try {
+      if (cfg_.jsonl) {
+        for (uint32_t f = 0; f < cfg_.inputs.size(); ++f)
+          if (!read_jsonl(f)) break;
+      } else {
+        read_sources();
+      }
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (thread_error_.empty()) thread_error_ = e.what();
+      cancelled_ = true;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      reader_finished_ = true;
+    }
+    cv_.notify_all();
+  }
+
+  // Blocks of whole lines; a line longer than a block makes its block longer.
+  bool read_jsonl(uint32_t f) {
+    const std::string& path = cfg_.inputs[f];
+    std::unique_ptr<FILE, int (*)(FILE*)> in(std::fopen(path.c_str(), "rb"), &std::fclose);
+    if (!in) throw io_error("cannot open input", path);
+    std::string carry;
+    uint64_t line = 1;
+    bool eof = false;
+    while (!eof) {
+      auto job = std::make_unique<Job>();
+      job->file = f;
+      job->first_line = line;
+      job->data.swap(carry);
+      size_t cut = std::string::npos;
+      while (cut == std::string::npos && !eof) {
+        const size_t old = job->data.size();
+        job->data.resize(old + cfg_.block_bytes);
+        const size_t got = std::fread(&job->data[old], 1, cfg_.block_bytes, in.get());
+        if (got < cfg_.block_bytes && std::ferror(in.get())) throw io_error("cannot read input", path);
+        job->data.resize(old + got);
+        eof = got < cfg_.block_bytes;
+        // Only the new bytes can hold a newline: what came before is a partial line.
+        const char* base = job->data.data();
+        if (const void* nl = ::memrchr(base + old, '\n', got)) cut = static_cast<const char*>(nl) - base;
+      }
+      if (!eof) {  // keep the unfinished last line for the next block
+        carry.assign(job->data, cut + 1, std::string::npos);
+        job->data.resize(cut + 1);
+      }
+      if (job->data.empty()) break;
+      line += static_cast<uint64_t>(std::count(job->data.begin(), job->data.end(), '\n'));
+      if (!submit(std::move(job))) return false;
+    }
+    return true;
+  }
+
+  // Whole files, packed together into jobs of about a block.
+  void read_sources() {
+    auto job = std::make_unique<Job>();
+    for (uint32_t f = 0; f < cfg_.inputs.size(); ++f) {
+      const std::string& path = cfg_.inputs[f];
+      std::unique_ptr<FILE, int (*)(FILE*)> in(std::fopen(path.c_str(), "rb"), &std::fclose);
+      if (!in) throw io_error("cannot open input", path);
+      const size_t offset = job->data.size();
+      char buf[1 << 16];
+      size_t got;
+      while ((got = std::fread(buf, 1, sizeof(buf), in.get())) > 0) job->data.append(buf, got);
+      if (std::ferror(in.get())) throw io_error("cannot read input", path);
+      job->docs.push_back({f, offset, job->data.size() - offset});
+      if (job->data.size() >= cfg_.block_bytes) {
+        if (!submit(std::move(job))) return;
+        job = std::make_unique<Job>();
+      }
+    }
+    if (!job->docs.empty()) submit(std::move(job));
+  }
+
+  // -- workers ---------------------------------------------------------------------------------
+
+  void work() {
+    try {
+      work_loop();
+    } catch (const std::exception& e) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (thread_error_.empty()) thread_error_ = e.what();
+        cancelled_ = true;
+      }
+      cv_.notify_all();
+    }
+  }
+
+  void work_loop() {
+    Scratch scratch;
+    scratch.ids.resize(cfg_.keys.size());
+    for (;;) {
+      std::unique_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return cancelled_ || !todo_.empty() || reader_finished_; });
+        if (cancelled_ || todo_.empty()) return;
+        job = std::move(todo_.back());
+        todo_.pop_back();
+      }
+      job->tokens.resize(cfg_.keys.size());
+      job->lengths.resize(cfg_.keys.size());
+      for (auto& t : job->tokens) t.reserve(job->data.size() / 3);
+      if (cfg_.jsonl) encode_lines(*job, scratch);
+      else encode_files(*job, scratch);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        done_[job->seq] = std::move(job);
+      }
+      cv_.notify_all();
+    }
+  }
+
+  void encode_lines(Job& job, Scratch& s) {
+    const char* p = job.data.data();
+    const char* end = p + job.data.size();
+    for (uint64_t line = job.first_line; p < end; ++line) {
+      const char* nl = static_cast<const char*>(std::memchr(p, '\n', end - p));
+      const char* stop = nl ? nl : end;
+      encode_line(std::string_view(p, stop - p), line, job, s);
+      p = nl ? nl + 1 : end;
+    }
+  }
+
+  void encode_line(std::string_view text, uint64_t line, Job& job, Scratch& s) {
+    bool blank = true;
+    for (char c : text) blank = blank && (c == ' ' || c == '\t' || c == '\r');
+    if (blank) { ++job.blank_lines; return; }
+    LineError err = utf8_valid(text) ? s.parser.parse(text, cfg_.keys, s.values) : LineError::kInvalidUtf8;
+    for (size_t k = 0; err == LineError::kNone && k < cfg_.keys.size(); ++k)
+      if (s.values[k].empty()) err = LineError::kEmptyDocument;
+    if (err != LineError::kNone) { job.skips.push_back({err, job.file, line}); return; }
+    for (size_t k = 0; k < cfg_.keys.size(); ++k) {
+      s.ids[k].clear();
+      encoder_.encode(s.values[k], s.ids[k]);
+    }
+    append_document(job, s);
+  }
+
+  void encode_files(Job& job, Scratch& s) {
+    for (const FileDoc& d : job.docs) {
+      const std::string_view text(job.data.data() + d.offset, d.size);
+      const size_t valid = utf8_valid_prefix(reinterpret_cast<const unsigned char*>(text.data()), text.size());
+      if (text.empty() || valid != text.size()) {
+        uint64_t line = 1;
+        for (size_t i = 0; i < valid; ++i) line += text[i] == '\n';
+        job.skips.push_back({text.empty() ? LineError::kEmptyDocument : LineError::kInvalidUtf8, d.file, line});
+        continue;
+      }
+      s.ids[0].clear();
+      encoder_.encode(text, s.ids[0]);
+      append_document(job, s);
+    }
+  }
+
+  void append_document(Job& job, Scratch& s) {
+    for (size_t k = 0; k < s.ids.size() && k < cfg_.keys.size(); ++k) {
+      if (cfg_.append_eod) s.ids[k].push_back(cfg_.eod);
+      job.tokens[k].insert(job.tokens[k].end(), s.ids[k].begin(), s.ids[k].end());
+      job.lengths[k].push_back(static_cast<int32_t>(s.ids[k].size()));
+    }
+  }
+
+  // -- writer (the calling thread) ---------------------------------------------------------------
+
+  void write_jobs(std::vector<std::unique_ptr<IndexedWriter>>& writers) {
+    for (;;) {
+      std::unique_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] {
+          return cancelled_ || done_.count(next_write_) || (reader_finished_ && next_write_ == next_read_);
+        });
+        if (cancelled_ || !done_.count(next_write_)) return;
+        auto it = done_.find(next_write_);
+        job = std::move(it->second);
+        done_.erase(it);
+        ++next_write_;
+      }
+      cv_.notify_all();
+      write_job(*job, writers);
+    }
+  }
+
+  void write_job(const Job& job, std::vector<std::unique_ptr<IndexedWriter>>& writers) {
+    if (cfg_.strict && !job.skips.empty()) {
+      const Skip& s = job.skips.front();
+      throw InputError(cfg_.inputs[s.file] + ":" + std::to_string(s.line) + ": " +
+                       line_error_name(s.reason) + " (--strict stops at the first bad document)");
+    }
+    for (const Skip& s : job.skips) {
+      const int r = static_cast<int>(s.reason);
+      ++skip_counts_[r];
+      if (skip_examples_[r].size() < cfg_.max_examples) skip_examples_[r].push_back(s);
+    }
+    uint64_t tokens = 0;
+    for (size_t k = 0; k < writers.size(); ++k) {
+      const int32_t* t = job.tokens[k].data();
+      for (int32_t n : job.lengths[k]) {
+        writers[k]->add_sequence(t, static_cast<size_t>(n));
+        writers[k]->end_document();
+        t += n;
+      }
+      tokens += job.tokens[k].size();
+    }
+    blank_lines_ += job.blank_lines;
+    skipped_ += job.skips.size();
+    documents_ += job.lengths.empty() ? 0 : job.lengths[0].size();
+    tokens_ += tokens;
+    input_bytes_ += job.data.size();
+  }
+};
+
+BpeModelSpec make_spec(const std::vector<py::bytes>& pieces, std::vector<float> scores, std::vector<int> types) {
+  BpeModelSpec spec;
+  spec.pieces.reserve(pieces.size());
+  for (const auto& p : pieces) spec.pieces.emplace_back(p);
+  spec.scores = std::move(scores);
+  spec.types = std::move(types);
+  return spec;
+}
+
+}  // namespace
+}  // namespace megafim
+
+PYBIND11_MODULE(preprocess_pipeline, m) {
+  using megafim::Pipeline;
+  using megafim::PipelineConfig;
+  m.doc() = "Input files -> tokenized Megatron .bin/.idx datasets, in C++ threads (csrc/preprocess_pipeline.cpp).";
+  py::register_exception<megafim::InputError>(m, "InputError", PyExc_ValueError);
+
+  py::class_<PipelineConfig>(m, "PipelineConfig")
+      .def(py::init<>())
+      .def_readwrite("inputs", &PipelineConfig::inputs)
+      .def_readwrite("jsonl", &PipelineConfig::jsonl)
+      .def_readwrite("keys", &PipelineConfig::keys)
+      .def_readwrite("output_prefixes", &PipelineConfig::output_prefixes)
+      .def_readwrite("dtype_code", &PipelineConfig::dtype_code)
+      .def_readwrite("append_eod", &PipelineConfig::append_eod)
+      .def_readwrite("eod", &PipelineConfig::eod)
+      .def_readwrite("workers", &PipelineConfig::workers)
+      .def_readwrite("strict", &PipelineConfig::strict)
+      .def_readwrite("block_bytes", &PipelineConfig::block_bytes)
+      .def_readwrite("max_examples", &PipelineConfig::max_examples);
+
+  py::class_<Pipeline>(m, "Pipeline")
+      .def(py::init([](PipelineConfig cfg, const std::vector<py::bytes>& pieces, std::vector<float> scores,
+                       std::vector<int> types) {
+             auto spec = megafim::make_spec(pieces, std::move(scores), std::move(types));
+             py::gil_scoped_release nogil;
+             return std::make_unique<Pipeline>(std::move(cfg), std::move(spec));
+           }),
+           py::arg("config"), py::arg("pieces"), py::arg("scores"), py::arg("types"))
+      .def("run", &Pipeline::run, py::call_guard<py::gil_scoped_release>(),
+           "Process every input and commit the outputs; False when cancelled (outputs discarded).")
+      .def("cancel", &Pipeline::cancel, "Stop soon; run() then discards the outputs and returns False.")
+      .def("progress", &Pipeline::progress, "(documents, tokens, input bytes, skipped) written so far.")
+      .def("summary", &Pipeline::summary, "Counts, and the first locations of each kind of skipped input.");
+}
