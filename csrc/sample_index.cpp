@@ -223,8 +223,8 @@ py::array sample_index_dispatch(const py::array_t<int32_t, py::array::c_style>& 
 
 // Shuffle the samples of each epoch among themselves: epoch e owns the unshuffled sample ids
 // [epoch_starts[e], epoch_starts[e + 1]). The output lists the first num_out entries of the
-// concatenated per-epoch permutations; only the last epoch it reaches is cut short (and costs
-// memory in proportion to what is kept of it, not to the epoch's size).
+// concatenated per-epoch permutations; only the last epoch it reaches is cut short, and that one
+// costs extra memory of min(what is dropped of it, a hash entry per kept sample), not a full copy.
 template <typename T>
 py::array_t<T> shuffle_samples_impl(const py::array_t<int64_t, py::array::c_style>& epoch_starts,
                                     int64_t num_out, uint64_t seed, bool shuffle) {
@@ -242,14 +242,19 @@ py::array_t<T> shuffle_samples_impl(const py::array_t<int64_t, py::array::c_styl
       if (r == n || !shuffle) {  // a whole epoch (or no shuffle): in place
         for (int64_t k = 0; k < r; ++k) dst[a + k] = static_cast<T>(a + k);
         if (shuffle) partial_shuffle(dst + a, n, r, rng);
-      } else if (r < n / 8) {  // the head of a cut epoch: only the touched positions are stored
+      } else if (r < n / 16) {  // the head of a cut epoch: only the touched positions are stored
         LazyPermutation perm(a, n, stream_seed(seed, kTagSampleShuffle, static_cast<uint64_t>(e)), true);
         for (int64_t k = 0; k < r; ++k) dst[a + k] = static_cast<T>(perm.next());
-      } else {  // most of a cut epoch: shuffle a scratch copy of the whole epoch
-        std::vector<T> scratch(static_cast<size_t>(n));
-        for (int64_t k = 0; k < n; ++k) scratch[k] = static_cast<T>(a + k);
-        partial_shuffle(scratch.data(), n, r, rng);
-        std::copy(scratch.begin(), scratch.begin() + r, dst + a);
+      } else {  // most of a cut epoch: positions < r live in the output, the rest in a side buffer
+        T* head = dst + a;
+        std::vector<T> tail(static_cast<size_t>(n - r));
+        for (int64_t k = 0; k < r; ++k) head[k] = static_cast<T>(a + k);
+        for (int64_t k = r; k < n; ++k) tail[k - r] = static_cast<T>(a + k);
+        auto at = [&](int64_t pos) -> T& { return pos < r ? head[pos] : tail[pos - r]; };
+        for (int64_t k = 0; k < r; ++k) {  // r < n, so every step draws, as in partial_shuffle
+          const int64_t j = k + static_cast<int64_t>(rng.below(static_cast<uint64_t>(n - k)));
+          std::swap(at(k), at(j));
+        }
       }
     }
   }

@@ -51,17 +51,22 @@ def ref_partial_shuffle(a, r, rng):
 
 
 def ref_document_order(sizes, first, last, num_tokens, seed):
-    """Whole shuffled epochs until the stream holds num_tokens tokens, cut after the covering doc."""
-    out, tokens, e = [], 0, 0
-    while tokens < num_tokens:
-        epoch = list(range(first, last))
-        ref_partial_shuffle(epoch, len(epoch), RefRng(ref_stream_seed(seed, 1, e)))
-        for d in epoch:
-            if tokens >= num_tokens:
-                break
-            out.append(d)
-            tokens += int(sizes[d])
-        e += 1
+    """Whole shuffled epochs while they fit in num_tokens, then the next epoch's documents up to the
+    one that completes num_tokens."""
+    def epoch(e):
+        docs = list(range(first, last))
+        ref_partial_shuffle(docs, len(docs), RefRng(ref_stream_seed(seed, 1, e)))
+        return docs
+
+    T = int(sum(sizes[first:last]))
+    full = num_tokens // T
+    out = [d for e in range(full) for d in epoch(e)]
+    tokens = full * T
+    for d in epoch(full):
+        if tokens >= num_tokens:
+            break
+        out.append(d)
+        tokens += int(sizes[d])
     return out
 
 
@@ -109,7 +114,7 @@ def test_rng_matches_reference():
             assert native.stream_seed(seed, tag, e) == ref_stream_seed(seed, tag, e)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(first=st.integers(0, 20), sizes=st.lists(st.integers(0, 9), min_size=1, max_size=60),
        num_tokens=st.integers(1, 800), seed=st.integers(0, 2**63 - 1))
 def test_document_order_matches_reference(first, sizes, num_tokens, seed):
@@ -123,7 +128,7 @@ def test_document_order_matches_reference(first, sizes, num_tokens, seed):
     n = last - first
     for e in range(len(got) // n):  # each whole epoch is a permutation of the documents
         assert sorted(got[e * n:(e + 1) * n].tolist()) == list(range(first, last))
-    assert sizes[got].sum() >= num_tokens > sizes[got[:-1]].sum()
+    assert sizes[got].sum() >= num_tokens
 
 
 @pytest.mark.parametrize("num_out", [0, 1, 5, 60, 99, 100, 130, 250])
@@ -180,9 +185,9 @@ def test_every_token_once_per_epoch_in_order(sizes, seq_length, num_samples, see
     for i in range(len(si)):
         k, o = int(si[i, 0]), int(si[i, 1])
         assert stream[i * L] == (order[k], o)
-    # The stream reaches the last sample's last token, and not a document further.
+    # The stream reaches the last sample's last token.
     S = len(si) - 1
-    assert len(stream) >= S * L + 1 > len(stream) - sizes[order[-1]]
+    assert len(stream) >= S * L + 1
     # Shuffle: a permutation within each epoch, epochs in order.
     sh, starts = idx["shuffle_index"], idx["epoch_starts"]
     for e in range(len(starts) - 1):
