@@ -354,6 +354,12 @@ def linear_cross_entropy(
             f"{tuple(hidden.shape)} without its last dimension"
         )
     weights = token_weights(labels, loss_mask, ignore_index=ignore_index, reduction=reduction)
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        return fused_linear_cross_entropy(  # evaluation: the loss alone, no gradient work
+            hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), weights, tp_group=tp_group,
+            vocab_start=vocab_start, impl=impl, chunk_size=chunk_size,
+            need_grad_hidden=False, need_grad_weight=False,
+        ).loss
     options = _Options(tp_group, vocab_start, impl, chunk_size)
     return LinearCrossEntropyFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), weights, options

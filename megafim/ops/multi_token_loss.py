@@ -80,6 +80,23 @@ def _run_head(spec: _Spec, k: int, hidden: Tensor, weight: Tensor, grad_params: 
     return result.loss, grads[0], grads[1:]
 
 
+def _losses_only(spec: _Spec, hidden: Tensor, weight: Tensor) -> Tensor:
+    """(n,) per-head losses with no gradient computed (under no_grad, or nothing requires grad)."""
+    batch, seq, dim = hidden.shape
+    losses = []
+    with torch.no_grad():
+        for k, head in enumerate(spec.heads):
+            labels_k, mask_k = shifted_targets(spec.labels, spec.loss_mask, k, spec.ignore_index)
+            result = fused_linear_cross_entropy(
+                head(hidden).reshape(batch * seq, dim), weight, labels_k.reshape(-1),
+                token_weights(labels_k, mask_k, ignore_index=spec.ignore_index, reduction="mean"),
+                tp_group=spec.tp_group, vocab_start=spec.vocab_start, impl=spec.impl,
+                chunk_size=spec.chunk_size, need_grad_hidden=False, need_grad_weight=False,
+            )
+            losses.append(result.loss)
+    return torch.stack(losses)
+
+
 class SequentialHeadsLoss(torch.autograd.Function):
     """forward: every head's forward + fused loss + backward, one after another; returns (loss, per-head
     losses). backward: the gradients stored by forward, times grad_output, for hidden, W and params."""
@@ -164,6 +181,14 @@ def multi_token_loss(
     _validate(hidden, heads, params, unembed_weight, labels, loss_mask)
     spec = _Spec(tuple(heads), labels, loss_mask, tp_group, vocab_start, ignore_index, impl, chunk_size)
     zero3 = _Zero3Params([unembed_weight, *params])
+    needs_grad = any(t.requires_grad for t in (hidden, unembed_weight, *params))
+    if not (torch.is_grad_enabled() and needs_grad):
+        zero3.gather()
+        try:  # evaluation: the same losses, without any backward work
+            head_losses = _losses_only(spec, hidden, unembed_weight)
+        finally:
+            zero3.release()
+        return head_losses.sum(), head_losses
     if not zero3.params:
         return SequentialHeadsLoss.apply(spec, hidden, unembed_weight, *params)
     if not hidden.requires_grad:
@@ -196,6 +221,8 @@ class _Zero3Params:
 
     def gather(self) -> None:
         """Gather the parameters that are partitioned now (others are held by ZeRO-3's module hooks)."""
+        if not self.params:
+            return
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
         self._gathered = [p for p in self.params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]

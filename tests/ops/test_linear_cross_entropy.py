@@ -143,3 +143,12 @@ def test_backward_twice_is_an_error():
 def test_gpu_triton_matches_float64_reference(dtype, n_tokens, dim, vocab, chunk):
     _check("triton", dtype, n_tokens, dim, vocab, chunk, device="cuda")
 
+
+
+def test_no_grad_gives_the_same_loss():
+    hidden, weight, labels, mask = _inputs(13, 8, 21, torch.float32)
+    with_grad = linear_cross_entropy(hidden.clone().requires_grad_(True), weight, labels, mask, chunk_size=4)
+    with torch.no_grad():
+        without = linear_cross_entropy(hidden.requires_grad_(True), weight, labels, mask, chunk_size=4)
+    assert not without.requires_grad
+    torch.testing.assert_close(without, with_grad.detach())

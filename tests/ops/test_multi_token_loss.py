@@ -137,3 +137,17 @@ def test_bad_input_is_rejected_clearly(problem, match):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_matches_float64_reference(dtype):
     _compare(4, dtype, "auto", batch=2, seq=300, dim=64, vocab=5003, chunk=128, device="cuda")
+
+
+def test_no_grad_gives_the_same_losses_without_backward_work():
+    hidden, weight, labels, mask = _batch(2, 7, 8, 23, torch.float32)
+    heads = TinyHeads(3, 8, 12, seed=1)
+    calls = []
+    params = list(heads.parameters())
+    callables = [lambda x, f=f: (calls.append(torch.is_grad_enabled()), f(x))[1] for f in heads.callables()]
+    loss, head_losses = multi_token_loss(hidden.requires_grad_(True), callables, params, weight, labels, mask)
+    with torch.no_grad():
+        eval_loss, eval_head_losses = multi_token_loss(hidden, callables, params, weight, labels, mask)
+    torch.testing.assert_close(eval_head_losses, head_losses, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(eval_loss, loss.detach(), rtol=1e-6, atol=1e-6)
+    assert calls == [True] * 3 + [False] * 3  # the heads ran without building a graph the second time
