@@ -1,0 +1,198 @@
+"""megafim weights <-> a Hugging Face ``LlamaForCausalLM`` directory, one tensor at a time.
+
+The trunk plus head 0 are a Llama (``megafim/model/hf_keys.py`` holds the key map; no tensor is
+permuted). Heads 1..n-1 have no Llama counterpart: they go to ``mtp_heads.safetensors`` beside the
+model, described by ``mtp_heads.json`` (docs/conversion.md). Tensors are read lazily from the source
+(a memory-mapped ``torch.load`` or ``safetensors.safe_open``) and written in shards of at most
+``max_shard_bytes``, so memory stays near one shard whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megafim.model.config import ModelConfig
+from megafim.model.hf_keys import BLOCK_KEYS, hf_key_map, hf_llama_config_kwargs
+
+HEADS_FILE = "mtp_heads.safetensors"
+HEADS_CONFIG = "mtp_heads.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def extra_head_keys(config: ModelConfig) -> list[str]:
+    """megafim names of heads 1..n-1 (everything the Llama directory cannot hold)."""
+    return [f"heads.{k}.{key}" for k in range(1, config.n_future) for key in BLOCK_KEYS]
+
+
+def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, stem: str,
+                  max_shard_bytes: int) -> dict[str, str]:
+    """Write (name, tensor) pairs into ``stem``.safetensors shards; returns {name: file}."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    written: list[Path] = []
+    where: dict[str, str] = {}
+
+    def flush() -> None:
+        path = out / f"{stem}-{len(written) + 1:05d}.safetensors"
+        save_file(shards[-1], str(path), metadata={"format": "pt"})
+        written.append(path)
+        where.update({name: path.name for name in shards[-1]})
+        shards[-1] = {}
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+    if shards[-1]:
+        flush()
+    # Hugging Face names shards "<stem>-00001-of-00003.safetensors", or "<stem>.safetensors" if alone.
+    renames = {p.name: (f"{stem}.safetensors" if len(written) == 1 else
+                        f"{stem}-{i + 1:05d}-of-{len(written):05d}.safetensors") for i, p in enumerate(written)}
+    for path in written:
+        path.rename(out / renames[path.name])
+    return {name: renames[file] for name, file in where.items()}
+
+
+def megafim_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig, out_dir: str | Path, *,
+                  dtype: str = "bfloat16", eos_token_id: int | None = None,
+                  max_shard_bytes: int = 2 << 30) -> Path:
+    """Write a Hugging Face Llama directory for the trunk + head 0, and the extra heads beside it.
+
+    ``state`` maps megafim parameter names to full (unsharded) tensors; it may load them lazily."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    key_map = hf_key_map(config)
+    expected = set(key_map) | set(extra_head_keys(config))
+    missing = sorted(expected - set(state))
+    if missing:
+        raise KeyError(f"the checkpoint lacks {len(missing)} tensors of a {config.n_future}-head model, "
+                       f"e.g. {missing[:3]}")
+    cast = DTYPES[dtype]
+
+    def hf_tensors():
+        for ours, theirs in key_map.items():
+            yield theirs, state[ours].to(cast)
+
+    where = _write_shards(hf_tensors(), out, "model", max_shard_bytes)
+    if len(set(where.values())) > 1:
+        total = sum(state[k].numel() * cast.itemsize for k in key_map)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(where.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": dtype,
+                 **hf_llama_config_kwargs(config), "bos_token_id": None, "eos_token_id": eos_token_id,
+                 "pad_token_id": None, "use_cache": True}
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    generation = {"eos_token_id": eos_token_id, "bos_token_id": None, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+    extra = extra_head_keys(config)
+    if extra:
+        save_file({k: state[k].to(cast).contiguous() for k in extra}, str(out / HEADS_FILE),
+                  metadata={"format": "pt"})
+        description = {
+            "n_future": config.n_future,
+            "heads_in_file": list(range(1, config.n_future)),
+            "block_keys": list(BLOCK_KEYS),
+            "shared": {"final_norm": "model.norm.weight", "unembedding": "lm_head.weight"},
+            "usage": "head k (k >= 1) is one Llama decoder layer applied to the output of HF layer "
+                     "n_layers - 2 (the trunk's last layer); its output goes through the shared final "
+                     "norm and lm_head and predicts the token k+1 positions ahead.",
+        }
+        (out / HEADS_CONFIG).write_text(json.dumps(description, indent=2) + "\n")
+    return out
+
+
+class _LazySafetensors(Mapping):
+    """{name: tensor} over every ``*.safetensors`` file in a directory, read on access."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self._where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                self._where.update({k: f for k in handle.keys()})
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        with safe_open(str(self._where[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def model_config_from_hf(hf_dir: str | Path, n_future: int | None = None) -> ModelConfig:
+    """The ModelConfig of a Hugging Face Llama directory (``n_future`` from mtp_heads.json, or given)."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
+    c = json.loads(path.read_text())
+    if c.get("model_type") != "llama":
+        raise ValueError(f"{path}: model_type {c.get('model_type')!r}; only 'llama' converts to megafim")
+    for field in ("attention_bias", "mlp_bias"):
+        if c.get(field):
+            raise ValueError(f"{path}: {field} = true is not supported (megafim's linears have no bias)")
+    if c.get("rope_scaling"):
+        raise ValueError(f"{path}: rope_scaling {c['rope_scaling']} is not supported")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: hidden_act {c['hidden_act']!r}; megafim's MLP is SwiGLU (silu)")
+    heads_cfg = Path(hf_dir) / HEADS_CONFIG
+    stored_heads = json.loads(heads_cfg.read_text())["n_future"] if heads_cfg.is_file() else 1
+    config = ModelConfig(
+        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], n_layers=c["num_hidden_layers"],
+        n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+        ffn_hidden_size=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 2048),
+        rope_theta=float(c.get("rope_theta", 10000.0)), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        n_future=n_future or stored_heads)
+    head_dim = c.get("head_dim")
+    if head_dim not in (None, config.head_dim):
+        raise ValueError(f"{path}: head_dim {head_dim} != hidden_size / num_attention_heads = {config.head_dim}")
+    return config
+
+
+def hf_to_megafim(hf_dir: str | Path, *, n_future: int | None = None,
+                  init_new_head: Callable[[int], dict[str, torch.Tensor]] | None = None,
+                  dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """A megafim state dict and ModelConfig from a Hugging Face Llama directory.
+
+    Heads the directory does not hold (``n_future`` above what it stores) come from ``init_new_head(k)``,
+    which returns head k's tensors by megafim name (``megafim/convert/checkpoint.py`` offers a fresh
+    initialisation and a copy of head 0)."""
+    hf_dir = Path(hf_dir)
+    config = model_config_from_hf(hf_dir, n_future)
+    files = sorted(p for p in hf_dir.glob("*.safetensors") if p.name != HEADS_FILE)
+    if not files:
+        raise FileNotFoundError(f"{hf_dir}: no *.safetensors weights")
+    hf = _LazySafetensors(files)
+    state: dict[str, torch.Tensor] = {}
+    for ours, theirs in hf_key_map(config).items():
+        if theirs not in hf:
+            if theirs == "lm_head.weight" and "model.embed_tokens.weight" in hf:
+                state[ours] = hf["model.embed_tokens.weight"].to(dtype).clone()  # tied embeddings
+                continue
+            raise KeyError(f"{hf_dir}: tensor {theirs!r} is missing")
+        state[ours] = hf[theirs].to(dtype)
+    heads_file = hf_dir / HEADS_FILE
+    stored = _LazySafetensors([heads_file]) if heads_file.is_file() else {}
+    for k in range(1, config.n_future):
+        names = [f"heads.{k}.{key}" for key in BLOCK_KEYS]
+        if all(n in stored for n in names):
+            state.update({n: stored[n].to(dtype) for n in names})
+        elif init_new_head is None:
+            raise ValueError(f"{hf_dir} holds no head {k}; pass init_new_head to create it")
+        else:
+            state.update({n: t.to(dtype) for n, t in init_new_head(k).items()})
+    return state, config
