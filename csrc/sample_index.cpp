@@ -62,6 +62,7 @@ struct SplitMix64 {
 };
 
 constexpr uint64_t kTagDocumentOrder = 1;
+constexpr int64_t kPrefetch = 32;
 constexpr uint64_t kTagSampleShuffle = 2;
 
 // Forward Fisher-Yates: afterwards a[0:r] is the first r entries of a uniform random permutation,
@@ -69,8 +70,21 @@ constexpr uint64_t kTagSampleShuffle = 2;
 template <typename T>
 void partial_shuffle(T* a, int64_t n, int64_t r, SplitMix64& rng) {
   const int64_t steps = std::min(r, n - 1);
+  // The swap targets depend only on the generator, not on the array: draw them kWindow steps
+  // early and prefetch, so the random accesses of a large array overlap instead of queueing.
+  constexpr int64_t kWindow = 16;
+  int64_t ring[kWindow];
+  int64_t drawn = 0;
+  auto draw = [&]() {
+    const int64_t j = drawn + static_cast<int64_t>(rng.below(static_cast<uint64_t>(n - drawn)));
+    ring[drawn % kWindow] = j;
+    __builtin_prefetch(a + j);
+    ++drawn;
+  };
+  while (drawn < std::min(kWindow, steps)) draw();
   for (int64_t k = 0; k < steps; ++k) {
-    const int64_t j = k + static_cast<int64_t>(rng.below(static_cast<uint64_t>(n - k)));
+    const int64_t j = ring[k % kWindow];
+    if (drawn < steps) draw();
     std::swap(a[k], a[j]);
   }
 }
@@ -193,6 +207,11 @@ py::array_t<T> sample_index_impl(const py::array_t<int32_t, py::array::c_style>&
           error = "sample_index: document id " + std::to_string(doc) + " at position " +
                   std::to_string(k) + " is out of range [0, " + std::to_string(num_sizes) + ")";
           break;
+        }
+        // The sizes are gathered in shuffled order, a cache miss each: ask for one well ahead.
+        if (k + kPrefetch < num_order) {
+          const int64_t ahead = static_cast<int64_t>(order[k + kPrefetch]);
+          if (ahead >= 0 && ahead < num_sizes) __builtin_prefetch(size + ahead);
         }
         if (offset < size[doc]) break;
         offset -= size[doc];
