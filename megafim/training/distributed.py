@@ -1,0 +1,88 @@
+"""Process-group start-up and shut-down for the trainer (torchrun environment variables).
+
+Runs after the config is validated. On the CPU it keeps DeepSpeed from JIT-building its shared-memory
+communication op (~40 s per fresh machine, ENVIRONMENT.md): gloo does the collectives instead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    """Where this process sits, from torchrun's environment (or a single process without it)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @classmethod
+    def from_env(cls) -> "WorldInfo":
+        return cls(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                   local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def pick_backend(requested: str) -> str:
+    if requested != "auto":
+        if requested == "nccl" and not torch.cuda.is_available():
+            raise ValueError("parallel.backend = nccl needs CUDA; use gloo (or auto) on the CPU")
+        return requested
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def device_for(info: WorldInfo) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _disable_shm_comm_op() -> None:
+    """Tell DeepSpeed its shared-memory CPU comm op is unavailable, so it never compiles it.
+
+    ``deepspeed.ops.__compatible_ops__`` is DeepSpeed's own table of usable ops, which its CPU comm
+    backend consults before building; DeepSpeed documents that edits to the cached table persist."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed(info: WorldInfo, backend: str, timeout_min: int = 30) -> torch.device:
+    """Create the default process group (also for one rank, so the code path is the same) and
+    DeepSpeed's communication backend on top of it. Returns this rank's device."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+
+    device = device_for(info)
+    backend = pick_backend(backend)
+    if not torch.cuda.is_available():
+        _disable_shm_comm_op()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
+                                timeout=datetime.timedelta(minutes=timeout_min))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shutdown() -> None:
+    """Barrier, then destroy the group: exiting without it aborts ~1 run in 10 (ENVIRONMENT.md)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
