@@ -9,10 +9,12 @@
 // deliberate difference: a literal U+2581 in the text, which sentencepiece would treat as a space,
 // is encoded as its three UTF-8 byte pieces, so that decoding gives the text back exactly.
 //
-// Why it is fast: the model's pieces never contain a non-space character followed by a space (checked
-// at load), so no merge crosses a point where a space follows a non-space. The text is cut into words
-// there, each word is encoded on its own (the same merges happen in the same order), and words are
-// cached (word -> ids) in per-thread workspaces.
+// Why it is fast: sentencepiece merges only adjacent symbols whose concatenation is a piece, so where
+// two adjacent characters appear next to each other in no piece, no merge ever crosses. At load we
+// record which pairs of ASCII characters occur inside some piece (a space is U+2581 there); the text
+// is cut between any two ASCII characters that do not, e.g. wherever a space follows a non-space and
+// between digits. Each segment is encoded on its own (the same merges happen in the same order) and
+// looked up first in a word -> ids cache held by the workspace of the calling thread.
 
 #pragma once
 
@@ -177,8 +179,10 @@ class BpeEncoder {
 
   int vocab_size() const { return static_cast<int>(m_->types.size()); }
   int32_t byte_id(uint8_t b) const { return m_->byte_ids[b]; }
-  // Whether the per-word fast path is on (false: whole texts are encoded, still exactly).
+  // Whether texts are cut into segments (false, for models with UNUSED pieces: whole texts, still exact).
   bool splits_words() const { return m_->split_words; }
+  // Whether ASCII characters a, b may be cut apart (no piece holds them side by side).
+  bool is_boundary(unsigned char a, unsigned char b) const { return a < 128 && b < 128 && !m_->joins[a][b]; }
 
  private:
   struct Model {
@@ -191,6 +195,7 @@ class BpeEncoder {
     int32_t unk_id = -1;
     bool has_unused = false;
     bool split_words = true;
+    bool joins[128][128] = {};         // ASCII a then b occur inside some mergeable piece
     mutable std::mutex mu;             // guards `idle`
     mutable std::vector<std::unique_ptr<bpe_detail::Workspace>> idle;
   };
@@ -214,6 +219,21 @@ class BpeEncoder {
   void bpe(std::string_view word, bpe_detail::Workspace& ws, std::vector<int32_t>& out) const;
   void emit(std::string_view piece, bpe_detail::Workspace& ws, std::vector<int32_t>& out) const;
 
+  // Marks each pair of adjacent ASCII characters of a piece (U+2581 counts as a space) as joinable.
+  static void note_joins(Model& m, const std::string& piece) {
+    int prev = -1;  // the previous character when ASCII (or a space), else -1
+    for (size_t i = 0; i < piece.size();) {
+      const auto c = static_cast<unsigned char>(piece[i]);
+      int cur = c < 128 ? c : -1;
+      size_t len = 1;
+      if (piece.compare(i, 3, "\xE2\x96\x81") == 0) { cur = ' '; len = 3; }
+      else if (c >= 128) { while (i + len < piece.size() && (static_cast<unsigned char>(piece[i + len]) & 0xC0) == 0x80) ++len; }
+      if (prev >= 0 && cur >= 0) m.joins[prev][cur] = true;
+      prev = cur;
+      i += len;
+    }
+  }
+
   static int32_t lookup(const bpe_detail::BytesMap& map, std::string_view key) {
     const auto* f = map.find(key, bpe_detail::hash_bytes(key.data(), key.size()));
     return f ? static_cast<int32_t>(f->value_off) : -1;
@@ -232,7 +252,6 @@ inline BpeEncoder::BpeEncoder(BpeModelSpec spec) : m_(std::make_unique<Model>())
   m.scores = std::move(spec.scores);
   m.types = std::move(spec.types);
   std::fill(std::begin(m.byte_ids), std::end(m.byte_ids), -1);
-  static const std::string kSpace = "\xE2\x96\x81";
   for (size_t i = 0; i < n; ++i) {
     const std::string& p = spec.pieces[i];
     const int t = m.types[i];
@@ -251,11 +270,7 @@ inline BpeEncoder::BpeEncoder(BpeModelSpec spec) : m_(std::make_unique<Model>())
         throw std::invalid_argument("BpeEncoder: byte piece '" + p + "' is not <0xHH>");
       m.byte_ids[b] = static_cast<int32_t>(i);
     }
-    // The word-split property: no space (U+2581) right after a character that is not one.
-    if (t == kPieceNormal || t == kPieceUnused) {
-      for (size_t k = p.find(kSpace, 1); k != std::string::npos; k = p.find(kSpace, k + 1))
-        if (k < 3 || p.compare(k - 3, 3, kSpace) != 0) m.split_words = false;
-    }
+    if (t == kPieceNormal || t == kPieceUnused) note_joins(m, p);
   }
   if (m.unk_id < 0) throw std::invalid_argument("BpeEncoder: the model has no unknown piece");
   for (int b = 0; b < 256; ++b)
@@ -271,10 +286,11 @@ inline void BpeEncoder::encode(std::string_view text, std::vector<int32_t>& out)
   const size_t n = text.size();
   const bool split = m_->split_words;
   size_t start = 0;
+  const auto& joins = m_->joins;
   for (size_t i = 0; i < n; ++i) {
     const unsigned char c = p[i];
-    if (c == ' ') {
-      if (split && i > start && p[i - 1] != ' ') {
+    if (c < 128) {
+      if (split && i > start && p[i - 1] < 128 && !joins[p[i - 1]][c]) {
         encode_word(text.substr(start, i - start), ws, out);
         start = i;
       }

@@ -6,6 +6,7 @@ as bytes (``Tokenizer.encode_reference`` defines that case on top of sentencepie
 
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
@@ -20,7 +21,7 @@ from tests.data.test_tokenizer_fixtures import (  # noqa: F401  (session fixture
 
 native_module = pytest.importorskip("megafim._native.bpe_tokenizer", reason="C++ extension not built")
 
-SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 CODE_ALPHABET = list(" \t\n\r()[]{}:.,=+-*/#'\"_0123456789abcdefghijklmnopqrstuvwxyzABCDEFXYZ") + list("éü中😀\x00")
 code_text = st.lists(st.one_of(st.sampled_from(["    ", "        ", "def ", "return ", "self.", "import ", "\n\n",
                                                 "if __name__ == '__main__':", "  # ", "None", "True"]),
@@ -80,7 +81,7 @@ def test_every_stdlib_file_round_trips(native):
 
 
 def test_stdlib_sample_same_ids_as_sentencepiece(native, sp):
-    texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(step=5)]
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(step=8)]
     texts = [t for t in texts if "\u2581" not in t]
     ours = native.encode_batch(texts, num_threads=2)
     theirs = sp.encode(texts, num_threads=2)
@@ -133,11 +134,11 @@ def _train(tmp_path, name: str, **overrides) -> str:
     return str(tmp_path / f"{name}.model")
 
 
-def test_pieces_across_word_boundaries_disable_the_fast_path(tmp_path):
-    # Without whitespace splitting, pieces like "x▁" exist: the encoder must notice and stay exact.
+def test_pieces_spanning_spaces_stay_exact(tmp_path):
+    # Without whitespace splitting, pieces like "x▁" exist: the text must not be cut before spaces.
     path = _train(tmp_path, "nosplit", split_by_whitespace=False)
     tok = Tokenizer.from_file(path, backend="native")
-    assert not tok._native.splits_words
+    assert any(re.search(rb"[^ ] ", p) for p in tok.token_bytes)  # e.g. b" CAPITAL LETTER"
     sp = spm.SentencePieceProcessor(model_file=path)
     for p in stdlib_files(limit=30, step=23):
         text = p.read_text(encoding="utf-8")
