@@ -73,16 +73,18 @@ def softmax_grad_chunk_torch(
 ) -> Tensor:
     """Overwrite ``logits`` (C, V_local) with ``w * (softmax - onehot)``; return the (C,) fp32 losses ``w * CE``.
 
-    The same steps as the Triton kernels, in fp32, on a copy of the chunk (the CPU has memory to spare).
+    The kernels' statistics in fp32, written for the CPU: one exponential per element, kept for the
+    gradient as ``exp(x - max) * exp(max - lse)``, in place on the fp32 chunk (the chunk itself when
+    the input is fp32: it is overwritten by its gradient anyway, after the target logits are read).
     """
-    x = logits.to(torch.float32)  # (C, V_local)
+    x = logits.to(torch.float32)  # (C, V_local); `logits` itself when already fp32
     column, in_shard = local_targets(labels, vocab_start, x.shape[1])
+    target = torch.where(in_shard, x.gather(1, column[:, None]).squeeze(1), torch.zeros_like(weights))
     row_max = x.amax(dim=1)
-    row_sumexp = torch.exp(x - row_max[:, None]).sum(dim=1)
-    target = torch.where(in_shard, x.gather(1, column[:, None]).squeeze(1), torch.zeros_like(row_max))
-    lse, target = combine_vocab_shards(row_max, row_sumexp, target, group)
-    grad = torch.exp(x - lse[:, None])
-    grad.scatter_add_(1, column[:, None], -in_shard.to(torch.float32)[:, None])
-    grad.mul_(weights[:, None])
-    logits.copy_(grad)
+    x.sub_(row_max[:, None]).exp_()  # exp(x - row_max)
+    lse, target = combine_vocab_shards(row_max, x.sum(dim=1), target, group)
+    x.mul_((torch.exp(row_max - lse) * weights)[:, None])  # w * softmax
+    x.scatter_add_(1, column[:, None], -(weights * in_shard)[:, None])  # - w * onehot
+    if x is not logits:
+        logits.copy_(x)
     return weights * (lse - target)
