@@ -5,6 +5,8 @@ On the CPU the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py): 
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from megafim.ops.linear_cross_entropy import (
     default_chunk_size,
@@ -139,7 +141,7 @@ def test_backward_twice_is_an_error():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n_tokens,dim,vocab,chunk", [(1000, 256, 32003, 256), (4096, 512, 4096, None)])
+@pytest.mark.parametrize("n_tokens,dim,vocab,chunk", [(300, 128, 32003, 128), (1024, 256, 4096, None)])
 def test_gpu_triton_matches_float64_reference(dtype, n_tokens, dim, vocab, chunk):
     _check("triton", dtype, n_tokens, dim, vocab, chunk, device="cuda")
 
@@ -152,3 +154,10 @@ def test_no_grad_gives_the_same_loss():
         without = linear_cross_entropy(hidden.requires_grad_(True), weight, labels, mask, chunk_size=4)
     assert not without.requires_grad
     torch.testing.assert_close(without, with_grad.detach())
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_tokens=st.integers(1, 40), dim=st.integers(1, 12), vocab=st.integers(2, 70),
+       chunk=st.one_of(st.none(), st.integers(1, 50)), reduction=st.sampled_from(["mean", "sum"]))
+def test_random_shapes_match_naive(n_tokens, dim, vocab, chunk, reduction):
+    _check("torch", torch.float32, n_tokens, dim, vocab, chunk, reduction=reduction)
