@@ -1,0 +1,148 @@
+"""torchrun worker: tensor-parallel GPT vs the same model at tp = 1, loss and every gradient.
+
+Usage: torchrun --standalone --nproc_per_node=N tests/parallel/tp_worker.py CASE [CASE ...]
+with CASE = "tp=<t>,dp=<d>,n_future=<n>,sp=<0|1>". Every rank builds the full model from one seed,
+runs it unsharded as the reference, then shards a copy and compares; gradients of sharded parameters
+are all-gathered back to full shape along their ``partition_dim``. Prints "OK <case> ..." per case on
+rank 0 and exits non-zero on any mismatch.
+"""
+
+import copy
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from megafim.model import GPT, model_config
+from megafim.parallel import DeepSpeedMPU, ParallelDims, apply_tensor_parallel
+
+RTOL, ATOL = 1e-4, 1e-6  # fp32; observed differences are ~1e-7 relative (summation order only)
+
+
+def full_grad(param, group, tp):
+    """The parameter's gradient at its full (tp = 1) shape."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return param.grad
+    parts = [torch.empty_like(param.grad) for _ in range(tp)]
+    dist.all_gather(parts, param.grad.contiguous(), group=group)
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def parse(case):
+    fields = dict(item.split("=") for item in case.split(","))
+    return int(fields["tp"]), int(fields["dp"]), int(fields["n_future"]), bool(int(fields["sp"]))
+
+
+def run_case(case):
+    tp, dp, n_future, sp = parse(case)
+    dims = ParallelDims.build(tp=tp, pp=1, dp=dp)
+    check_mpu(dims)
+    check_mappings(dims)
+    torch.manual_seed(0)
+    reference = GPT(model_config("tiny", n_future=n_future, n_layers=3))
+    with torch.no_grad():  # non-trivial norm gains so their gradients matter
+        for name, p in reference.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    parallel = apply_tensor_parallel(copy.deepcopy(reference), dims, sequence_parallel=sp)
+
+    g = torch.Generator().manual_seed(1)
+    seq = 16
+    tokens = torch.randint(0, 512, (2, seq + 1), generator=g)
+    loss_mask = (torch.rand(2, seq, generator=g) > 0.25).float()
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+
+    ref_out = reference(inputs, labels, loss_mask)
+    ref_out.loss.backward()
+    out = parallel(inputs, labels, loss_mask)
+    out.loss.backward()
+
+    torch.testing.assert_close(out.loss, ref_out.loss, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(out.head_losses, ref_out.head_losses, rtol=RTOL, atol=ATOL)
+    ref_params = dict(reference.named_parameters())
+    names = [n for n, _ in parallel.named_parameters()]
+    assert sorted(names) == sorted(ref_params), "parameter names changed under tensor parallelism"
+    worst = 0.0
+    for name, param in parallel.named_parameters():
+        grad = full_grad(param, dims.tp_group, tp)
+        torch.testing.assert_close(grad, ref_params[name].grad, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+        worst = max(worst, (grad - ref_params[name].grad).abs().max().item())
+    with torch.no_grad():  # inference path: gathered logits
+        torch.testing.assert_close(parallel.logits(inputs), reference.logits(inputs), rtol=RTOL, atol=1e-5)
+    if dims.rank == 0:
+        print(f"OK {case} loss={out.loss.item():.6f} max_grad_diff={worst:.2e} params={len(names)}", flush=True)
+
+
+def check_mappings(dims):
+    """Each public wrapper's forward and backward against the collective its docstring names."""
+    from megafim.parallel import mappings as m
+
+    group, tp, r = dims.tp_group, dims.tp, dims.tp_rank
+    x = torch.arange(2 * 4 * 8, dtype=torch.float32).view(2, 4, 8) + 100 * dims.rank  # differs per rank
+    everyone = [torch.empty_like(x) for _ in range(tp)]
+    dist.all_gather(everyone, x, group=group)
+    total = sum(everyone)
+    forwards = {  # wrapper: its expected forward output
+        m.copy_to_tensor_parallel: x,
+        m.reduce_from_tensor_parallel: total,
+        m.scatter_to_tensor_parallel: x.chunk(tp, -1)[r],
+        m.gather_from_tensor_parallel: torch.cat(everyone, -1),
+        m.scatter_to_sequence_parallel: x.chunk(tp, 1)[r],
+        m.gather_from_sequence_parallel: torch.cat(everyone, 1),
+        m.reduce_scatter_to_sequence_parallel: total.chunk(tp, 1)[r],
+        m.all_gather_sequence_for_tensor_parallel: torch.cat(everyone, 1),
+    }
+    for fn, expected in forwards.items():
+        inp = x.clone().requires_grad_(True)
+        out = fn(inp, group)
+        torch.testing.assert_close(out, expected, msg=lambda msg: f"{fn.__name__} forward: {msg}")
+        upstream = torch.arange(out.numel(), dtype=torch.float32).view(out.shape) + 1000 * dims.rank
+        out.backward(upstream)
+        ups = [torch.empty_like(upstream) for _ in range(tp)]
+        dist.all_gather(ups, upstream, group=group)
+        conjugates = {  # what the backward must compute from the upstream gradients of all ranks
+            "copy_to_tensor_parallel": lambda: sum(ups),
+            "reduce_from_tensor_parallel": lambda: upstream,
+            "scatter_to_tensor_parallel": lambda: torch.cat(ups, -1),
+            "gather_from_tensor_parallel": lambda: upstream.chunk(tp, -1)[r],
+            "scatter_to_sequence_parallel": lambda: torch.cat(ups, 1),
+            "gather_from_sequence_parallel": lambda: upstream.chunk(tp, 1)[r],
+            "reduce_scatter_to_sequence_parallel": lambda: torch.cat(ups, 1),
+            "all_gather_sequence_for_tensor_parallel": lambda: sum(ups).chunk(tp, 1)[r],
+        }
+        conjugate = conjugates[fn.__name__]()
+        torch.testing.assert_close(inp.grad, conjugate, msg=lambda msg: f"{fn.__name__} backward: {msg}")
+
+
+def check_mpu(dims):
+    mpu = DeepSpeedMPU(dims)
+    assert mpu.get_tensor_model_parallel_world_size() == dist.get_world_size(mpu.get_tensor_model_parallel_group())
+    assert mpu.get_data_parallel_world_size() == dist.get_world_size(mpu.get_data_parallel_group())
+    assert mpu.get_tensor_model_parallel_rank() == dist.get_rank(mpu.get_tensor_model_parallel_group())
+    assert mpu.get_data_parallel_rank() == dist.get_rank(mpu.get_data_parallel_group())
+    assert mpu.get_model_parallel_world_size() == dist.get_world_size(mpu.get_model_parallel_group())
+    assert dims.rank in mpu.get_data_parallel_group_ranks()
+    assert mpu.get_tensor_model_parallel_src_rank() == dims.rank - dims.tp_rank  # tp ranks are consecutive
+
+
+def main():
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    try:
+        for case in sys.argv[1:]:
+            run_case(case)
+    except BaseException:
+        # The other ranks may wait in a collective this rank will never join: exit now, torchrun
+        # then stops them, instead of a barrier that would hang.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.getcwd())
+    main()
