@@ -106,6 +106,10 @@ struct TokenInfo {
   bool first_space = false, last_space = false;
 };
 
+// Per token, for the one pass over a piece that counts its characters: the character count in the
+// low bits, kSlow when the token needs the byte-by-byte UTF-8 check (byte-fallback, special).
+constexpr uint32_t kSlow = 1u << 31;
+
 using Encoder = std::function<void(std::string_view, std::vector<int32_t>&)>;
 
 struct Specials {
@@ -113,14 +117,23 @@ struct Specials {
 };
 
 struct Output {
-  std::vector<int32_t> tokens;
+  std::vector<int64_t> tokens;
   std::vector<uint8_t> kinds;
   std::vector<uint8_t> modes;
-  void push(int32_t t, uint8_t k) { tokens.push_back(t); kinds.push_back(k); }
-  void push_range(const int32_t* b, const int32_t* e, uint8_t k) {
+  void clear() { tokens.clear(); kinds.clear(); modes.clear(); }
+  void push(int64_t t, uint8_t k) { tokens.push_back(t); kinds.push_back(k); }
+  template <typename T>
+  void push_range(const T* b, const T* e, uint8_t k) {
     tokens.insert(tokens.end(), b, e);
     kinds.insert(kinds.end(), e - b, k);
   }
+};
+
+// A position in a piece's core text: byte `off` of token `tok` (tok == m, off == 0: the end).
+struct Pos {
+  size_t tok;
+  uint32_t off;
+  bool operator==(const Pos& o) const { return tok == o.tok && off == o.off; }
 };
 
 class Fim {
@@ -128,6 +141,7 @@ class Fim {
   Fim(std::vector<std::string> token_bytes, Specials sp, Encoder enc)
       : bytes_(std::move(token_bytes)), sp_(sp), encode_(std::move(enc)) {
     info_.resize(bytes_.size());
+    packed_.resize(bytes_.size());
     for (size_t t = 0; t < bytes_.size(); ++t) {
       const std::string& b = bytes_[t];
       TokenInfo& in = info_[t];
@@ -144,26 +158,30 @@ class Fim {
         in.first_space = b.front() == ' ';
         in.last_space = b.back() == ' ';
       }
+      packed_[t] = in.n_chars | (in.valid ? 0u : kSlow);
     }
     for (int32_t id : {sp.eod, sp.prefix, sp.middle, sp.suffix, sp.pad})
       if (id < 0 || static_cast<size_t>(id) >= bytes_.size())
         throw std::invalid_argument("FIM special token id " + std::to_string(id) + " is outside the vocabulary");
   }
 
-  // The whole context: split on end-of-text, transform pieces, join, cut or pad to length.
-  Output transform(const int32_t* ctx, size_t n, uint64_t seed, uint64_t epoch, uint64_t index, double rate,
-                   double spm_rate, bool keep_length) const {
-    for (size_t i = 0; i < n; ++i)
-      if (ctx[i] < 0 || static_cast<size_t>(ctx[i]) >= bytes_.size())
-        throw std::invalid_argument("token id " + std::to_string(ctx[i]) + " at position " + std::to_string(i) +
-                                    " is outside the vocabulary of " + std::to_string(bytes_.size()));
-    Output out;
+  size_t vocab_size() const { return bytes_.size(); }
+
+  // The whole context: split on end-of-text, transform pieces, join, cut or pad to length. T is the
+  // context's integer type (ids are checked against the vocabulary on the way).
+  template <typename T>
+  void transform(const T* ctx, size_t n, uint64_t seed, uint64_t epoch, uint64_t index, double rate,
+                 double spm_rate, bool keep_length, Output& out) const {
+    out.clear();
     out.tokens.reserve(n + 64);
     out.kinds.reserve(n + 64);
     size_t start = 0;
     for (uint64_t p = 0;; ++p) {
       size_t end = start;
-      while (end < n && ctx[end] != sp_.eod) ++end;
+      bool bad = false;
+      for (; end < n && ctx[end] != static_cast<T>(sp_.eod); ++end)
+        bad |= static_cast<uint64_t>(ctx[end]) >= bytes_.size();  // negative ids wrap to huge values
+      if (bad) throw_bad_id(ctx + start, end - start, start);
       if (p > 0) out.push(sp_.eod, kText);
       out.modes.push_back(piece(ctx + start, end - start, piece_key(seed, epoch, index, p), rate, spm_rate,
                                 keep_length, out));
@@ -172,19 +190,33 @@ class Fim {
     }
     out.tokens.resize(n, sp_.pad);  // cut the tail off, or pad it
     out.kinds.resize(n, kPad);
-    return out;
   }
 
  private:
   std::vector<std::string> bytes_;
   std::vector<TokenInfo> info_;
+  std::vector<uint32_t> packed_;
   Specials sp_;
   Encoder encode_;
 
-  int single(int32_t t) const { return info_[t].single; }
+  template <typename T>
+  [[noreturn]] void throw_bad_id(const T* p, size_t n, size_t offset) const {
+    size_t i = 0;
+    while (i < n && static_cast<uint64_t>(p[i]) < bytes_.size()) ++i;
+    throw std::invalid_argument("token id " + std::to_string(static_cast<int64_t>(p[i])) + " at position " +
+                                std::to_string(offset + i) + " is outside the vocabulary of " +
+                                std::to_string(bytes_.size()));
+  }
+
+  int single(int64_t t) const { return info_[t].single; }
+  template <typename T>
+  bool word_start(const T* core, size_t j) const {  // a space after a non-space, at token j
+    return info_[core[j]].first_space && !info_[core[j - 1]].last_space;
+  }
 
   // Leading / trailing tokens that hold part of a character cut by the context edge (split_edges).
-  void edges(const int32_t* tok, size_t n, size_t& lead, size_t& trail) const {
+  template <typename T>
+  void edges(const T* tok, size_t n, size_t& lead, size_t& trail) const {
     lead = 0;
     while (lead < n && single(tok[lead]) >= 0 && is_cont(single(tok[lead]))) ++lead;
     size_t j = n;
@@ -198,63 +230,86 @@ class Fim {
   }
 
   // Number of characters of the core, or -1 when it cannot take part in FIM (piece_text is None).
-  int64_t count_chars(const int32_t* tok, size_t m) const {
-    Utf8Checker c;
+  template <typename T>
+  int64_t count_chars(const T* tok, size_t m) const {
     int64_t chars = 0;
+    uint32_t slow = 0;
+    for (size_t i = 0; i < m; ++i) {  // the common case: only whole, valid characters
+      const uint32_t v = packed_[tok[i]];
+      chars += v & ~kSlow;
+      slow |= v;
+    }
+    if (!(slow & kSlow)) return chars;
+    Utf8Checker c;
     for (size_t i = 0; i < m; ++i) {
       const TokenInfo& in = info_[tok[i]];
       if (in.special) return -1;
-      if (in.valid && c.need == 0) {
-        chars += in.n_chars;
-        continue;
-      }
+      if (in.valid && c.need == 0) continue;
       for (unsigned char x : bytes_[tok[i]]) c.feed(x);
       if (!c.ok) return -1;
-      chars += in.n_chars;
     }
     return c.complete() ? chars : -1;
   }
 
-  uint8_t piece(const int32_t* tok, size_t n, uint64_t key, double rate, double spm_rate, bool keep_length,
+  // Where character c starts, scanning forward from `from` (whose first character is `from_char`).
+  template <typename T>
+  Pos locate(const T* core, size_t m, uint64_t c, Pos from, uint64_t& from_char) const {
+    size_t t = from.tok;
+    uint64_t seen = from_char;
+    while (t < m && seen + info_[core[t]].n_chars <= c) seen += info_[core[t++]].n_chars;
+    from_char = seen;
+    if (t == m) return Pos{m, 0};
+    const std::string& b = bytes_[core[t]];
+    uint32_t off = 0;
+    for (uint64_t k = c - seen;; ++off)
+      if (!is_cont(static_cast<uint8_t>(b[off])) && k-- == 0) break;
+    return Pos{t, off};
+  }
+
+  template <typename T>
+  void append_text(const T* core, Pos from, Pos to, std::string& text) const {
+    for (size_t t = from.tok; t <= to.tok; ++t) {
+      if (t == to.tok && to.off == 0) break;
+      const std::string& b = bytes_[core[t]];
+      const size_t a = t == from.tok ? from.off : 0, e = t == to.tok ? to.off : b.size();
+      text.append(b, a, e - a);
+    }
+  }
+
+  template <typename T>
+  uint8_t piece(const T* tok, size_t n, uint64_t key, double rate, double spm_rate, bool keep_length,
                 Output& out) const;
-  void encode_part(const int32_t* core, const std::vector<uint64_t>& start, uint64_t s, uint64_t e,
-                   std::vector<int32_t>& dst) const;
+  template <typename T>
+  void encode_part(const T* core, size_t m, Pos s, Pos e, std::vector<int32_t>& dst) const;
 };
 
-// The core's text [s, e) encoded on its own (byte offsets; start[i] is token i's first byte).
-void Fim::encode_part(const int32_t* core, const std::vector<uint64_t>& start, uint64_t s, uint64_t e,
-                      std::vector<int32_t>& dst) const {
-  if (s >= e) return;
-  const size_t m = start.size() - 1;
-  // Token holding byte s, and the first token starting after s.
-  size_t ts = std::upper_bound(start.begin(), start.end(), s) - start.begin() - 1;
-  auto is_word_start = [&](size_t j) { return info_[core[j]].first_space && !info_[core[j - 1]].last_space; };
-  size_t w1 = ts + 1;
-  while (w1 < m && start[w1] < e && !is_word_start(w1)) ++w1;
-  std::string text;
-  auto append = [&](uint64_t from, uint64_t to) {  // bytes [from, to) of the core
-    size_t t = std::upper_bound(start.begin(), start.end(), from) - start.begin() - 1;
-    for (; t < m && start[t] < to; ++t) {
-      uint64_t a = std::max(from, start[t]), b = std::min(to, start[t + 1]);
-      text.append(bytes_[core[t]], a - start[t], b - a);
-    }
-  };
-  if (w1 >= m || start[w1] >= e) {  // no word boundary inside: encode it all
-    append(s, e);
+// The core's text [s, e) encoded on its own. Only the words at its two ends are encoded again: every
+// token from the first to the last word start strictly inside is an original token.
+template <typename T>
+void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, std::vector<int32_t>& dst) const {
+  if (s == e) return;
+  thread_local std::string text;
+  text.clear();
+  const size_t inside_end = e.tok + (e.off > 0);  // tokens j < inside_end start before e
+  size_t w1 = s.tok + 1;                           // tokens j > s.tok start after s
+  while (w1 < inside_end && !word_start(core, w1)) ++w1;
+  if (w1 >= inside_end) {  // no word boundary inside: encode it all
+    append_text(core, s, e, text);
     encode_(text, dst);
     return;
   }
-  size_t w2 = std::upper_bound(start.begin(), start.end(), e - 1) - start.begin() - 1;  // token holding e-1
-  while (w2 > w1 && !(start[w2] < e && is_word_start(w2))) --w2;
-  append(s, start[w1]);
+  size_t w2 = inside_end - 1;
+  while (w2 > w1 && !word_start(core, w2)) --w2;
+  append_text(core, s, Pos{w1, 0}, text);
   encode_(text, dst);
   dst.insert(dst.end(), core + w1, core + w2);
   text.clear();
-  append(start[w2], e);
+  append_text(core, Pos{w2, 0}, e, text);
   encode_(text, dst);
 }
 
-uint8_t Fim::piece(const int32_t* tok, size_t n, uint64_t key, double rate, double spm_rate, bool keep_length,
+template <typename T>
+uint8_t Fim::piece(const T* tok, size_t n, uint64_t key, double rate, double spm_rate, bool keep_length,
                    Output& out) const {
   auto unchanged = [&]() {
     out.push_range(tok, tok + n, kText);
@@ -263,38 +318,24 @@ uint8_t Fim::piece(const int32_t* tok, size_t n, uint64_t key, double rate, doub
   if (!(uniform(draw(key, kDrawFim)) < rate)) return unchanged();
   size_t lead, trail;
   edges(tok, n, lead, trail);
-  const int32_t* core = tok + lead;
+  const T* core = tok + lead;
   const size_t m = n - lead - trail;
   const int64_t n_chars = count_chars(core, m);
   if (n_chars <= 0) return unchanged();
   const uint8_t mode = uniform(draw(key, kDrawSpm)) < spm_rate ? kSpm : kPsm;
   uint64_t a = below(draw(key, kDrawCutA), n_chars + 1), b = below(draw(key, kDrawCutB), n_chars + 1);
   if (a > b) std::swap(a, b);
+  uint64_t seen = 0;
+  const Pos A = locate(core, m, a, Pos{0, 0}, seen);
+  const Pos B = locate(core, m, b, Pos{A.tok, 0}, seen);
 
-  std::vector<uint64_t> start(m + 1, 0), chars(m + 1, 0);
-  for (size_t i = 0; i < m; ++i) {
-    start[i + 1] = start[i] + info_[core[i]].n_bytes;
-    chars[i + 1] = chars[i] + info_[core[i]].n_chars;
-  }
-  auto byte_of_char = [&](uint64_t c) -> uint64_t {
-    if (c >= static_cast<uint64_t>(n_chars)) return start[m];
-    size_t t = std::upper_bound(chars.begin(), chars.end(), c) - chars.begin() - 1;
-    uint64_t k = c - chars[t], off = 0;
-    const std::string& b = bytes_[core[t]];
-    while (true) {
-      if (!is_cont(static_cast<uint8_t>(b[off])) && k-- == 0) break;
-      ++off;
-    }
-    return start[t] + off;
-  };
-  const uint64_t A = byte_of_char(a), B = byte_of_char(b);
   thread_local std::vector<int32_t> prefix, middle, suffix;
   prefix.clear();
   middle.clear();
   suffix.clear();
-  encode_part(core, start, 0, A, prefix);
-  encode_part(core, start, A, B, middle);
-  encode_part(core, start, B, start[m], suffix);
+  encode_part(core, m, Pos{0, 0}, A, prefix);
+  encode_part(core, m, A, B, middle);
+  encode_part(core, m, B, Pos{m, 0}, suffix);
   suffix.insert(suffix.end(), tok + n - trail, tok + n);
   int64_t pad = 0;
   if (keep_length) {
@@ -340,32 +381,40 @@ std::vector<std::string> to_strings(const py::list& token_bytes) {
   return v;
 }
 
-py::tuple run(const PyFim& self, py::array_t<int32_t, py::array::c_style | py::array::forcecast> context,
-              uint64_t seed, uint64_t epoch, uint64_t index, double rate, double spm_rate, bool keep_length,
-              bool mask_sentinels) {
+py::tuple run(const PyFim& self, const py::array& context, uint64_t seed, uint64_t epoch, uint64_t index,
+              double rate, double spm_rate, bool keep_length, bool mask_sentinels) {
   if (context.ndim() != 1) throw std::invalid_argument("FIM context must be a 1-D token array");
-  const int32_t* ctx = context.data();
-  const size_t n = context.shape(0);
-  Output out;
+  py::array c = py::array::ensure(context, py::array::c_style);
+  if (!(py::isinstance<py::array_t<int64_t>>(c) || py::isinstance<py::array_t<int32_t>>(c) ||
+        py::isinstance<py::array_t<uint16_t>>(c)))
+    c = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(c);
+  const size_t n = c.shape(0);
+  thread_local Output out;
+  auto go = [&]() {
+    if (py::isinstance<py::array_t<int64_t>>(c))
+      self.fim->transform(static_cast<const int64_t*>(c.data()), n, seed, epoch, index, rate, spm_rate, keep_length, out);
+    else if (py::isinstance<py::array_t<int32_t>>(c))
+      self.fim->transform(static_cast<const int32_t*>(c.data()), n, seed, epoch, index, rate, spm_rate, keep_length, out);
+    else
+      self.fim->transform(static_cast<const uint16_t*>(c.data()), n, seed, epoch, index, rate, spm_rate, keep_length, out);
+  };
   if (self.releases_gil) {
     py::gil_scoped_release nogil;
-    out = self.fim->transform(ctx, n, seed, epoch, index, rate, spm_rate, keep_length);
+    go();
   } else {
-    out = self.fim->transform(ctx, n, seed, epoch, index, rate, spm_rate, keep_length);
+    go();
   }
-  py::array_t<int32_t> tokens(n);
+  py::array_t<int64_t> tokens(n);
   py::array_t<float> loss(n);
   py::array_t<bool> middle(n);
-  py::array_t<uint8_t> modes(out.modes.size());
   std::copy(out.tokens.begin(), out.tokens.end(), tokens.mutable_data());
   float* l = loss.mutable_data();
   bool* mid = middle.mutable_data();
-  for (size_t i = 0; i < n; ++i) {
-    const uint8_t k = out.kinds[i];
-    l[i] = (k == kPad || (mask_sentinels && k == kSentinel)) ? 0.0f : 1.0f;
-    mid[i] = k == kMiddle;
-  }
-  std::copy(out.modes.begin(), out.modes.end(), modes.mutable_data());
+  const float weight[4] = {1.0f, 1.0f, mask_sentinels ? 0.0f : 1.0f, 0.0f};  // by Kind
+  const uint8_t* k = out.kinds.data();
+  for (size_t i = 0; i < n; ++i) l[i] = weight[k[i]];
+  for (size_t i = 0; i < n; ++i) mid[i] = k[i] == kMiddle;
+  py::bytes modes(reinterpret_cast<const char*>(out.modes.data()), out.modes.size());
   return py::make_tuple(tokens, loss, middle, modes);
 }
 
@@ -410,7 +459,7 @@ PYBIND11_MODULE(fim, m) {
 #endif
       .def("transform", &run, py::arg("context"), py::arg("seed"), py::arg("epoch"), py::arg("index"),
            py::arg("rate"), py::arg("spm_rate"), py::arg("keep_length"), py::arg("mask_sentinels"),
-           "-> (tokens int32, loss_mask float32, middle_mask bool, modes uint8: 0 ar, 1 psm, 2 spm)");
+           "-> (tokens int64, loss_mask float32, middle_mask bool, modes bytes: 0 ar, 1 psm, 2 spm)");
   m.attr("has_native_encoder") = py::bool_(
 #ifdef MEGAFIM_HAVE_BPE
       true

@@ -16,6 +16,8 @@ from megafim._native import load as _load_native
 from megafim.data import fim_reference as _ref
 
 LEVELS = ("context", "document")
+_MASK64 = _ref.MASK64
+_MODES = _ref.MODES
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class FimConfig:
 @dataclass
 class FimResult:
     tokens: np.ndarray
-    """int32, the same length as the context (``seq_length + 1``)."""
+    """int64, the same length as the context (``seq_length + 1``)."""
     loss_mask: np.ndarray
     """float32 per token, as a target: 0 for padding (and sentinels if masked), 1 otherwise."""
     middle_mask: np.ndarray
@@ -82,11 +84,10 @@ class FimTransform:
 
     def __call__(self, context: np.ndarray, *, seed: int, epoch: int, index: int) -> FimResult:
         c = self.config
-        mask64 = _ref.MASK64
         tokens, loss, middle, modes = self._native.transform(
-            np.asarray(context), seed & mask64, epoch & mask64, index & mask64, float(c.rate),
-            float(c.spm_rate), c.level == "document", c.mask_sentinels)
-        return FimResult(tokens, loss, middle, [_ref.MODES[m] for m in modes])
+            context if isinstance(context, np.ndarray) else np.asarray(context), seed & _MASK64,
+            epoch & _MASK64, index & _MASK64, c.rate, c.spm_rate, c.level == "document", c.mask_sentinels)
+        return FimResult(tokens, loss, middle, [_MODES[m] for m in modes])
 
     def reference(self, context: np.ndarray, *, seed: int, epoch: int, index: int) -> FimResult:
         """The same transform by the slow definition (fim_reference.py)."""

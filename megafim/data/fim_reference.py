@@ -243,7 +243,7 @@ def transform_context(context, tok, *, seed: int, epoch: int, index: int, rate: 
     tokens += [tok.fim_pad] * (length - len(tokens))
     kinds_arr = np.asarray(kinds, dtype=np.int8)
     loss = (kinds_arr != KIND_PAD) & ~(mask_sentinels & (kinds_arr == KIND_SENTINEL))
-    return ReferenceResult(np.asarray(tokens, dtype=np.int32), loss.astype(np.float32),
+    return ReferenceResult(np.asarray(tokens, dtype=np.int64), loss.astype(np.float32),
                            kinds_arr == KIND_MIDDLE, modes)
 
 

@@ -50,7 +50,7 @@ def assert_same(fast, slow):
     np.testing.assert_array_equal(fast.tokens, slow.tokens)
     np.testing.assert_array_equal(fast.loss_mask, slow.loss_mask)
     np.testing.assert_array_equal(fast.middle_mask, slow.middle_mask)
-    assert fast.tokens.dtype == np.int32 and fast.loss_mask.dtype == np.float32
+    assert fast.tokens.dtype == np.int64 and fast.loss_mask.dtype == np.float32
     assert fast.middle_mask.dtype == np.bool_
 
 

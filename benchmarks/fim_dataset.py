@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Samples/s of one data-loading worker with context-level FIM, against FIM off and a bigcode-style
+decode-cut-re-encode baseline, side by side in one run (docs/fim.md has the numbers).
+
+    .venv/bin/python benchmarks/fim_dataset.py [--seq-length 2048] [--samples 1000] [--repeats 7]
+
+The corpus is the standard library's own source: a tokenizer (tools/train_tokenizer.py) and a
+``.bin/.idx`` dataset are built once under ``--work-dir``. Every configuration reads the same samples
+through ``GPTDataset.__getitem__``; only the FIM callable differs. Configurations are interleaved
+within each repeat so that load from other processes on a shared machine hits them alike; medians
+over repeats are reported. Writes benchmarks/results/fim_dataset.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from megafim.data.fim import FimConfig, FimTransform  # noqa: E402
+from megafim.data.gpt_dataset import GPTDataset, GPTDatasetSpec  # noqa: E402
+from megafim.data.indexed import IndexedDatasetBuilder  # noqa: E402
+from megafim.data.tokenizer import Tokenizer  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------
+# The baseline: what bigcode-project/Megatron-LM's GPTDataset does (megatron/data/gpt_dataset.py,
+# `permute` and its caller), written here plainly: one numpy RandomState per dataset, each non-empty
+# end-of-text-separated segment is decoded to text, cut at two random character positions, and the
+# three parts are encoded again; the joined context is cut or padded at its end.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BaselineResult:
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    middle_mask: np.ndarray
+
+
+class BigcodeStyleFim:
+    def __init__(self, tokenizer: Tokenizer, rate: float, spm_rate: float, seed: int) -> None:
+        self.tok, self.rate, self.spm_rate = tokenizer, rate, spm_rate
+        self.rng = np.random.RandomState(seed)  # stateful: depends on the order samples are read
+
+    def _permute(self, segment: np.ndarray) -> np.ndarray:
+        if not self.rng.binomial(1, self.rate):
+            return segment
+        text = self.tok.decode(segment)
+        cuts = sorted(self.rng.randint(low=0, high=len(text) + 1, size=2))
+        prefix, middle, suffix = (np.asarray(self.tok.encode(part), dtype=np.int64)
+                                  for part in (text[:cuts[0]], text[cuts[0]:cuts[1]], text[cuts[1]:]))
+        t = self.tok
+        if self.rng.binomial(1, self.spm_rate):
+            parts = [[t.fim_prefix, t.fim_suffix], suffix, [t.fim_middle], prefix, middle]
+        else:
+            parts = [[t.fim_prefix], prefix, [t.fim_suffix], suffix, [t.fim_middle], middle]
+        return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
+
+    def __call__(self, context: np.ndarray, *, seed: int, epoch: int, index: int) -> BaselineResult:
+        eod, n = self.tok.eod, len(context)
+        breaks = np.flatnonzero(context == eod)
+        pieces, start = [], 0
+        for loc in breaks:
+            if loc > start:
+                pieces.append(self._permute(context[start:loc]))
+            pieces.append(np.asarray([eod], dtype=np.int64))
+            start = loc + 1
+        if start < n:
+            pieces.append(self._permute(context[start:]))
+        out = np.concatenate(pieces)[:n]
+        pad = n - len(out)
+        out = np.concatenate([out, np.full(pad, self.tok.fim_pad, dtype=np.int64)])
+        loss = np.ones(n, dtype=np.float32)
+        loss[n - pad:] = 0
+        return BaselineResult(out, loss, np.zeros(n, dtype=bool))
+
+
+# ------------------------------------------------------------------------------------------------
+# The corpus
+# ------------------------------------------------------------------------------------------------
+
+
+def stdlib_sources(limit: int) -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts]
+    return files[:: max(1, len(files) // limit)][:limit]
+
+
+def prepare(work: Path, vocab_size: int, n_files: int) -> tuple[str, str]:
+    """A tokenizer and a dataset (one document per file, end-of-text appended), built once."""
+    work.mkdir(parents=True, exist_ok=True)
+    model, prefix = work / f"tok{vocab_size}.model", work / f"stdlib{n_files}_v{vocab_size}"
+    files = stdlib_sources(n_files)
+    if not model.exists():
+        spec = importlib.util.spec_from_file_location("train_tokenizer", REPO / "tools" / "train_tokenizer.py")
+        tool = importlib.util.module_from_spec(spec)
+        sys.modules["train_tokenizer"] = tool
+        spec.loader.exec_module(tool)
+        config = tool.TrainConfig(inputs=[str(p) for p in files[::4]], vocab_size=vocab_size,
+                                  output_prefix=str(work / f"tok{vocab_size}"), threads=2)
+        tool.train(config, log=lambda *_: None)
+    if not Path(f"{prefix}.idx").exists():
+        tok = Tokenizer.from_file(model)
+        texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+        with IndexedDatasetBuilder(prefix, dtype=np.uint16 if tok.vocab_size < 65535 else np.int32) as b:
+            for ids in tok.encode_batch(texts):
+                b.add_document(np.append(ids, tok.eod))
+    return str(model), str(prefix)
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+
+
+def time_samples(ds: GPTDataset, indices: list[int]) -> float:
+    t0 = time.perf_counter()
+    for i in indices:
+        ds[i]
+    return (time.perf_counter() - t0) / len(indices)
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "note": "CPU shared with other processes; medians of interleaved repeats"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--samples", type=int, default=1000, help="samples read per configuration and repeat")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--files", type=int, default=800, help="standard-library files in the dataset")
+    p.add_argument("--work-dir", default=str(REPO / "benchmarks" / "_work"))
+    p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "fim_dataset.json"))
+    args = p.parse_args(argv)
+
+    model, prefix = prepare(Path(args.work_dir), args.vocab_size, args.files)
+    tok = Tokenizer.from_file(model)
+    spec = GPTDatasetSpec(path_prefix=prefix, seq_length=args.seq_length, seed=1234)
+    configs = {"off": None}
+    for rate in (0.5, 0.9):
+        configs[f"fim {rate}"] = FimTransform(FimConfig(rate=rate), tok)
+        configs[f"bigcode {rate}"] = BigcodeStyleFim(tok, rate, 0.5, seed=1234)
+    datasets = {name: GPTDataset(spec, fim=fim) for name, fim in configs.items()}
+    n = min(args.samples, len(datasets["off"]))
+    indices = list(range(n))
+    for ds in datasets.values():  # warm the page cache and the encoders' word caches alike
+        time_samples(ds, indices[: min(n, 100)])
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(args.repeats):
+        for name, ds in datasets.items():
+            times[name].append(time_samples(ds, indices))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    rows = []
+    for name in configs:
+        row = {"config": name, "us_per_sample": med[name] * 1e6, "samples_per_s": 1 / med[name],
+               "vs_off": med[name] / med["off"]}
+        if name.startswith("fim"):
+            row["baseline_over_fim"] = med[name.replace("fim", "bigcode")] / med[name]
+        rows.append(row)
+    print(f"seq_length {args.seq_length}, {n} samples x {args.repeats} repeats, tokenizer {tok.backend}, "
+          f"dataset {len(datasets['off'])} samples")
+    print(f"{'config':<14}{'us/sample':>12}{'samples/s':>12}{'x off':>8}{'bigcode/ours':>14}")
+    for r in rows:
+        extra = f"{r['baseline_over_fim']:>14.1f}" if "baseline_over_fim" in r else ""
+        print(f"{r['config']:<14}{r['us_per_sample']:>12.1f}{r['samples_per_s']:>12.0f}{r['vs_off']:>8.2f}{extra}")
+    result = {"benchmark": "fim_dataset", "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+              "machine": machine(), "seq_length": args.seq_length, "samples": n, "repeats": args.repeats,
+              "vocab_size": args.vocab_size, "tokenizer_backend": tok.backend, "rows": rows,
+              "raw_seconds_per_sample": times}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
