@@ -91,6 +91,10 @@ def test_hostile_programs_do_not_disturb_the_others():
 
 
 def test_killing_the_parent_or_everyone_only_fails_that_program():
+    isolation = isolation_report(QUICK)
+    if not isolation["pid_namespace"] and isolation["uid"] == os.getuid():
+        # Neither a PID namespace nor another uid: kill(-1, 9) would reach this very test run.
+        pytest.skip("no PID namespace and no uid switch on this machine")
     good = "assert 2 + 2 == 4\n"
     programs = [
         "import os\nos.kill(os.getppid(), 9)\nimport time\ntime.sleep(5)\n",
