@@ -12,7 +12,6 @@ head gives silently wrong gradients under ZeRO-1/2 (ENVIRONMENT.md).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 

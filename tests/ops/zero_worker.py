@@ -70,10 +70,11 @@ def batch_for(rank: int):
     return x, labels, mask
 
 
-def reference_grads(world: int) -> dict[str, torch.Tensor]:
-    """Plain torch, all heads materialised, full logits: gradient of the mean over ranks' losses."""
+def reference(world: int) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Plain torch, all heads materialised, full logits: the gradient of the mean over the ranks'
+    losses, and each rank's loss."""
     model = TinyMTP()
-    total = 0
+    total, losses = 0, []
     for rank in range(world):
         x, labels, mask = batch_for(rank)
         hidden = torch.tanh(model.trunk(x))
@@ -84,8 +85,9 @@ def reference_grads(world: int) -> dict[str, torch.Tensor]:
             m = mask[:, k:].reshape(-1)
             loss = loss + (ce * m).sum() / m.sum()
         total = total + loss / world
+        losses.append(loss.item())
     total.backward()
-    return {name: p.grad for name, p in model.named_parameters()}
+    return {name: p.grad for name, p in model.named_parameters()}, losses
 
 
 def run_stage(stage: int, rank: int, world: int, persistence: int | None) -> dict:
@@ -103,11 +105,13 @@ def run_stage(stage: int, rank: int, world: int, persistence: int | None) -> dic
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     x, labels, mask = batch_for(rank)
-    expected = reference_grads(world)
+    expected, ref_losses = reference(world)
     errors: dict = {}
     # Two micro-steps (lr 0 keeps the weights): the second proves no gathered or stale state is left.
     for _ in range(2):
         loss = engine(x, labels, mask)
+        errors["train loss"] = max(abs(loss.item() - ref_losses[rank]) / ref_losses[rank],
+                                   errors.get("train loss", 0.0))
         engine.backward(loss)
         for name, param in engine.module.named_parameters():
             grad = safe_get_full_grad(param)
@@ -118,11 +122,19 @@ def run_stage(stage: int, rank: int, world: int, persistence: int | None) -> dic
             err = ((grad.reshape(ref.shape) - ref).abs().max() / ref.abs().max()).item()
             errors[name] = max(err, errors.get(name, 0.0))
         engine.step()
-    if stage == 3:  # everything the loss gathered must be partitioned again after the step
+    if stage == 3:  # everything the loss gathered is partitioned again after the step
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        errors["params left gathered"] = sum(
-            p.ds_status != ZeroParamStatus.NOT_AVAILABLE for p in engine.module.parameters() if not p.ds_persist)
+        left = [name for name, p in engine.module.named_parameters()
+                if not p.ds_persist and p.ds_status != ZeroParamStatus.NOT_AVAILABLE]
+        errors["params left gathered"] = len(left)
+        if left:
+            errors["params left gathered: names"] = left
+    # Evaluation takes the losses-only path (under ZeRO-3 it gathers W and releases it). Checked after
+    # the count above: ZeRO-3's own prefetcher may leave the trace's first modules gathered after a
+    # no_grad forward (here trunk and blocks.0), which is not this loss's doing.
+    with torch.no_grad():
+        errors["eval loss"] = abs(engine(x, labels, mask).item() - ref_losses[rank]) / ref_losses[rank]
     engine.destroy() if hasattr(engine, "destroy") else None
     return errors
 
