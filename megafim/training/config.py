@@ -291,8 +291,6 @@ def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> Non
     _choice(cfg.logging.progress_bar, "logging.progress_bar", ("auto", "on", "off"))
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
-    if s.warmup_iters > s.train_iters:
-        raise ConfigError(f"schedule.warmup_iters {s.warmup_iters} exceeds schedule.train_iters {s.train_iters}")
     grad_accumulation_steps(cfg, world_size)
     if model_config is not None:
         validate_model_shape(cfg, model_config)

@@ -63,6 +63,9 @@ def init_distributed(info: WorldInfo, backend: str, timeout_min: int = 30) -> to
     backend = pick_backend(backend)
     if not torch.cuda.is_available():
         _disable_shm_comm_op()
+    # A plain `python -m megafim.train` is a world of one; DeepSpeed insists on torchrun's variables.
+    for key, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank)):
+        os.environ.setdefault(key, str(value))
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:

@@ -117,13 +117,13 @@ BackwardFn = Callable[["torch.Tensor", "torch.Tensor | None"], None]
 
 
 def run_1f1b(comm: StageComm, n_micro: int, forward: ForwardFn, backward: BackwardFn,
-             after_backward: Callable[[], None]) -> None:
+             after_backward: Callable[[int], None]) -> None:
     """Run one optimizer step's micro-batches through this stage in 1F1B order.
 
     ``forward(i, received)`` runs micro-batch i (``received`` is the previous stage's activation,
     None on the first stage) and returns the stage output (the scalar loss on the last stage).
     ``backward(output, grad)`` back-propagates (``grad`` is None on the last stage);
-    ``after_backward()`` (``engine.step``) runs once the input gradient is on its way to the previous
+    ``after_backward(i)`` (``engine.step``) runs once the input gradient is on its way to the previous
     stage: at the accumulation boundary it clips the gradient norm with a collective over all stages,
     which would deadlock if the previous stage were still waiting for that gradient.
     Activations are kept only between a micro-batch's forward and its backward."""
@@ -139,5 +139,5 @@ def run_1f1b(comm: StageComm, n_micro: int, forward: ForwardFn, backward: Backwa
             grad = comm.recv_backward()
             backward(output, grad)
             comm.send_backward(None if received is None else received.grad)
-            after_backward()
+            after_backward(i)
     comm.wait_sends()

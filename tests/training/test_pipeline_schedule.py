@@ -120,7 +120,7 @@ def _worker(rank, port, tmp, zero_stages, queue):
                 else:
                     engine.backward((output * grad).sum(), scale_wrt_gas=False)
 
-            run_1f1b(comm, N_MICRO, forward, backward, engine.step)
+            run_1f1b(comm, N_MICRO, forward, backward, lambda i: engine.step())
         # Gather the full (ZeRO-3-partitioned) parameters of this stage for the comparison.
         with deepspeed.zero.GatheredParameters(list(stage.parameters()), enabled=zero == 3):
             results[zero] = [p.detach().numpy().copy() for p in stage.parameters()]  # pickled by value

@@ -1,0 +1,36 @@
+"""Entry point: ``python -m megafim.train --config FILE [overrides]`` (under torchrun for many ranks).
+
+See ``docs/training.md`` and ``python -m megafim.train --help``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    from megafim.training.cli import config_from_args, dump_yaml
+    from megafim.training.config import ConfigError
+
+    try:
+        cfg, args = config_from_args(argv)
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
+        from megafim.training.loop import train
+
+        return train(cfg)
+    except ConfigError as exc:
+        print(f"megafim.train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""From a ``TrainConfig`` to the pieces the loop runs: the model config, this rank's pipeline stage
+(tensor-parallel when tp > 1) and the training dataset.
+
+Every rank builds the full model from the same seed and keeps its stage: the layers of other stages
+are deleted, so parameter names (``layers.7.mlp.up_proj.weight``) stay those of the whole model on
+every stage, which is what makes the layout-free checkpoint (``checkpoint_io.py``) possible.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from megafim.model import GPT, ModelConfig, model_config
+from megafim.training.config import ConfigError, TrainConfig
+
+# The vocabulary is padded to a multiple of this, independent of tp, so that the model shape (and the
+# checkpoint) is the same for every tensor-parallel degree that divides it (Megatron pads by 128 x tp).
+VOCAB_MULTIPLE = 128
+
+
+def resolve_model_config(cfg: TrainConfig, tokenizer_vocab: int | None) -> ModelConfig:
+    """The named size, then ``model.overrides``, n_future, checkpointing, the sequence length and the
+    tokenizer's (padded) vocabulary, unless the overrides set ``vocab_size`` themselves."""
+    overrides = dict(cfg.model.overrides)
+    overrides["n_future"] = cfg.model.n_future
+    overrides["activation_checkpointing"] = cfg.model.activation_checkpointing
+    if tokenizer_vocab is not None and "vocab_size" not in overrides:
+        overrides["vocab_size"] = math.ceil(tokenizer_vocab / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    base = model_config(cfg.model.size)
+    if "max_seq_len" not in overrides and base.max_seq_len < cfg.data.seq_length:
+        overrides["max_seq_len"] = cfg.data.seq_length
+    try:
+        mc = model_config(cfg.model.size, **overrides)
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+    if tokenizer_vocab is not None and mc.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.overrides.vocab_size = {mc.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer_vocab} tokens ({cfg.data.tokenizer_model})")
+    return mc
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Which parts of the model pipeline stage ``stage`` holds."""
+
+    stage: int
+    n_stages: int
+    layers: tuple[int, ...]
+    """Trunk layer indices on this stage, in order."""
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.n_stages - 1
+
+
+def plan_stages(n_trunk: int, n_future: int, n_stages: int) -> list[StagePlan]:
+    """Cut the trunk into contiguous slices, counting the heads (all on the last stage) as blocks
+    too, so that every stage runs about the same number of transformer blocks."""
+    if n_stages == 1:
+        return [StagePlan(0, 1, tuple(range(n_trunk)))]
+    total = n_trunk + n_future
+    last_trunk = max(0, min(n_trunk - (n_stages - 1), round(total / n_stages) - n_future))
+    front = n_trunk - last_trunk  # split over the first n_stages - 1 stages, earlier ones get the extra
+    sizes = [front // (n_stages - 1) + (1 if s < front % (n_stages - 1) else 0) for s in range(n_stages - 1)]
+    sizes.append(last_trunk)
+    plans, start = [], 0
+    for s, size in enumerate(sizes):
+        plans.append(StagePlan(s, n_stages, tuple(range(start, start + size))))
+        start += size
+    return plans
+
+
+class PipelineStage(nn.Module):
+    """One stage's share of a GPT. forward: first stage tokens (B, T) -> hidden (B, T, d); middle
+    hidden -> hidden; last stage hidden (or tokens when it is also the first) -> (loss, head_losses).
+    With one stage this is the whole model: tokens -> (loss, head_losses)."""
+
+    def __init__(self, model: GPT, plan: StagePlan):
+        super().__init__()
+        keep = {str(i) for i in plan.layers}
+        for key in [k for k in model.layers.keys() if k not in keep]:
+            del model.layers[key]
+        if not plan.is_first:
+            del model.embed_tokens
+        if not plan.is_last:
+            del model.heads, model.norm, model.lm_head
+        self.model, self.plan = model, plan
+
+    def forward(self, x: Tensor, labels: Tensor | None = None, loss_mask: Tensor | None = None):
+        h = self.model.embed(x) if self.plan.is_first else x  # (B, T, d)
+        h = self.model.trunk(h)
+        if not self.plan.is_last:
+            return h
+        return self.model.loss_from_trunk(h, labels, loss_mask)
+
+    def full_state_names(self) -> dict[str, nn.Parameter]:
+        """Parameters under the whole model's names (``layers.3.mlp.up_proj.weight``)."""
+        return dict(self.model.named_parameters())
+
+
+def build_stage(mc: ModelConfig, plan: StagePlan, seed: int) -> PipelineStage:
+    """The full model initialised from ``seed`` (identical on every rank), cut to ``plan``."""
+    torch.manual_seed(seed)
+    return PipelineStage(GPT(mc), plan)
+
+
+def build_train_dataset(cfg: TrainConfig, tokenizer, num_samples: int, is_builder: bool):
+    """The training split (blended when several paths), sized for ``num_samples`` samples."""
+    from megafim.data.config import DataConfig
+    from megafim.data.fim import FimConfig
+    from megafim.data.builder import build_datasets
+
+    d = cfg.data
+    prefixes = [p for p in map(str, d.data_path) if not _is_number(p)]
+    # Default cache: beside the first dataset, so every run on it (and every rank) shares the index.
+    cache_dir = d.cache_dir or str(Path(prefixes[0]).parent / "index-cache") if prefixes else None
+    fim = FimConfig(rate=d.fim.rate, spm_rate=d.fim.spm_rate, level=d.fim.level) if d.fim.rate > 0 else None
+    try:
+        data_cfg = DataConfig.from_megatron_args(
+            [str(p) for p in d.data_path], split=d.split, seq_length=d.seq_length, seed=cfg.schedule.seed,
+            cache_dir=cache_dir, fim=fim)
+        data_cfg.check_files()
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"data.data_path: {exc}") from None
+    datasets = build_datasets(data_cfg, (num_samples, 0, 0), tokenizer=tokenizer, is_builder=is_builder)
+    if datasets["train"] is None:
+        raise ConfigError(f"data.split {d.split!r} leaves no training documents in {d.data_path}")
+    return datasets["train"]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

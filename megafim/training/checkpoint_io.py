@@ -1,0 +1,120 @@
+"""Saving and loading a whole training state across ranks (the directory layout is in checkpoint.py).
+
+Two copies of the weights go into every checkpoint:
+- ``ds/stage_<p>/``: DeepSpeed's own files for pipeline stage p (model, ZeRO-partitioned optimizer),
+  used for an exact resume on the same layout (tp, pp, dp, ZeRO stage);
+- ``model/stage_<p>.safetensors``: the stage's parameters gathered to full (unsharded) tensors under
+  the whole model's names, plus ``model/model_config.json``. Together the files are one layout-free
+  model state: a run with another layout loads them into its full model before sharding it (the
+  optimizer then starts fresh, which the log says), and converters read them without DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megafim.model import ModelConfig
+from megafim.parallel import ParallelDims
+from megafim.training import checkpoint as ck
+
+MODEL_DIR, DS_DIR = "model", "ds"
+
+
+def _gather_full(param: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """The full tensor of a tensor-parallel shard (concatenated along its ``partition_dim``)."""
+    if dims.tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return param.detach().clone()
+    parts = [torch.empty_like(param) for _ in range(dims.tp)]
+    dist.all_gather(parts, param.detach().contiguous(), group=dims.tp_group)
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def full_stage_state(stage, dims: ParallelDims, zero_stage: int) -> dict[str, torch.Tensor]:
+    """This stage's parameters as full CPU tensors (collective over the tp and, for ZeRO-3, dp group)."""
+    import deepspeed
+
+    named = stage.full_state_names()
+    out = {}
+    for name, param in named.items():
+        with deepspeed.zero.GatheredParameters([param], enabled=zero_stage == 3):
+            out[name] = _gather_full(param, dims).cpu()
+    return out
+
+
+def save_model_state(ckpt_dir: Path, stage, dims: ParallelDims, zero_stage: int, mc: ModelConfig) -> None:
+    state = full_stage_state(stage, dims, zero_stage)  # every rank takes part in the gathers
+    if dims.tp_rank == 0 and dims.dp_rank == 0:
+        out = Path(ckpt_dir) / MODEL_DIR
+        out.mkdir(exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / f"stage_{dims.pp_rank:02d}.safetensors"),
+                  metadata={"format": "pt"})
+        if dims.pp_rank == 0:
+            (out / "model_config.json").write_text(json.dumps(dataclasses.asdict(mc), indent=2) + "\n")
+
+
+def read_model_state(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Full model state {name: tensor} and its ModelConfig from a checkpoint's ``model/`` folder."""
+    folder = Path(ckpt_dir) / MODEL_DIR
+    files = sorted(folder.glob("stage_*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no stage_*.safetensors (not a megafim checkpoint?)")
+    state = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                state[key] = fh.get_tensor(key)
+    mc = ModelConfig(**json.loads((folder / "model_config.json").read_text()))
+    return state, mc
+
+
+def load_full_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
+    """Copy the layout-free weights into a full (not yet tensor-parallel) stage model, by name."""
+    state, _ = read_model_state(ckpt_dir)
+    mine = dict(model.named_parameters())
+    missing = sorted(set(mine) - set(state))
+    if missing:
+        raise KeyError(f"{ckpt_dir}: the checkpoint has no weights for {missing[:3]} (of {len(missing)})")
+    with torch.no_grad():
+        for name, param in mine.items():
+            if state[name].shape != param.shape:
+                raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(state[name].shape)} in the checkpoint, "
+                                 f"{tuple(param.shape)} in this model (a different model config?)")
+            param.copy_(state[name])
+
+
+def layout_of(dims: ParallelDims, zero_stage: int) -> dict:
+    return {"tensor": dims.tp, "pipeline": dims.pp, "data": dims.dp, "zero_stage": zero_stage}
+
+
+def save(save_root: Path, engine, stage, dims: ParallelDims, state: ck.TrainerState, config_yaml: str,
+         mc: ModelConfig, zero_stage: int, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the committed checkpoint directory."""
+    tmp = ck.temp_dir(save_root, state.step)
+    if dims.rank == 0:
+        ck.begin(save_root, state.step)
+    dist.barrier()
+    # One DeepSpeed directory per pipeline stage: its file names carry only the tp and dp ranks.
+    engine.save_checkpoint(str(tmp / DS_DIR), tag=f"stage_{dims.pp_rank:02d}", save_latest=False)
+    save_model_state(tmp, stage, dims, zero_stage, mc)
+    ck.save_rng(tmp, dims.rank)
+    if dims.rank == 0:
+        ck.write_trainer_state(tmp, state, config_yaml)
+    dist.barrier()
+    final = ck.commit(save_root, state.step, keep_last) if dims.rank == 0 else None
+    dist.barrier()
+    return final or Path(save_root) / ck.step_dir_name(state.step)
+
+
+def load_engine_state(ckpt_dir: Path, engine, dims: ParallelDims) -> None:
+    """Exact resume on the same layout: DeepSpeed restores weights, optimizer and its counters."""
+    path, _ = engine.load_checkpoint(str(Path(ckpt_dir) / DS_DIR), tag=f"stage_{dims.pp_rank:02d}",
+                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+    if path is None:
+        raise FileNotFoundError(f"{ckpt_dir}/{DS_DIR}/stage_{dims.pp_rank:02d}: DeepSpeed found no checkpoint")

@@ -1,0 +1,298 @@
+"""The training loop: set-up, one optimizer step (1F1B over the micro-batches), saves, stop rules.
+
+Order of set-up (errors surface before any expensive or collective work):
+config checks -> tokenizer and model shape checks -> process groups -> this rank's stage (weights
+from a checkpoint of another layout go in here, before sharding) -> tensor parallelism -> DeepSpeed
+-> resume (same layout: DeepSpeed state) -> dataset (index built by rank 0, barrier, the others
+map it) -> RNG states restored last, so nothing in set-up disturbs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import resource
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megafim.model import ModelConfig
+from megafim.parallel import DeepSpeedMPU, ParallelDims, apply_tensor_parallel
+from megafim.training import checkpoint as ck
+from megafim.training import checkpoint_io
+from megafim.training.build import (PipelineStage, StagePlan, build_stage, build_train_dataset, plan_stages,
+                                    resolve_model_config)
+from megafim.training.cli import dump_yaml
+from megafim.training.config import ConfigError, TrainConfig, grad_accumulation_steps, lr_at, validate
+from megafim.training.deepspeed_config import effective_deepspeed_config, format_for_log, resolve_precision
+from megafim.training.distributed import WorldInfo, init_distributed, shutdown
+from megafim.training.metrics import MetricsLogger, StepMetrics, default_peak_flops, model_flops_per_token
+from megafim.training.optim import build_optimizer
+from megafim.training.pipeline import StageComm, run_1f1b
+from megafim.training.sampler import MicroBatches, ResumableSampler
+from megafim.training.signals import StopRequest
+
+EXIT_OK, EXIT_NONFINITE = 0, 3
+
+
+@dataclass
+class Run:
+    """Everything one rank's loop needs, built once by ``setup``."""
+
+    cfg: TrainConfig
+    mc: ModelConfig
+    dims: ParallelDims
+    device: torch.device
+    plan: StagePlan
+    stage: PipelineStage
+    engine: object
+    optimizer: object
+    comm: StageComm
+    gas: int
+    state: ck.TrainerState
+    log: MetricsLogger
+
+
+def check_before_groups(cfg: TrainConfig, world_size: int):
+    """All checks that need no process group; returns (tokenizer, model config)."""
+    validate(cfg, world_size)
+    if not cfg.data.tokenizer_model:
+        raise ConfigError("data.tokenizer_model is required (--tokenizer-model FILE.model)")
+    if not cfg.data.data_path:
+        raise ConfigError("data.data_path is required (--data-path PREFIX [PREFIX ...])")
+    if cfg.parallel.pipeline > 1 and cfg.parallel.zero_stage == 3:
+        raise ConfigError("parallel.zero_stage = 3 with parallel.pipeline > 1 is not supported: ZeRO-3 checks "
+                          "that every rank ran the same modules, which pipeline stages never do. Use ZeRO 0-2 "
+                          "with pipeline parallelism (docs/training.md)")
+    from megafim.data.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(cfg.data.tokenizer_model)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"data.tokenizer_model: cannot load {cfg.data.tokenizer_model}: {exc}") from None
+    mc = resolve_model_config(cfg, tokenizer.vocab_size)
+    validate(cfg, world_size, mc)
+    return tokenizer, mc
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _resume_point(cfg: TrainConfig, dims: ParallelDims):
+    """(checkpoint dir or None, its trainer state or None, whether its layout equals ours)."""
+    if not cfg.checkpoint.load:
+        return None, None, False
+    ckpt = ck.latest_checkpoint(cfg.checkpoint.load)
+    if ckpt is None:
+        return None, None, False
+    state = ck.read_trainer_state(ckpt)
+    same = state.layout == checkpoint_io.layout_of(dims, cfg.parallel.zero_stage)
+    return ckpt, state, same
+
+
+def setup(cfg: TrainConfig) -> tuple[Run, object]:
+    """Build everything for this rank; returns the run and the training dataset."""
+    import deepspeed
+
+    info = WorldInfo.from_env()
+    tokenizer, mc = check_before_groups(cfg, info.world_size)
+    device = init_distributed(info, cfg.parallel.backend)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    dims = ParallelDims.build(tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline)
+    gas = grad_accumulation_steps(cfg, info.world_size)
+    ds_config = effective_deepspeed_config(cfg, info.world_size)
+    log = MetricsLogger(cfg.checkpoint.save, cfg.schedule.train_iters, enabled=dims.rank == 0,
+                        log_interval=cfg.logging.log_interval, tensorboard=cfg.logging.tensorboard,
+                        progress_bar=cfg.logging.progress_bar)
+    log.info(f"megafim: {info.world_size} ranks = tp {dims.tp} x pp {dims.pp} x dp {dims.dp}, ZeRO-"
+             f"{cfg.parallel.zero_stage}, {resolve_precision(cfg)}, {gas} micro-batches/step, device {device}")
+    log.info(f"model: {mc}")
+    log.info(format_for_log(ds_config))
+
+    _seed_everything(cfg.schedule.seed)
+    plan = plan_stages(mc.n_trunk_layers, mc.n_future, dims.pp)[dims.pp_rank]
+    stage = build_stage(mc, plan, cfg.schedule.seed)
+    ckpt, saved, same_layout = _resume_point(cfg, dims)
+    if ckpt is not None and not same_layout:
+        log.info(f"resume: {ckpt} was saved with layout {saved.layout}, this run is "
+                 f"{checkpoint_io.layout_of(dims, cfg.parallel.zero_stage)}: loading its layout-free weights "
+                 "and resharding them; the optimizer state starts fresh")
+        checkpoint_io.load_full_weights(stage.model, ckpt)
+    apply_tensor_parallel(stage.model, dims)
+    stage.to(device)
+    optimizer = build_optimizer(stage, cfg.optimizer)
+    engine, *_ = deepspeed.initialize(model=stage, optimizer=optimizer, config=ds_config, mpu=DeepSpeedMPU(dims))
+    state = ck.TrainerState(layout=checkpoint_io.layout_of(dims, cfg.parallel.zero_stage))
+    if ckpt is not None:
+        if same_layout:
+            checkpoint_io.load_engine_state(ckpt, engine, dims)
+        state = ck.TrainerState(step=saved.step, consumed_samples=saved.consumed_samples, epoch=saved.epoch,
+                                layout=state.layout)
+        log.info(f"resume: from {ckpt} at step {state.step}, {state.consumed_samples} samples consumed")
+    dataset = _dataset(cfg, tokenizer, dims)
+    if ckpt is not None and same_layout and not ck.load_rng(ckpt, dims.rank):
+        log.info(f"resume: {ckpt} has no RNG state for rank {dims.rank}; continuing with the seeded state")
+    dtype = torch.bfloat16 if resolve_precision(cfg) == "bf16" else torch.float32
+    comm = _stage_comm(dims, plan, (cfg.batch.micro_batch_size, cfg.data.seq_length, mc.hidden_size), dtype, device)
+    return Run(cfg, mc, dims, device, plan, stage, engine, optimizer, comm, gas, state, log), dataset
+
+
+def _dataset(cfg: TrainConfig, tokenizer, dims: ParallelDims):
+    """Rank 0 builds (and caches) the sample index, then the others map the finished cache."""
+    n = cfg.schedule.train_iters * cfg.batch.global_batch_size
+    if dims.rank == 0:
+        build_train_dataset(cfg, tokenizer, n, is_builder=True)
+    dist.barrier()
+    return build_train_dataset(cfg, tokenizer, n, is_builder=dims.rank == 0)
+
+
+def _stage_comm(dims: ParallelDims, plan: StagePlan, shape, dtype, device) -> StageComm:
+    ranks = dims.ranks("pp")  # this rank's pipeline, stage order
+    prev_rank = None if plan.is_first else ranks[dims.pp_rank - 1]
+    next_rank = None if plan.is_last else ranks[dims.pp_rank + 1]
+    return StageComm(dims.pp_rank, dims.pp, prev_rank, next_rank, shape, dtype, device)
+
+
+# --------------------------------------------------------------------------------------------
+# One optimizer step.
+
+
+def train_step(run: Run, batches: list[dict]) -> tuple[torch.Tensor, bool]:
+    """Forward/backward every micro-batch in 1F1B order and apply (or skip) the update.
+
+    Returns (the stats vector [loss, head losses..., non-finite count] averaged over the global batch
+    and summed over ranks, identical on every rank; whether the update was skipped)."""
+    engine, plan, gas, dev = run.engine, run.plan, run.gas, run.device
+    n_heads = run.mc.n_future
+    sums = torch.zeros(n_heads + 2, dtype=torch.float64, device=dev)  # loss, heads..., non-finite
+
+    def forward(i: int, received):
+        b = batches[i]
+        x = b["tokens"].to(dev) if plan.is_first else received
+        if not plan.is_last:
+            return engine(x)
+        loss, head_losses = engine(x, b["labels"].to(dev).long(), b["loss_mask"].to(dev).float())
+        value = loss.detach().double()
+        if torch.isfinite(value):
+            sums[0] += value
+            sums[1:-1] += head_losses.detach().double()
+        else:
+            sums[-1] += 1
+        return loss
+
+    def backward(output, grad):
+        if grad is None:
+            engine.backward(output)
+        else:  # d/d output of (output * grad).sum() is exactly grad
+            engine.backward((output * grad).sum(), scale_wrt_gas=False)
+
+    def after_backward(i: int):
+        if i < gas - 1:  # the boundary step waits until every rank knows whether to skip it
+            engine.step()
+
+    run_1f1b(run.comm, gas, forward, backward, after_backward)
+    # Only one rank per loss (last stage, tensor rank 0) contributes; averaged over dp x micro-batches.
+    if not (plan.is_last and run.dims.tp_rank == 0):
+        sums.zero_()
+    dist.all_reduce(sums)
+    skipped = bool(sums[-1] > 0)
+    if skipped:
+        run.optimizer.skip_next_step()
+    engine.step()
+    finite = run.dims.dp * gas - sums[-1]
+    sums[:-1] /= torch.clamp(finite, min=1)
+    if skipped:  # the step did not happen: say so rather than average the finite micro-batches
+        sums[:-1] = float("nan")
+    return sums.cpu(), skipped
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def _memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def _flops_per_token(mc: ModelConfig, seq: int) -> float:
+    nonembed = mc.num_parameters() - mc.vocab_size * mc.hidden_size  # keeps the unembedding
+    return model_flops_per_token(nonembed, mc.n_trunk_layers + mc.n_future, mc.hidden_size, seq)
+
+
+# --------------------------------------------------------------------------------------------
+# The run.
+
+
+def _save(run: Run, reason: str) -> None:
+    cfg = run.cfg
+    if not cfg.checkpoint.save:
+        return
+    path = checkpoint_io.save(cfg.checkpoint.save, run.engine, run.stage, run.dims, run.state, dump_yaml(cfg),
+                              run.mc, cfg.parallel.zero_stage, cfg.checkpoint.keep_last)
+    run.log.info(f"checkpoint: saved {path} ({reason})")
+
+
+def train(cfg: TrainConfig) -> int:
+    """Train under torchrun (or as one process). Returns the exit code."""
+    run, dataset = setup(cfg)
+    cfg, state = run.cfg, run.state
+    sampler = ResumableSampler(len(dataset), cfg.batch.micro_batch_size, run.dims.dp_rank, run.dims.dp,
+                               state.consumed_samples)
+    micro = MicroBatches(dataset, sampler)
+    stop = StopRequest(enabled=cfg.checkpoint.save_on_signal)
+    tokens_per_step = cfg.batch.global_batch_size * cfg.data.seq_length
+    flops_per_token = _flops_per_token(run.mc, cfg.data.seq_length)
+    peak = cfg.logging.peak_tflops * 1e12 or default_peak_flops()
+    code, saved_at = EXIT_OK, -1
+    try:
+        while state.step < cfg.schedule.train_iters:
+            t0 = time.perf_counter()
+            lr = lr_at(cfg, state.step)
+            run.optimizer.set_lr(lr)
+            stats, skipped = train_step(run, [next(micro) for _ in range(run.gas)])
+            state.step += 1
+            state.consumed_samples += cfg.batch.global_batch_size
+            state.epoch = sampler.epoch(state.consumed_samples)
+            state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
+            dt = time.perf_counter() - t0
+            tps = tokens_per_step / dt
+            run.log.log(StepMetrics(
+                step=state.step, loss=float(stats[0]), head_losses=[float(x) for x in stats[1:-1]], lr=lr,
+                grad_norm=_grad_norm(run.engine), tokens_per_s=tps,
+                mfu=flops_per_token * tps / (peak * run.dims.world_size) if peak else None,
+                memory_gib=round(_memory_gib(), 3), step_time_s=dt, consumed_samples=state.consumed_samples,
+                skipped=skipped))
+            if state.nonfinite_in_a_row >= cfg.logging.max_nonfinite_in_a_row:
+                run.log.info(f"stopping: {state.nonfinite_in_a_row} non-finite losses in a row "
+                             f"(logging.max_nonfinite_in_a_row)")
+                _save(run, "non-finite losses")
+                code, saved_at = EXIT_NONFINITE, state.step
+                break
+            interval = cfg.checkpoint.save_interval
+            if interval and state.step % interval == 0:
+                _save(run, f"every {interval} steps")
+                saved_at = state.step
+            if stop.agreed(run.device):
+                run.log.info(f"signal {stop.signum or 'on another rank'}: saving and stopping at step {state.step}")
+                if saved_at != state.step:
+                    _save(run, "signal")
+                    saved_at = state.step
+                break
+        if code == EXIT_OK and saved_at != state.step:
+            _save(run, "end of training")
+    finally:
+        stop.restore()
+        run.log.close()
+    shutdown()
+    return code
