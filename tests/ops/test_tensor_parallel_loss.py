@@ -59,9 +59,15 @@ def _check_multi_token(rank, group, impl, n):
                                tp_group=group, vocab_start=rows.start, impl=impl, chunk_size=5)
     loss.backward()
     h_ref, w_ref = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
-    naive_multi_token_loss(h_ref, full.callables(), w_ref, labels, mask).backward()
+    ref = naive_multi_token_loss(h_ref, full.callables(), w_ref, labels, mask)
+    ref.backward()
     tol = TOLERANCES[torch.float32]
     what = f"rank {rank} {impl} n={n}"
+    assert_close(loss, ref, tol["loss"], f"{what} loss")
+    with torch.no_grad():  # the evaluation path combines the shards the same way
+        eval_loss, _ = multi_token_loss(hidden, mine.callables(), list(mine.parameters()), weight[rows], labels,
+                                        mask, tp_group=group, vocab_start=rows.start, impl=impl, chunk_size=5)
+    assert_close(eval_loss, ref, tol["loss"], f"{what} eval loss")
     assert_close(h.grad, h_ref.grad, tol["grad"], f"{what} grad hidden")
     assert_close(w.grad, w_ref.grad[rows], tol["grad"], f"{what} grad unembedding shard")
     cols = slice(rank * 6, rank * 6 + 6)  # hidden 12 split over 2 ranks
