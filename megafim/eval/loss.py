@@ -58,21 +58,24 @@ class LossReport:
 
 
 def left_to_right_middles(tokens: np.ndarray, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """Rearrange every complete FIM piece of a context to ``prefix middle <eot>``; mark the middles.
+    """Rearrange every FIM piece of a PSM-transformed context to ``prefix middle <eot>``; mark the middles.
 
-    Returns (tokens, middle_mask) of the same length, padded with ``fim_pad``, in context order. Only
-    PSM pieces count (in SPM the prefix and middle cannot be told apart by token); a piece cut by the
-    context's end keeps the middle tokens it has, so the middles are exactly those of the PSM sample."""
+    Returns (tokens, middle_mask) of the same length, padded with ``fim_pad``, in context order. The
+    context must come from PSM-only FIM (an empty-prefix PSM piece, ``<PRE><SUF> suffix <MID> middle``,
+    has the same tokens as SPM, so the format cannot be read off the tokens). A piece cut by the
+    context's end keeps the middle tokens it has, so the middles are exactly those of the PSM sample.
+    The result starts with end-of-text, as after a previous document, so that a middle with an empty
+    prefix still has a token before it and is scored too."""
     t = tokenizer
-    out: list[int] = []
-    middle: list[bool] = []
+    out: list[int] = [t.eod]
+    middle: list[bool] = [False]
     bounds = np.flatnonzero(tokens == t.eod)
     start = 0
     for end in [*bounds.tolist(), len(tokens)]:
         piece = tokens[start:end].tolist()
         start = end + 1
-        if len(piece) < 3 or piece[0] != t.fim_prefix or piece[1] == t.fim_suffix or t.fim_middle not in piece:
-            continue  # not FIM, SPM, or cut before its middle
+        if len(piece) < 3 or piece[0] != t.fim_prefix or t.fim_middle not in piece:
+            continue  # not FIM, or cut before its middle
         suf_at, mid_at = piece.index(t.fim_suffix), piece.index(t.fim_middle)
         prefix, mid = piece[1:suf_at], piece[mid_at + 1:]
         out += [*prefix, *mid, t.eod]

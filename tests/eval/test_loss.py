@@ -52,16 +52,16 @@ def test_left_to_right_rearrangement(heldout):
     tok, _ = heldout
     p, s, m = tok.encode("def f(x):"), tok.encode("\n    return y\n"), tok.encode("\n    y = x")
     psm = [tok.fim_prefix, *p, tok.fim_suffix, *s, tok.fim_middle, *m, tok.eod]
-    spm = [tok.fim_prefix, tok.fim_suffix, *s, tok.fim_middle, *p, *m, tok.eod]
+    empty_prefix = [tok.fim_prefix, tok.fim_suffix, *s, tok.fim_middle, *m, tok.eod]
     plain = tok.encode("x = 1\n") + [tok.eod]
     cut = psm[: len(p) + len(s) + 4]  # cut by the context's end one token into its middle
-    ctx = np.asarray(plain + psm + spm + psm[:5] + [tok.eod] + cut)
+    ctx = np.asarray(plain + psm + empty_prefix + psm[:5] + [tok.eod] + cut)
     out, middle = left_to_right_middles(ctx, tok)
     assert len(out) == len(ctx)
-    expected = [*p, *m, tok.eod, *p, m[0], tok.eod]
+    expected = [tok.eod, *p, *m, tok.eod, *m, tok.eod, *p, m[0], tok.eod]
     assert out[: len(expected)].tolist() == expected
-    assert middle[: len(expected)].tolist() == ([False] * len(p) + [True] * len(m) + [False]
-                                                 + [False] * len(p) + [True, False])
+    assert middle[: len(expected)].tolist() == ([False] + [False] * len(p) + [True] * len(m) + [False]
+                                                 + [True] * len(m) + [False] + [False] * len(p) + [True, False])
     assert (out[len(expected):] == tok.fim_pad).all() and not middle[len(expected):].any()
 
 

@@ -1,0 +1,94 @@
+"""The conversion tools and the infill / evaluate CLIs, run as a user runs them."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from megafim.data.indexed import IndexedDatasetBuilder
+from megafim.data.tokenizer import Tokenizer
+from megafim.inference.loading import MODEL_DIR, TOKENIZER_FILE, load_model, save_model_dir
+from megafim.model.config import ModelConfig
+from megafim.model.gpt import GPT
+from megafim.training import checkpoint as ckpt
+
+transformers = pytest.importorskip("transformers")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(*args):
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, small_tokenizer_path):
+    """A save directory in the trainer's layout holding a random 2-head model."""
+    tok = Tokenizer.from_file(small_tokenizer_path)
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, n_layers=3, n_heads=4, n_kv_heads=2,
+                         ffn_hidden_size=64, max_seq_len=96, n_future=2)
+    model = GPT(config)
+    save = tmp_path_factory.mktemp("ckpt") / "save"
+    tmp = ckpt.begin(save, 7)
+    save_model_dir(tmp / MODEL_DIR, model.state_dict(), config)
+    shutil.copyfile(small_tokenizer_path, tmp / TOKENIZER_FILE)
+    ckpt.write_trainer_state(tmp, ckpt.TrainerState(step=7), yaml.safe_dump({"data": {}}))
+    ckpt.commit(save, 7, keep_last=2)
+    return save, model, tok
+
+
+def test_export_import_round_trip_and_new_heads(checkpoint, tmp_path):
+    save, model, tok = checkpoint
+    hf_dir = tmp_path / "hf"
+    run("tools/convert_checkpoint_to_hf.py", "--load", save, "--save", hf_dir, "--dtype", "float32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    text = "def f(x):\n    return [x, {'a': 1}]\n"
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    ids = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        assert (hf(ids).logits - model.eval().logits(ids, heads=[0])[0]).abs().max() < 1e-4
+
+    back = tmp_path / "back"
+    run("tools/convert_hf_to_checkpoint.py", "--load", hf_dir, "--save", back)
+    loaded = load_model(back)
+    assert loaded.model.config == model.config
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], t), name
+    assert Path(loaded.tokenizer_path).read_bytes() == Path(tok.model_path).read_bytes()
+
+    four = tmp_path / "four"
+    run("tools/convert_hf_to_checkpoint.py", "--load", hf_dir, "--save", four, "--n-future", "4", "--init-heads", "copy")
+    m4 = load_model(four).model.state_dict()
+    assert torch.equal(m4["heads.3.mlp.down_proj.weight"], m4["heads.0.mlp.down_proj.weight"])
+    assert torch.equal(m4["heads.1.mlp.down_proj.weight"], model.state_dict()["heads.1.mlp.down_proj.weight"])
+
+
+def test_infill_and_evaluate_clis(checkpoint, tmp_path):
+    save, model, tok = checkpoint
+    (tmp_path / "pre.py").write_text("def add(a, b):\n    return ")
+    (tmp_path / "suf.py").write_text("\n\nprint(add(1, 2))\n")
+    out = json.loads(run("-m", "megafim.infill", "--checkpoint", save, "--prefix-file", tmp_path / "pre.py",
+                         "--suffix-file", tmp_path / "suf.py", "--mode", "spm", "--max-new-tokens", "5", "--json"))
+    assert out["mode"] == "spm" and len(out["middles"]) == 1
+
+    prefix = tmp_path / "heldout"
+    with IndexedDatasetBuilder(prefix, np.uint16) as builder:
+        for i in range(30):
+            builder.add_document(np.asarray(tok.encode(f"def f{i}(x):\n    return x * {i}\n") + [tok.eod]))
+    report = json.loads(run("-m", "megafim.evaluate", "--load", save, "--data-path", prefix, "--seq-length", "48",
+                            "--num-samples", "4", "--json"))
+    assert report["samples"] == 4 and report["n_future"] == 2
+    assert report["middle_ar"]["tokens"] == report["middle_psm"]["tokens"] > 0
+
+    bad = subprocess.run([sys.executable, "-m", "megafim.evaluate", "--load", tmp_path / "nothing", "--data-path",
+                          prefix], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "no such file" in bad.stderr

@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""Export a megafim checkpoint (any parallel layout, any ZeRO stage) as a Hugging Face Llama directory.
+
+    python tools/convert_checkpoint_to_hf.py --load runs/quickstart/checkpoints --save hf/stdlib-tiny
+
+The trunk plus head 0 load with ``transformers.AutoModelForCausalLM.from_pretrained`` as
+``LlamaForCausalLM``; heads 1..n-1 go to ``mtp_heads.safetensors`` (docs/conversion.md). The tokenizer
+goes along as ``tokenizer.json`` (same ids as megafim's) and ``megafim_tokenizer.model``.
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megafim.convert.hf_model import DTYPES, megafim_to_hf  # noqa: E402
+from megafim.convert.hf_tokenizer import save_hf_tokenizer  # noqa: E402
+from megafim.data.tokenizer import Tokenizer  # noqa: E402
+from megafim.inference.loading import HF_TOKENIZER_FILE, checkpoint_dir, megafim_tokenizer_path, read_megafim_weights  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="save directory (its 'latest' checkpoint) or a step_* directory")
+    p.add_argument("--save", required=True, help="output directory")
+    p.add_argument("--iteration", type=int, help="the step to export (default: the latest)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--tokenizer-model", help="default: the checkpoint's own tokenizer")
+    p.add_argument("--max-shard-size-gb", type=float, default=2.0)
+    args = p.parse_args(argv)
+    try:
+        ckpt = checkpoint_dir(args.load, args.iteration)
+        state, config = read_megafim_weights(ckpt)
+        tok_path = args.tokenizer_model or megafim_tokenizer_path(ckpt)
+        tokenizer = Tokenizer.from_file(tok_path) if tok_path else None
+        out = megafim_to_hf(state, config, args.save, dtype=args.dtype,
+                            eos_token_id=tokenizer.eod if tokenizer else None,
+                            max_shard_bytes=int(args.max_shard_size_gb * (1 << 30)))
+        if tokenizer is not None:
+            save_hf_tokenizer(tokenizer, out, model_max_length=config.max_seq_len)
+            shutil.copyfile(tokenizer.model_path, out / HF_TOKENIZER_FILE)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"convert_checkpoint_to_hf: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {ckpt} ({config.n_future} head(s)) to {out}" + ("" if tokenizer else " (no tokenizer found)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
