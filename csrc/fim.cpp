@@ -116,16 +116,39 @@ struct Specials {
   int32_t eod, prefix, middle, suffix, pad;
 };
 
+// The context's three output arrays, written once, left to right. What goes past their end is cut
+// off (the context's tail), and what they lack at the end is padding.
 struct Output {
-  std::vector<int64_t> tokens;
-  std::vector<uint8_t> kinds;
+  int64_t* tokens;
+  float* loss;
+  bool* middle;
+  size_t n, pos = 0;
+  float weight[4];  // loss weight by Kind
   std::vector<uint8_t> modes;
-  void clear() { tokens.clear(); kinds.clear(); modes.clear(); }
-  void push(int64_t t, uint8_t k) { tokens.push_back(t); kinds.push_back(k); }
+
+  Output(int64_t* t, float* l, bool* m, size_t size, bool mask_sentinels)
+      : tokens(t), loss(l), middle(m), n(size), weight{1.0f, 1.0f, mask_sentinels ? 0.0f : 1.0f, 0.0f} {}
+  bool full() const { return pos >= n; }
+  void push(int64_t t, uint8_t k) {
+    if (pos < n) put(pos++, t, k);
+  }
   template <typename T>
   void push_range(const T* b, const T* e, uint8_t k) {
-    tokens.insert(tokens.end(), b, e);
-    kinds.insert(kinds.end(), e - b, k);
+    const size_t count = std::min<size_t>(e - b, n - std::min(pos, n));
+    std::copy(b, b + count, tokens + pos);
+    std::fill(loss + pos, loss + pos + count, weight[k]);
+    std::fill(middle + pos, middle + pos + count, k == kMiddle);
+    pos += count;
+  }
+  void pad_to_end(int64_t pad_id) {
+    for (; pos < n; ++pos) put(pos, pad_id, kPad);
+  }
+
+ private:
+  void put(size_t i, int64_t t, uint8_t k) {
+    tokens[i] = t;
+    loss[i] = weight[k];
+    middle[i] = k == kMiddle;
   }
 };
 
@@ -172,9 +195,6 @@ class Fim {
   template <typename T>
   void transform(const T* ctx, size_t n, uint64_t seed, uint64_t epoch, uint64_t index, double rate,
                  double spm_rate, bool keep_length, Output& out) const {
-    out.clear();
-    out.tokens.reserve(n + 64);
-    out.kinds.reserve(n + 64);
     size_t start = 0;
     for (uint64_t p = 0;; ++p) {
       size_t end = start;
@@ -188,8 +208,7 @@ class Fim {
       if (end == n) break;
       start = end + 1;
     }
-    out.tokens.resize(n, sp_.pad);  // cut the tail off, or pad it
-    out.kinds.resize(n, kPad);
+    out.pad_to_end(sp_.pad);  // the tail past n was cut off already
   }
 
  private:
@@ -323,6 +342,7 @@ uint8_t Fim::piece(const T* tok, size_t n, uint64_t key, double rate, double spm
   const int64_t n_chars = count_chars(core, m);
   if (n_chars <= 0) return unchanged();
   const uint8_t mode = uniform(draw(key, kDrawSpm)) < spm_rate ? kSpm : kPsm;
+  if (out.full() && !keep_length) return mode;  // cut off entirely: only its mode is reported
   uint64_t a = below(draw(key, kDrawCutA), n_chars + 1), b = below(draw(key, kDrawCutB), n_chars + 1);
   if (a > b) std::swap(a, b);
   uint64_t seen = 0;
@@ -385,15 +405,19 @@ py::tuple run(const PyFim& self, const py::array& context, uint64_t seed, uint64
               double rate, double spm_rate, bool keep_length, bool mask_sentinels) {
   if (context.ndim() != 1) throw std::invalid_argument("FIM context must be a 1-D token array");
   py::array c = py::array::ensure(context, py::array::c_style);
-  if (!(py::isinstance<py::array_t<int64_t>>(c) || py::isinstance<py::array_t<int32_t>>(c) ||
-        py::isinstance<py::array_t<uint16_t>>(c)))
-    c = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(c);
+  // The element type is read here, with the GIL: the transform below may run without it.
+  const int type = py::isinstance<py::array_t<int64_t>>(c) ? 0 : py::isinstance<py::array_t<int32_t>>(c) ? 1
+                   : py::isinstance<py::array_t<uint16_t>>(c) ? 2 : 3;
+  if (type == 3) c = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(c);
   const size_t n = c.shape(0);
-  thread_local Output out;
+  py::array_t<int64_t> tokens(n);
+  py::array_t<float> loss(n);
+  py::array_t<bool> middle(n);
+  Output out(tokens.mutable_data(), loss.mutable_data(), middle.mutable_data(), n, mask_sentinels);
   auto go = [&]() {
-    if (py::isinstance<py::array_t<int64_t>>(c))
+    if (type == 0 || type == 3)
       self.fim->transform(static_cast<const int64_t*>(c.data()), n, seed, epoch, index, rate, spm_rate, keep_length, out);
-    else if (py::isinstance<py::array_t<int32_t>>(c))
+    else if (type == 1)
       self.fim->transform(static_cast<const int32_t*>(c.data()), n, seed, epoch, index, rate, spm_rate, keep_length, out);
     else
       self.fim->transform(static_cast<const uint16_t*>(c.data()), n, seed, epoch, index, rate, spm_rate, keep_length, out);
@@ -404,16 +428,6 @@ py::tuple run(const PyFim& self, const py::array& context, uint64_t seed, uint64
   } else {
     go();
   }
-  py::array_t<int64_t> tokens(n);
-  py::array_t<float> loss(n);
-  py::array_t<bool> middle(n);
-  std::copy(out.tokens.begin(), out.tokens.end(), tokens.mutable_data());
-  float* l = loss.mutable_data();
-  bool* mid = middle.mutable_data();
-  const float weight[4] = {1.0f, 1.0f, mask_sentinels ? 0.0f : 1.0f, 0.0f};  // by Kind
-  const uint8_t* k = out.kinds.data();
-  for (size_t i = 0; i < n; ++i) l[i] = weight[k[i]];
-  for (size_t i = 0; i < n; ++i) mid[i] = k[i] == kMiddle;
   py::bytes modes(reinterpret_cast<const char*>(out.modes.data()), out.modes.size());
   return py::make_tuple(tokens, loss, middle, modes);
 }

@@ -45,7 +45,7 @@ class FimConfig:
             raise ValueError(f"FimConfig.mask_sentinels must be a bool, got {self.mask_sentinels!r}")
 
 
-@dataclass
+@dataclass(slots=True)
 class FimResult:
     tokens: np.ndarray
     """int64, the same length as the context (``seq_length + 1``)."""
@@ -81,12 +81,31 @@ class FimTransform:
         else:
             self._native = native.Fim.with_callable(token_bytes, **ids, encode=tokenizer.encode)
             self.native_encoder = False
+        self._transform = self._native.transform
+        self._options = (float(config.rate), float(config.spm_rate), config.level == "document",
+                         config.mask_sentinels)
+
+    # DataLoader workers started with "spawn" get a pickled copy: the native object is rebuilt there,
+    # and a megafim Tokenizer (whose C++ encoder does not pickle) is loaded again from its file.
+    def __getstate__(self) -> dict:
+        tok = self.tokenizer
+        if hasattr(tok, "model_path") and hasattr(type(tok), "from_file"):
+            return {"config": self.config, "tokenizer_file": (type(tok), tok.model_path, getattr(tok, "backend", None))}
+        return {"config": self.config, "tokenizer": tok}
+
+    def __setstate__(self, state: dict) -> None:
+        if "tokenizer_file" in state:
+            cls, path, backend = state["tokenizer_file"]
+            tok = cls.from_file(path, backend=backend) if backend else cls.from_file(path)
+        else:
+            tok = state["tokenizer"]
+        self.__init__(state["config"], tok)
 
     def __call__(self, context: np.ndarray, *, seed: int, epoch: int, index: int) -> FimResult:
-        c = self.config
-        tokens, loss, middle, modes = self._native.transform(
-            context if isinstance(context, np.ndarray) else np.asarray(context), seed & _MASK64,
-            epoch & _MASK64, index & _MASK64, c.rate, c.spm_rate, c.level == "document", c.mask_sentinels)
+        # This runs once per sample in every data worker: kept to one native call and no lookups.
+        tokens, loss, middle, modes = self._transform(
+            context if type(context) is np.ndarray else np.asarray(context), seed & _MASK64, epoch & _MASK64,
+            index & _MASK64, *self._options)
         return FimResult(tokens, loss, middle, [_MODES[m] for m in modes])
 
     def reference(self, context: np.ndarray, *, seed: int, epoch: int, index: int) -> FimResult:

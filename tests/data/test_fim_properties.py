@@ -159,3 +159,15 @@ def test_rate_zero_is_the_identity(fim_tokenizer):  # noqa: F811
 def test_config_is_validated(kwargs, field):
     with pytest.raises(ValueError, match=f"FimConfig.{field}"):
         FimConfig(**kwargs)
+
+
+def test_pickled_transform_gives_the_same_samples(fim_tokenizer):  # noqa: F811
+    """DataLoader workers started with "spawn" receive a pickled copy."""
+    t = FimTransform(FimConfig(rate=0.9, spm_rate=0.3), fim_tokenizer)
+    copy = pickle.loads(pickle.dumps(t))
+    assert copy.config == t.config and copy.native_encoder == t.native_encoder
+    ctx = np.asarray(pack(fim_tokenizer, ["def g(y):\n    return y", "日本 😀 x"] * 8), dtype=np.int64)
+    for index in range(10):
+        a, b = t(ctx, seed=4, epoch=1, index=index), copy(ctx, seed=4, epoch=1, index=index)
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        assert a.modes == b.modes
