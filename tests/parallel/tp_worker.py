@@ -1,8 +1,8 @@
 """torchrun worker: tensor-parallel GPT vs the same model at tp = 1, loss and every gradient.
 
 Usage: torchrun --standalone --nproc_per_node=N tests/parallel/tp_worker.py CASE [CASE ...]
-with CASE = "tp=<t>,dp=<d>,n_future=<n>,sp=<0|1>". Every rank builds the full model from one seed,
-runs it unsharded as the reference, then shards a copy and compares; gradients of sharded parameters
+with CASE = "tp=<t>,dp=<d>,n_future=<n>,sp=<0|1>", or "zero=<stage>" (DeepSpeed with the mpu, N = 2).
+Every rank builds the full model from one seed, runs it unsharded as the reference, then shards a copy and compares; gradients of sharded parameters
 are all-gathered back to full shape along their ``partition_dim``. Prints "OK <case> ..." per case on
 rank 0 and exits non-zero on any mismatch.
 """
@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megafim.model import GPT, model_config
 from megafim.parallel import DeepSpeedMPU, ParallelDims, apply_tensor_parallel
+from megafim.training.distributed import WorldInfo, init_distributed
 
 RTOL, ATOL = 1e-4, 1e-6  # fp32; observed differences are ~1e-7 relative (summation order only)
 
@@ -75,6 +76,34 @@ def run_case(case):
         print(f"OK {case} loss={out.loss.item():.6f} max_grad_diff={worst:.2e} params={len(names)}", flush=True)
 
 
+def check_deepspeed(case):
+    """DeepSpeed with DeepSpeedMPU over tp = 2 (sequence parallel): its global gradient norm must equal
+    the tp = 1 norm, which holds only if the mpu's groups and the shards' ``tensor_model_parallel``
+    marks are right (replicated parameters counted once, shards summed over the model group)."""
+    stage = int(case.split("=")[1])
+    dims = ParallelDims.build(tp=2)
+    import deepspeed
+
+    torch.manual_seed(0)
+    reference = GPT(model_config("tiny", n_future=2, n_layers=3))
+    model = apply_tensor_parallel(copy.deepcopy(reference), dims, sequence_parallel=True)
+    tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(1))
+    reference(tokens[:, :-1], tokens[:, 1:]).loss.backward()
+    expected = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in reference.parameters())).item()
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1e9,
+              "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": stage}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                      config=config, mpu=DeepSpeedMPU(dims))
+    out = engine(tokens[:, :-1], tokens[:, 1:])
+    engine.backward(out.loss)
+    engine.step()
+    norm = float(engine.get_global_grad_norm())
+    if abs(norm - expected) > 1e-4 * expected:
+        raise AssertionError(f"ZeRO-{stage}: DeepSpeed's gradient norm {norm} != tp=1 norm {expected}")
+    if dims.rank == 0:
+        print(f"OK {case} grad_norm={norm:.6f} expected={expected:.6f}", flush=True)
+
+
 def check_mappings(dims):
     """Each public wrapper's forward and backward against the collective its docstring names."""
     from megafim.parallel import mappings as m
@@ -128,11 +157,16 @@ def check_mpu(dims):
 
 
 def main():
-    dist.init_process_group("gloo")
+    cases = sys.argv[1:]
+    if any(case.startswith("zero=") for case in cases):
+        # the trainer's start-up: DeepSpeed's comm backend over gloo, without JIT-building its shm op
+        init_distributed(WorldInfo.from_env(), "gloo")
+    else:
+        dist.init_process_group("gloo")
     torch.set_num_threads(1)
     try:
-        for case in sys.argv[1:]:
-            run_case(case)
+        for case in cases:
+            check_deepspeed(case) if case.startswith("zero=") else run_case(case)
     except BaseException:
         # The other ranks may wait in a collective this rank will never join: exit now, torchrun
         # then stops them, instead of a barrier that would hang.
