@@ -114,7 +114,7 @@ def megafim_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig, out_di
     return out
 
 
-class _LazySafetensors(Mapping):
+class LazySafetensors(Mapping):
     """{name: tensor} over every ``*.safetensors`` file in a directory, read on access."""
 
     def __init__(self, files: list[Path]) -> None:
@@ -176,7 +176,7 @@ def hf_to_megafim(hf_dir: str | Path, *, n_future: int | None = None,
     files = sorted(p for p in hf_dir.glob("*.safetensors") if p.name != HEADS_FILE)
     if not files:
         raise FileNotFoundError(f"{hf_dir}: no *.safetensors weights")
-    hf = _LazySafetensors(files)
+    hf = LazySafetensors(files)
     state: dict[str, torch.Tensor] = {}
     for ours, theirs in hf_key_map(config).items():
         if theirs not in hf:
@@ -186,7 +186,7 @@ def hf_to_megafim(hf_dir: str | Path, *, n_future: int | None = None,
             raise KeyError(f"{hf_dir}: tensor {theirs!r} is missing")
         state[ours] = hf[theirs].to(dtype)
     heads_file = hf_dir / HEADS_FILE
-    stored = _LazySafetensors([heads_file]) if heads_file.is_file() else {}
+    stored = LazySafetensors([heads_file]) if heads_file.is_file() else {}
     for k in range(1, config.n_future):
         names = [f"heads.{k}.{key}" for key in BLOCK_KEYS]
         if all(n in stored for n in names):

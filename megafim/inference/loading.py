@@ -1,8 +1,9 @@
 """Load a model to run it: from a megafim checkpoint (any layout) or an exported Hugging Face directory.
 
 A megafim checkpoint keeps a layout-free copy of the weights beside DeepSpeed's shards
-(``step_*/model/``: ``model.pt`` with full tensors by name and ``model_config.json``), so any tensor-,
-pipeline- or data-parallel layout and any ZeRO stage loads the same way. Its tokenizer is the
+(``step_*/model/``: ``stage_<p>.safetensors`` with full tensors by name, one file per pipeline stage,
+and ``model_config.json``; see ``megafim/training/checkpoint_io.py``), so any tensor-, pipeline- or
+data-parallel layout and any ZeRO stage loads the same way, one tensor at a time. Its tokenizer is the
 ``tokenizer.model`` copied into the checkpoint, else the one its ``config.yaml`` names. A Hugging Face
 directory written by ``tools/convert_checkpoint_to_hf.py`` carries ``megafim_tokenizer.model``.
 """
@@ -17,12 +18,15 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import save_file
 
+from megafim.convert.hf_model import LazySafetensors
 from megafim.model.config import ModelConfig
 from megafim.model.gpt import GPT
+from megafim.training.checkpoint_io import MODEL_DIR
 
 HF_TOKENIZER_FILE = "megafim_tokenizer.model"
-MODEL_DIR, WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "model", "model.pt", "model_config.json", "tokenizer.model"
+CONFIG_FILE, TOKENIZER_FILE = "model_config.json", "tokenizer.model"
 
 
 @dataclass
@@ -54,16 +58,16 @@ def checkpoint_dir(path: str | Path, iteration: int | None = None) -> Path:
 
 
 def read_megafim_weights(ckpt: Path) -> tuple[Mapping[str, torch.Tensor], ModelConfig]:
-    """The full weights (memory-mapped: tensors load as they are used) and the ModelConfig."""
+    """The full weights (read lazily, a tensor at a time as they are used) and the ModelConfig."""
     model_dir = ckpt / MODEL_DIR
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        if not (model_dir / name).is_file():
-            raise FileNotFoundError(f"{ckpt}: {MODEL_DIR}/{name} is missing (not a complete megafim checkpoint)")
+    files = sorted(model_dir.glob("stage_*.safetensors"))
+    if not files or not (model_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{ckpt}: {MODEL_DIR}/stage_*.safetensors or {MODEL_DIR}/{CONFIG_FILE} is missing "
+                                "(not a complete megafim checkpoint)")
     fields = json.loads((model_dir / CONFIG_FILE).read_text())
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     config = ModelConfig(**{k: v for k, v in fields.items() if k in known})
-    state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", mmap=True, weights_only=True)
-    return state, config
+    return LazySafetensors(files), config
 
 
 def megafim_tokenizer_path(ckpt: Path) -> str | None:
@@ -100,5 +104,6 @@ def load_model(path: str | Path, *, iteration: int | None = None, device: str | 
 def save_model_dir(model_dir: Path, state: Mapping[str, torch.Tensor], config: ModelConfig) -> None:
     """Write the layout-free weights and their config (what ``read_megafim_weights`` reads)."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(dict(state), model_dir / WEIGHTS_FILE)
+    save_file({k: t.contiguous() for k, t in state.items()}, str(model_dir / "stage_00.safetensors"),
+              metadata={"format": "pt"})
     (model_dir / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
