@@ -68,6 +68,8 @@ class IndexedDataset:
             raise IndexedDatasetError(f"{idx}: truncated: {idx_size} bytes, shorter than the {HEADER_BYTES}-byte header")
         with open(idx, "rb") as f:
             header = f.read(HEADER_BYTES)
+        # 9s magic b"MMIDIDX\x00\x00" | <Q version (1) | <B dtype code | <Q sequence count S | <Q document
+        # count D; then int32[S] lengths, int64[S] byte pointers, int64[D] document indices (docs/data_format.md)
         magic, version, code, n_seq, n_doc = struct.unpack("<9sQBQQ", header)
         if magic != INDEX_MAGIC:
             raise IndexedDatasetError(f"{idx}: not a Megatron indexed dataset (magic {magic!r}, expected {INDEX_MAGIC!r})")
