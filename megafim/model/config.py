@@ -60,11 +60,11 @@ class ModelConfig:
             raise ModelConfigError(f"ModelConfig.n_heads = {self.n_heads} must divide "
                                    f"hidden_size = {self.hidden_size}")
         if self.n_heads % self.n_kv_heads:
-            raise ModelConfigError(f"ModelConfig.n_kv_heads = {self.n_kv_heads} must divide "
-                                   f"n_heads = {self.n_heads} (each key/value head serves a group of query heads)")
+            raise ModelConfigError(f"ModelConfig.n_kv_heads = {self.n_kv_heads} must divide n_heads = "
+                                   f"{self.n_heads} (each key/value head serves a group of query heads)")
         if self.head_dim % 2:
-            raise ModelConfigError(f"ModelConfig: head dimension hidden_size / n_heads = {self.head_dim} must be "
-                                   "even (rotary embeddings rotate pairs of channels)")
+            raise ModelConfigError(f"ModelConfig: head dimension hidden_size / n_heads = {self.head_dim} "
+                                   "must be even (rotary embeddings rotate pairs of channels)")
 
     @property
     def head_dim(self) -> int:

@@ -75,13 +75,15 @@ class GPT(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 scaled = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * self.config.n_layers) if scaled else std)
+                out_std = std / math.sqrt(2 * self.config.n_layers)
+                nn.init.normal_(module.weight, 0.0, out_std if scaled else std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
     # -- pieces the trainer (pipeline stages) and inference call separately --------------------------
 
-    def rope(self, seq_len: int, start_pos: int = 0, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    def rope(self, seq_len: int, start_pos: int = 0,
+             device: torch.device | None = None) -> tuple[Tensor, Tensor]:
         """Rotary cos/sin (T, hd) for positions start_pos .. start_pos + seq_len - 1."""
         if start_pos + seq_len > self.config.max_seq_len:
             raise ValueError(f"GPT: positions up to {start_pos + seq_len} exceed ModelConfig.max_seq_len = "
@@ -93,7 +95,8 @@ class GPT(nn.Module):
         """tokens (B, T) int -> (B, T, d) (this rank's (B, T/tp, d) under sequence parallelism)."""
         return self.embed_tokens(tokens)
 
-    def trunk(self, h: Tensor, *, start_pos: int = 0, kv_caches: Mapping[str, KVCache] | None = None) -> Tensor:
+    def trunk(self, h: Tensor, *, start_pos: int = 0,
+              kv_caches: Mapping[str, KVCache] | None = None) -> Tensor:
         """Run whichever trunk layers this module holds, in index order. h (B, T, d) -> (B, T, d).
 
         kv_caches maps a block's name (``"layers.3"``) to its cache; absent names run without one."""
@@ -108,7 +111,8 @@ class GPT(nn.Module):
         return h
 
     def head_fns(self, seq_len: int, *, heads: Sequence[int] | None = None, start_pos: int = 0,
-                 kv_caches: Mapping[str, KVCache] | None = None, device=None) -> list[Callable[[Tensor], Tensor]]:
+                 kv_caches: Mapping[str, KVCache] | None = None,
+                 device: torch.device | None = None) -> list[Callable[[Tensor], Tensor]]:
         """One callable per head k (all, or those listed): full trunk output (B, T, d) -> head block ->
         shared final norm, (B, T, d). These are the ``heads`` that ``multi_token_loss`` runs one by one."""
         cos, sin = self.rope(seq_len, start_pos, device)
@@ -121,7 +125,8 @@ class GPT(nn.Module):
         selected = range(len(self.heads)) if heads is None else heads
         return [lambda h, k=k: run(k, h) for k in selected]
 
-    def loss_from_trunk(self, h: Tensor, labels: Tensor, loss_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def loss_from_trunk(self, h: Tensor, labels: Tensor,
+                        loss_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The last pipeline stage's part: trunk output -> (loss, head_losses (n_future,)).
 
         labels (B, T) are next-token labels; head k is scored on labels[t + k]. loss_mask (B, T) float
@@ -144,7 +149,8 @@ class GPT(nn.Module):
                     kv_caches: Mapping[str, KVCache] | None = None) -> Tensor:
         """Final-normed hidden states of the chosen heads (all by default): (n, B, T, d)."""
         h = self.sequence_gather(self.trunk(self.embed(tokens), start_pos=start_pos, kv_caches=kv_caches))
-        fns = self.head_fns(h.shape[1], heads=heads, start_pos=start_pos, kv_caches=kv_caches, device=h.device)
+        fns = self.head_fns(h.shape[1], heads=heads, start_pos=start_pos, kv_caches=kv_caches,
+                            device=h.device)
         return torch.stack([fn(h) for fn in fns])
 
     def logits(self, tokens: Tensor, *, heads: Sequence[int] | None = None, start_pos: int = 0,
@@ -152,7 +158,8 @@ class GPT(nn.Module):
         """Logits of the chosen heads (all by default): (n, B, T, V); head k's row t scores token t+k+1."""
         return self.lm_head(self.head_hidden(tokens, heads=heads, start_pos=start_pos, kv_caches=kv_caches))
 
-    def forward(self, tokens: Tensor, labels: Tensor | None = None, loss_mask: Tensor | None = None) -> GPTOutput:
+    def forward(self, tokens: Tensor, labels: Tensor | None = None,
+                loss_mask: Tensor | None = None) -> GPTOutput:
         """tokens (B, T). With labels (B, T): the multi-token loss; without: every head's logits."""
         if labels is None:
             return GPTOutput(logits=self.logits(tokens))

@@ -18,7 +18,8 @@ from megafim.parallel.dims import ParallelDims
 class DeepSpeedMPU:
     def __init__(self, dims: ParallelDims) -> None:
         if dims.tp_group is None:
-            raise ValueError("DeepSpeedMPU needs a ParallelDims made by ParallelDims.build (it has no groups)")
+            raise ValueError("DeepSpeedMPU needs a ParallelDims made by ParallelDims.build "
+                             "(this one has no process groups)")
         self.dims = dims
 
     # data parallel

@@ -36,7 +36,8 @@ def group_layout(tp: int, dp: int, pp: int) -> dict[str, list[list[int]]]:
     tp_groups = [[global_rank(t, d, p, tp, dp) for t in range(tp)] for p in range(pp) for d in range(dp)]
     dp_groups = [[global_rank(t, d, p, tp, dp) for d in range(dp)] for p in range(pp) for t in range(tp)]
     pp_groups = [[global_rank(t, d, p, tp, dp) for p in range(pp)] for d in range(dp) for t in range(tp)]
-    model_groups = [sorted(global_rank(t, d, p, tp, dp) for p in range(pp) for t in range(tp)) for d in range(dp)]
+    model_groups = [sorted(global_rank(t, d, p, tp, dp) for p in range(pp) for t in range(tp))
+                    for d in range(dp)]
     return {"tp": tp_groups, "dp": dp_groups, "pp": pp_groups, "model": model_groups}
 
 
@@ -47,8 +48,9 @@ def check_sizes(tp: int, pp: int, dp: int | None, world_size: int) -> int:
             raise ParallelSizeError(f"parallel.{name} must be a positive integer, got {value!r}")
     if dp is None:
         if world_size % (tp * pp):
-            raise ParallelSizeError(f"world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp}) "
-                                    f"= {tp * pp}; the data-parallel degree would not be whole")
+            raise ParallelSizeError(f"world size {world_size} is not divisible by tensor ({tp}) x "
+                                    f"pipeline ({pp}) = {tp * pp}; the data-parallel degree would not "
+                                    "be whole")
         return world_size // (tp * pp)
     if tp * pp * dp != world_size:
         raise ParallelSizeError(f"tensor ({tp}) x pipeline ({pp}) x data ({dp}) = {tp * pp * dp} ranks, "

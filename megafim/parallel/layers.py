@@ -8,7 +8,6 @@ full tensor back (checkpoints, tests).
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -44,7 +43,8 @@ class ColumnParallelLinear(nn.Module):
 
     Under sequence parallelism the input is this rank's (B, T/tp, d) and is all-gathered first."""
 
-    def __init__(self, full: nn.Linear, group: dist.ProcessGroup | None, sequence_parallel: bool = False) -> None:
+    def __init__(self, full: nn.Linear, group: dist.ProcessGroup | None,
+                 sequence_parallel: bool = False) -> None:
         super().__init__()
         self.process_group, self.sequence_parallel = group, sequence_parallel
         self.weight = shard_parameter(full.weight, 0, group)  # (out / tp, in)
@@ -63,7 +63,8 @@ class RowParallelLinear(nn.Module):
 
     Under sequence parallelism the sum is reduce-scattered, leaving (B, T/tp, out) on each rank."""
 
-    def __init__(self, full: nn.Linear, group: dist.ProcessGroup | None, sequence_parallel: bool = False) -> None:
+    def __init__(self, full: nn.Linear, group: dist.ProcessGroup | None,
+                 sequence_parallel: bool = False) -> None:
         super().__init__()
         self.process_group, self.sequence_parallel = group, sequence_parallel
         self.weight = shard_parameter(full.weight, 1, group)  # (out, in / tp)
@@ -83,7 +84,8 @@ class VocabParallelEmbedding(nn.Module):
     """Rows [vocab_start, vocab_start + V/tp) of the embedding; other ids look up zeros, then the
     ranks' results are summed (reduce-scattered along the sequence under sequence parallelism)."""
 
-    def __init__(self, full: nn.Embedding, group: dist.ProcessGroup | None, sequence_parallel: bool = False) -> None:
+    def __init__(self, full: nn.Embedding, group: dist.ProcessGroup | None,
+                 sequence_parallel: bool = False) -> None:
         super().__init__()
         self.process_group, self.sequence_parallel = group, sequence_parallel
         self.weight = shard_parameter(full.weight, 0, group)  # (V / tp, d)

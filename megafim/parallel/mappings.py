@@ -18,7 +18,8 @@ from torch import Tensor
 
 SEQ_DIM = 1
 
-# torch 2.13 renamed the single-tensor collectives; setup.py allows torch >= 2.3, which has only the old names.
+# torch 2.13 renamed the single-tensor collectives; setup.py allows torch >= 2.3, which has only
+# the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -120,8 +121,9 @@ class _ReduceScatterGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        out = _reduce_scatter(grad, ctx.group, ctx.dim) if ctx.gather_first else _all_gather(grad, ctx.group, ctx.dim)
-        return out, None, None, None
+        if ctx.gather_first:
+            return _reduce_scatter(grad, ctx.group, ctx.dim), None, None, None
+        return _all_gather(grad, ctx.group, ctx.dim), None, None, None
 
 
 # -- 3. public wrappers --------------------------------------------------------------------------------

@@ -142,7 +142,8 @@ def test_attention_accepts_a_kv_cache():
     """Prefill 9 tokens, then 1, then 4 at once: logits equal the uncached full forward's."""
     model = _model(n_future=2).eval()
     tokens, _ = _batch(b=2, t=14)
-    caches = {f"layers.{i}": ConcatCache() for i in range(3)} | {f"heads.{k}": ConcatCache() for k in range(2)}
+    names = [f"layers.{i}" for i in range(3)] + [f"heads.{k}" for k in range(2)]
+    caches = {name: ConcatCache() for name in names}
     with torch.no_grad():
         full = model.logits(tokens)
         parts, pos = [], 0

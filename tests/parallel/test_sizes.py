@@ -66,7 +66,8 @@ def test_invalid_tensor_parallel_sizes_fail_before_any_work(overrides, tp, field
 
 def test_tp1_leaves_the_model_alone():
     model = GPT(model_config("tiny"))
-    assert apply_tensor_parallel(model, ParallelDims(tp=1, pp=1, dp=1, rank=0), sequence_parallel=True) is model
+    dims = ParallelDims(tp=1, pp=1, dp=1, rank=0)
+    assert apply_tensor_parallel(model, dims, sequence_parallel=True) is model
     assert type(model.embed_tokens) is torch.nn.Embedding
 
 

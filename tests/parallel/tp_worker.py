@@ -2,9 +2,9 @@
 
 Usage: torchrun --standalone --nproc_per_node=N tests/parallel/tp_worker.py CASE [CASE ...]
 with CASE = "tp=<t>,dp=<d>,n_future=<n>,sp=<0|1>", or "zero=<stage>" (DeepSpeed with the mpu, N = 2).
-Every rank builds the full model from one seed, runs it unsharded as the reference, then shards a copy and compares; gradients of sharded parameters
-are all-gathered back to full shape along their ``partition_dim``. Prints "OK <case> ..." per case on
-rank 0 and exits non-zero on any mismatch.
+Every rank builds the full model from one seed, runs it unsharded as the reference, then shards a
+copy and compares; gradients of sharded parameters are all-gathered back to full shape along their
+``partition_dim``. Prints "OK <case> ..." per case on rank 0 and exits non-zero on any mismatch.
 """
 
 import copy
@@ -68,12 +68,14 @@ def run_case(case):
     worst = 0.0
     for name, param in parallel.named_parameters():
         grad = full_grad(param, dims.tp_group, tp)
-        torch.testing.assert_close(grad, ref_params[name].grad, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grad, ref_params[name].grad, rtol=RTOL, atol=ATOL,
+                                   msg=lambda m: f"{name}: {m}")
         worst = max(worst, (grad - ref_params[name].grad).abs().max().item())
     with torch.no_grad():  # inference path: gathered logits
         torch.testing.assert_close(parallel.logits(inputs), reference.logits(inputs), rtol=RTOL, atol=1e-5)
     if dims.rank == 0:
-        print(f"OK {case} loss={out.loss.item():.6f} max_grad_diff={worst:.2e} params={len(names)}", flush=True)
+        print(f"OK {case} loss={out.loss.item():.6f} max_grad_diff={worst:.2e} params={len(names)}",
+              flush=True)
 
 
 def check_deepspeed(case):
@@ -147,7 +149,8 @@ def check_mappings(dims):
 
 def check_mpu(dims):
     mpu = DeepSpeedMPU(dims)
-    assert mpu.get_tensor_model_parallel_world_size() == dist.get_world_size(mpu.get_tensor_model_parallel_group())
+    tp_group = mpu.get_tensor_model_parallel_group()
+    assert mpu.get_tensor_model_parallel_world_size() == dist.get_world_size(tp_group)
     assert mpu.get_data_parallel_world_size() == dist.get_world_size(mpu.get_data_parallel_group())
     assert mpu.get_tensor_model_parallel_rank() == dist.get_rank(mpu.get_tensor_model_parallel_group())
     assert mpu.get_data_parallel_rank() == dist.get_rank(mpu.get_data_parallel_group())
