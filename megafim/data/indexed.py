@@ -85,13 +85,14 @@ class IndexedDataset:
         if idx_size > expected:
             extra = "(per-sequence modes of a multimodal dataset, not supported)" if idx_size - expected == n_seq else ""
             raise IndexedDatasetError(f"{idx}: {idx_size - expected} bytes after the document indices {extra}".rstrip())
-        index = np.memmap(idx, dtype=np.uint8, mode="r")
+        # Plain ndarray views of the maps (they keep the maps alive), as megatron-core's reader returns.
+        index = np.memmap(idx, dtype=np.uint8, mode="r").view(np.ndarray)
         self._index_map = index
         self.sequence_lengths = index[HEADER_BYTES:HEADER_BYTES + 4 * n_seq].view(np.int32)
         self.sequence_pointers = index[HEADER_BYTES + 4 * n_seq:HEADER_BYTES + 12 * n_seq].view(np.int64)
         self.document_indices = index[HEADER_BYTES + 12 * n_seq:expected].view(np.int64)
         bin_size = os.path.getsize(bin_)
-        self._bin = (np.memmap(bin_, dtype=np.uint8, mode="r") if bin_size else np.zeros(0, np.uint8))
+        self._bin = np.memmap(bin_, dtype=np.uint8, mode="r").view(np.ndarray) if bin_size else np.zeros(0, np.uint8)
         self._check_arrays(idx, bin_, bin_size)
         if self._full_check:
             self.check_all()
