@@ -157,21 +157,31 @@ def _torch_dtype(name: str, device):
     return table[name]
 
 
-class MegafimCheckpointUnavailable(RuntimeError):
-    """Sampling straight from a megafim checkpoint needs megafim.inference, which is not written
-    yet."""
+class MegafimCompletionGenerator:
+    """Middles from a megafim checkpoint (or an exported Hugging Face directory) through
+    ``megafim.inference``: KV-cache decoding, stopped at end-of-text."""
 
+    def __init__(self, load_dir: str, device: str | None = None, tokenizer_model: str | None = None,
+                 seed: int = 0) -> None:
+        import torch
 
-def megafim_checkpoint_generator(load_dir: str) -> CompletionGenerator:
-    """Hook for ``--load DIR`` (a megafim training checkpoint).
+        from megafim.data.tokenizer import Tokenizer
+        from megafim.inference.loading import load_model
 
-    Not available yet: it will wrap the KV-cache FIM infilling of ``megafim.inference`` (another
-    part of the project) once that lands, behind the same ``CompletionGenerator`` protocol. Until
-    then, export the checkpoint to Hugging Face format with megafim.convert and pass
-    ``--hf-model``.
-    """
-    raise MegafimCheckpointUnavailable(
-        f"--load {load_dir}: sampling from megafim checkpoints needs megafim.inference, which is "
-        "not available yet. Export the checkpoint to a Hugging Face directory (megafim.convert) "
-        "and evaluate it with --hf-model DIR instead."
-    )
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        loaded = load_model(load_dir, device=device)
+        tok_path = tokenizer_model or loaded.tokenizer_path
+        if tok_path is None:
+            raise FileNotFoundError(f"--load {load_dir}: no tokenizer found with the checkpoint")
+        self.model, self.tokenizer, self.seed = loaded.model, Tokenizer.from_file(tok_path), seed
+
+    def generate(self, prefix: str, suffix: str, n: int, temperature: float = 0.2, top_p: float = 0.95,
+                 max_new_tokens: int = 256, mode: str = "psm") -> list[str]:
+        from megafim.inference.infill import infill
+        from megafim.inference.sampling import SamplingConfig
+
+        check_sampling_args(n, temperature, top_p, max_new_tokens, mode)
+        sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                  seed=self.seed)
+        self.seed += 1  # a new draw for every task, reproducible from --seed
+        return infill(self.model, self.tokenizer, prefix, suffix, mode=mode, sampling=sampling, num_samples=n)

@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="score this JSONL of {task_id, completion}; no generation")
     src.add_argument("--hf-model", help="generate with this Hugging Face causal LM directory")
-    src.add_argument("--load", help="generate with a megafim checkpoint (not available yet)")
+    src.add_argument("--load", help="generate with a megafim checkpoint (save or step directory)")
     src.add_argument("--canonical", action="store_true",
                      help="score the reference middles (checks the sandbox on this machine)")
     g = p.add_argument_group("generation")
@@ -287,10 +287,10 @@ def _samples_from_args(args, problems: dict[str, Problem]) -> tuple[list[Sample]
     if args.canonical:
         samples = [Sample(t.task_id, t.canonical_solution) for t in tasks]
     else:
-        from megafim.eval.generators import HFCompletionGenerator, megafim_checkpoint_generator
+        from megafim.eval.generators import HFCompletionGenerator, MegafimCompletionGenerator
 
         if args.load:
-            generator = megafim_checkpoint_generator(args.load)
+            generator = MegafimCompletionGenerator(args.load, device=args.device, seed=args.seed)
         else:
             import torch
 
@@ -331,11 +331,9 @@ def cli() -> int:
     """``main`` with the expected errors (bad input, missing data, no generator, a broken
     sandbox) as one line on stderr and exit status 2 instead of a traceback."""
     from megafim.eval.execution import SandboxError
-    from megafim.eval.generators import MegafimCheckpointUnavailable
-
     try:
         return main()
-    except (FileNotFoundError, ValueError, MegafimCheckpointUnavailable, SandboxError) as exc:
+    except (FileNotFoundError, ValueError, SandboxError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

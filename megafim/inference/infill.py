@@ -26,14 +26,25 @@ from megafim.model.gpt import GPT
 MODES = ("psm", "spm")
 
 
-def fim_prompt(tokenizer: Tokenizer, prefix: str, suffix: str, mode: str = "psm") -> list[int]:
-    """Token ids of the infilling prompt; the model continues it with the middle."""
+def fim_prompt(tokenizer: Tokenizer, prefix: str, suffix: str, mode: str = "psm",
+               max_tokens: int | None = None) -> list[int]:
+    """Token ids of the infilling prompt; the model continues it with the middle.
+
+    With ``max_tokens``, a prompt that is too long keeps the tokens nearest the hole: the end of the
+    prefix and the start of the suffix (each gets half the room, or what the other leaves)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     pre, suf, mid = tokenizer.fim_prefix, tokenizer.fim_suffix, tokenizer.fim_middle
+    p, s = tokenizer.encode(prefix), tokenizer.encode(suffix)
+    if max_tokens is not None and len(p) + len(s) + 3 > max_tokens:
+        room = max(max_tokens - 3, 0)
+        keep_s = min(len(s), room // 2)
+        keep_p = min(len(p), room - keep_s)
+        keep_s = min(len(s), room - keep_p)
+        p, s = p[len(p) - keep_p:], s[:keep_s]
     if mode == "psm":
-        return [pre, *tokenizer.encode(prefix), suf, *tokenizer.encode(suffix), mid]
-    return [pre, suf, *tokenizer.encode(suffix), mid, *tokenizer.encode(prefix)]
+        return [pre, *p, suf, *s, mid]
+    return [pre, suf, *s, mid, *p]
 
 
 def middle_text(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
@@ -46,8 +57,13 @@ def middle_text(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
 
 def infill(model: GPT, tokenizer: Tokenizer, prefix: str, suffix: str, *, mode: str = "psm",
            sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1) -> list[str]:
-    """``num_samples`` middles for (prefix, suffix), each stopped at end-of-text."""
-    prompt = fim_prompt(tokenizer, prefix, suffix, mode)
+    """``num_samples`` middles for (prefix, suffix), each stopped at end-of-text.
+
+    A prompt too long for the model's context is trimmed away from the hole, leaving room for
+    ``sampling.max_new_tokens`` (at most half the context)."""
+    context = model.config.max_seq_len
+    prompt = fim_prompt(tokenizer, prefix, suffix, mode,
+                        max_tokens=context - min(sampling.max_new_tokens, context // 2))
     rows = generate(model, prompt, sampling, stop_ids={tokenizer.eod}, num_samples=num_samples)
     return [middle_text(tokenizer, row) for row in rows]
 

@@ -200,9 +200,7 @@ def test_cli_table_and_load_hook(tmp_path, capsys):
              "--output", str(tmp_path / "c.jsonl")])
     table = capsys.readouterr().out
     assert "pass@1" in table and "100.00%" in table and "3/164" in table
-    from megafim.eval.generators import MegafimCheckpointUnavailable
-
-    with pytest.raises(MegafimCheckpointUnavailable, match="not available yet"):
+    with pytest.raises(FileNotFoundError, match="latest"):
         he.main(["--load", str(tmp_path), "--data-dir", str(DATA_DIR)])
     assert "WARNING" in he.build_parser().format_help()
     # From the command line: one clear line and a non-zero status, not a traceback.
@@ -210,7 +208,7 @@ def test_cli_table_and_load_hook(tmp_path, capsys):
         [sys.executable, "-m", "megafim.eval.humaneval_infilling", "--load", str(tmp_path),
          "--data-dir", str(DATA_DIR)],
         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
-    assert out.returncode == 2 and "not available yet" in out.stderr
+    assert out.returncode == 2 and "neither a checkpoint directory" in out.stderr
     assert "Traceback" not in out.stderr
 
 

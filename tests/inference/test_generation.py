@@ -95,6 +95,10 @@ def test_infill_prompt_formats_and_spm_session_reuses_the_suffix_cache(small_tok
     assert spm == [tok.fim_prefix, tok.fim_suffix, *tok.encode(suf), tok.fim_middle, *tok.encode(pre)]
     with pytest.raises(ValueError, match="mode"):
         fim_prompt(tok, pre, suf, "pms")
+    p_ids, s_ids = tok.encode(pre), tok.encode(suf)
+    short = fim_prompt(tok, pre, suf, "psm", max_tokens=9)  # room for 6 of the parts' tokens: 3 + 3
+    assert short == [tok.fim_prefix, *p_ids[-3:], tok.fim_suffix, *s_ids[:3], tok.fim_middle]
+    assert fim_prompt(tok, "", suf, "spm", max_tokens=9) == [tok.fim_prefix, tok.fim_suffix, *s_ids[:6], tok.fim_middle]
 
     model = tiny_model(vocab=tok.vocab_size, max_seq_len=256)
     sampling = SamplingConfig(max_new_tokens=8)
