@@ -2,9 +2,13 @@
 
 import os
 
-# Triton kernels run on CPU tensors only through the interpreter, and it must be chosen before the
-# @triton.jit decorators execute (ENVIRONMENT.md).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU, Triton kernels run on CPU tensors only through the interpreter, and it must be chosen
+# before the @triton.jit decorators execute (ENVIRONMENT.md). With one, the GPU tests (-m gpu) must run
+# the compiled kernels, so the interpreter stays off.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # DeepSpeed picks its CPU accelerator by itself; saying so silences its warning.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
