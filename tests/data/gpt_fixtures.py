@@ -1,37 +1,25 @@
-"""Small `.bin/.idx` datasets for the GPT dataset, blending and index-cache tests.
-
-Written with megatron-core's IndexedDatasetBuilder (the same format as ours) and read with
-megafim's reader when it exists, else megatron-core's (identical interface: len, get,
-sequence_lengths, document_indices).
-"""
+"""Small `.bin/.idx` datasets for the GPT dataset, blending and index-cache tests, written and read
+with megafim's own indexed dataset (Megatron-LM's format)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from megafim.data.indexed import IndexedDataset, IndexedDatasetBuilder
 
 
 def write_dataset(prefix: str | Path, documents: list[np.ndarray], dtype=np.uint16) -> str:
     """Write one sequence per document; returns the prefix as a string."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     prefix = str(prefix)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
-    for doc in documents:
-        builder.add_item(torch.from_numpy(np.asarray(doc, dtype=np.int64)))
-        builder.end_document()
-    builder.finalize(prefix + ".idx")
+    with IndexedDatasetBuilder(prefix, dtype=dtype) as builder:
+        for doc in documents:
+            builder.add_document(np.asarray(doc, dtype=np.int64))
     return prefix
 
 
-def open_dataset(prefix: str | Path):
-    try:
-        from megafim.data.indexed import IndexedDataset
-    except ImportError:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
+def open_dataset(prefix: str | Path) -> IndexedDataset:
     return IndexedDataset(str(prefix))
 
 

@@ -64,7 +64,7 @@ def test_blended_datasets_from_config(three):
 def test_unweighted_blend_follows_token_counts(three):
     cfg = DataConfig(data_paths=tuple(three), split="1", seq_length=8, seed=0)
     train = build_datasets(cfg, (1000, 0, 0), open_indexed=open_dataset)["train"]
-    readers = [open_dataset(p) for p in three]  # kept alive: their arrays are views of the mapping
+    readers = [open_dataset(p) for p in three]
     tokens = [int(r.sequence_lengths.sum()) for r in readers]
     want = np.asarray(tokens) / sum(tokens) * 1000
     assert np.abs(np.asarray(samples_per_dataset(train.dataset_index, 3)) - want).max() < 1

@@ -47,6 +47,8 @@ def test_item_shapes_dtypes_and_alignment(numbered):
     assert torch.equal(item["tokens"][1:], item["labels"][:-1])
     assert bool(item["loss_mask"].eq(1).all()) and not bool(item["middle_mask"].any())
     assert torch.equal(ds[-1]["tokens"], ds[49]["tokens"])
+    opened_itself = GPTDataset(ds.spec)  # no reader given: it opens megafim's IndexedDataset
+    assert torch.equal(opened_itself[7]["labels"], item["labels"])
     with pytest.raises(IndexError):
         ds[50]
 
