@@ -1,7 +1,7 @@
 """torchrun worker: tensor-parallel GPT vs the same model at tp = 1, loss and every gradient.
 
 Usage: torchrun --standalone --nproc_per_node=N tests/parallel/tp_worker.py CASE [CASE ...]
-with CASE = "tp=<t>,dp=<d>,n_future=<n>,sp=<0|1>", or "zero=<stage>" (DeepSpeed with the mpu, N = 2).
+with CASE = "tp=<t>,dp=<d>,n_future=<n>,sp=<0|1>[,ckpt=1]", or "zero=<stage>" (DeepSpeed with the mpu, N = 2).
 Every rank builds the full model from one seed, runs it unsharded as the reference, then shards a
 copy and compares; gradients of sharded parameters are all-gathered back to full shape along their
 ``partition_dim``. Prints "OK <case> ..." per case on rank 0 and exits non-zero on any mismatch.
@@ -33,16 +33,18 @@ def full_grad(param, group, tp):
 
 def parse(case):
     fields = dict(item.split("=") for item in case.split(","))
-    return int(fields["tp"]), int(fields["dp"]), int(fields["n_future"]), bool(int(fields["sp"]))
+    return (int(fields["tp"]), int(fields["dp"]), int(fields["n_future"]), bool(int(fields["sp"])),
+            bool(int(fields.get("ckpt", "0"))))
 
 
 def run_case(case):
-    tp, dp, n_future, sp = parse(case)
+    tp, dp, n_future, sp, ckpt = parse(case)
     dims = ParallelDims.build(tp=tp, pp=1, dp=dp)
     check_mpu(dims)
     check_mappings(dims)
     torch.manual_seed(0)
-    reference = GPT(model_config("tiny", n_future=n_future, n_layers=3))
+    # activation checkpointing recomputes blocks, collectives included, in the backward pass
+    reference = GPT(model_config("tiny", n_future=n_future, n_layers=3, activation_checkpointing=ckpt))
     with torch.no_grad():  # non-trivial norm gains so their gradients matter
         for name, p in reference.named_parameters():
             if name.endswith("norm.weight"):
