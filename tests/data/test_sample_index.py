@@ -294,3 +294,20 @@ def test_rows_equal_megatron_build_sample_idx():
         theirs = helpers.build_sample_idx_int32(sizes, order[:200 * epochs], seq_length, epochs, T, True, 1)
         ours = native.sample_index(sizes, order, seq_length, len(theirs) - 1)
         np.testing.assert_array_equal(ours, theirs)
+
+
+def test_int64_paths_give_the_same_values():
+    """Arrays switch to int64 when ids or positions pass 2**31 - 1; the values must not change."""
+    sizes = np.random.default_rng(5).integers(0, 30, size=300).astype(np.int32)
+    sizes[0] = 1
+    order32 = native.document_order(sizes, 3, 300, 20000, 9)
+    order64 = native.document_order(sizes, 3, 300, 20000, 9, use_int64=True)
+    assert (order32.dtype, order64.dtype) == (np.int32, np.int64)
+    np.testing.assert_array_equal(order32, order64)
+    rows32 = native.sample_index(sizes, order32, 13, 1000)
+    rows64 = native.sample_index(sizes, order64, 13, 1000, use_int64=True)
+    assert rows64.dtype == np.int64
+    np.testing.assert_array_equal(rows32, rows64)
+    starts = np.array([0, 400, 900, 1000], dtype=np.int64)
+    np.testing.assert_array_equal(native.shuffle_samples(starts, 950, 2),
+                                  native.shuffle_samples(starts, 950, 2, use_int64=True))
