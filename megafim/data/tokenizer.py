@@ -166,6 +166,8 @@ class Tokenizer:
         if backend not in ("auto", "native", "sentencepiece"):
             raise ValueError(f"backend {backend!r}: expected 'auto', 'native' or 'sentencepiece'")
         self.model_path = model_path
+        self._model_data = data  # for pickling: DataLoader workers get the model, not a path
+        self._requested_backend = backend
         try:
             self._proto = parse_model_proto(data)
             self._sp = spm.SentencePieceProcessor(model_proto=data)
@@ -299,6 +301,9 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(i)
+
+    def __reduce__(self):
+        return (Tokenizer, (self.model_path, self._model_data, self._requested_backend))
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.model_path!r}, vocab_size={self.vocab_size}, backend={self.backend!r})"

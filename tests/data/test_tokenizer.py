@@ -133,3 +133,17 @@ def test_model_without_special_tokens_names_them(tmp_path, small_model):
 
 def test_from_file_accepts_the_output_prefix(small_model):
     assert Tokenizer.from_file(small_model[:-len(".model")]).vocab_size == 2000
+
+
+def test_pickles_with_its_model(tok, tmp_path):
+    import pickle
+    import shutil
+
+    moved = tmp_path / "moved.model"
+    shutil.copy(tok.model_path, moved)
+    original = Tokenizer.from_file(moved)
+    moved.unlink()  # the copy carries the model itself, not just its path
+    copy = pickle.loads(pickle.dumps(original))
+    assert copy.backend == original.backend and copy.vocab_size == original.vocab_size
+    text = "def f(x):\n    return x ▁ 1\n"
+    assert copy.encode(text) == original.encode(text) and copy.decode(copy.encode(text)) == text
