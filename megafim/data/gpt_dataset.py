@@ -156,6 +156,8 @@ class GPTDataset(torch.utils.data.Dataset):
             raise ValueError(f"doc_range {spec.doc_range} is beyond the {len(doc_idx) - 1} documents "
                              f"of {spec.path_prefix}")
         self.seq_range = (int(doc_idx[first]), int(doc_idx[last]))  # documents -> sequences
+        if not np.asarray(indexed.sequence_lengths[self.seq_range[0]:self.seq_range[1]]).any():
+            raise ValueError(f"documents [{first}, {last}) of {spec.path_prefix} hold no tokens")
         fields = {"kind": "gpt", "algorithm": INDEX_ALGORITHM_VERSION, **asdict(spec),
                   "dataset": dataset_fingerprint(spec.path_prefix, spec.fingerprint)
                   if cache_dir is not None else spec.path_prefix,

@@ -108,6 +108,8 @@ def test_dataloader_workers_give_index_access_samples(numbered, tmp_path):
 def test_bad_ranges_and_config_errors(numbered):
     with pytest.raises(ValueError, match="beyond"):
         make(numbered[0], doc_range=(0, 61))
+    with pytest.raises(ValueError, match=r"documents \[5, 6\) of .* hold no tokens"):
+        make(numbered[0], doc_range=(5, 6))  # document 5 is empty
     with pytest.raises(ValueError, match="first < last"):
         GPTDatasetSpec(path_prefix="x", seq_length=4, seed=0, doc_range=(3, 3))
     with pytest.raises(ValueError, match="weights"):
