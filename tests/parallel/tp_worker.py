@@ -147,6 +147,14 @@ def check_mappings(dims):
         }
         conjugate = conjugates[fn.__name__]()
         torch.testing.assert_close(inp.grad, conjugate, msg=lambda msg: f"{fn.__name__} backward: {msg}")
+    # a sequence that does not split evenly is refused on every rank alike, before any collective
+    for fn in (m.scatter_to_sequence_parallel, m.reduce_scatter_to_sequence_parallel):
+        try:
+            fn(torch.zeros(2, 4 * tp + 1, 8), group)
+        except ValueError as exc:
+            assert "multiple of the tensor-parallel size" in str(exc), exc
+        else:
+            raise AssertionError(f"{fn.__name__} accepted a sequence of {4 * tp + 1} over {tp} ranks")
 
 
 def check_mpu(dims):
