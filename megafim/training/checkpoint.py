@@ -4,8 +4,8 @@ Layout of ``<save>/`` (docs/training.md):
 
     latest                    text file: the name of the newest complete checkpoint (``step_00000100``)
     step_00000100/            one complete checkpoint
-        ds/                   DeepSpeed's engine state (model, ZeRO-partitioned optimizer, scheduler)
-        model/                layout-free model state (``model.pt``: full, unsharded tensors by name)
+        ds/                   DeepSpeed's engine state (model, ZeRO-partitioned optimizer)
+        model/                layout-free weights: ``stage_<p>.safetensors`` (full tensors by name) + model_config.json
         trainer_state.json    step, consumed samples, epoch, layout (tp/pp/dp/zero), format version
         rng/rank_<r>.pt       python, numpy, torch (and cuda) RNG states of every rank
         config.yaml           the effective TrainConfig

@@ -1,7 +1,7 @@
 """Saving and loading a whole training state across ranks (the directory layout is in checkpoint.py).
 
 Two copies of the weights go into every checkpoint:
-- ``ds/stage_<p>/``: DeepSpeed's own files for pipeline stage p (model, ZeRO-partitioned optimizer),
+- ``ds/``: DeepSpeed's own files (model, ZeRO-partitioned optimizer) of every tp x pp rank,
   used for an exact resume on the same layout (tp, pp, dp, ZeRO stage);
 - ``model/stage_<p>.safetensors``: the stage's parameters gathered to full (unsharded) tensors under
   the whole model's names, plus ``model/model_config.json``. Together the files are one layout-free
@@ -100,8 +100,7 @@ def save(save_root: Path, engine, stage, dims: ParallelDims, state: ck.TrainerSt
     if dims.rank == 0:
         ck.begin(save_root, state.step)
     dist.barrier()
-    # One DeepSpeed directory per pipeline stage: its file names carry only the tp and dp ranks.
-    engine.save_checkpoint(str(tmp / DS_DIR), tag=f"stage_{dims.pp_rank:02d}", save_latest=False)
+    engine.save_checkpoint(str(tmp), tag=DS_DIR, save_latest=False)
     save_model_state(tmp, stage, dims, zero_stage, mc)
     ck.save_rng(tmp, dims.rank)
     if dims.rank == 0:
@@ -114,7 +113,18 @@ def save(save_root: Path, engine, stage, dims: ParallelDims, state: ck.TrainerSt
 
 def load_engine_state(ckpt_dir: Path, engine, dims: ParallelDims) -> None:
     """Exact resume on the same layout: DeepSpeed restores weights, optimizer and its counters."""
-    path, _ = engine.load_checkpoint(str(Path(ckpt_dir) / DS_DIR), tag=f"stage_{dims.pp_rank:02d}",
-                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=DS_DIR, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
     if path is None:
-        raise FileNotFoundError(f"{ckpt_dir}/{DS_DIR}/stage_{dims.pp_rank:02d}: DeepSpeed found no checkpoint")
+        raise FileNotFoundError(f"{ckpt_dir}/{DS_DIR}: DeepSpeed found no checkpoint for this rank")
+
+
+def name_checkpoint_files(engine, dims: ParallelDims) -> None:
+    """Give every (tensor, pipeline) rank its own DeepSpeed file names.
+
+    DeepSpeed names its files by ``mpu.get_model_parallel_rank()``, which is the tensor rank (it must
+    be: the gradient norm counts replicated parameters on model-parallel rank 0 of each stage), so two
+    stages would write the same ``mp_rank_00_*`` files. The engine keeps the name index in
+    ``checkpoint_mp_rank``; the index within the tp x pp model group is unique and matches the
+    ``mp_world_size`` (tp x pp) that DeepSpeed checks the file count against on load."""
+    engine.checkpoint_mp_rank = dims.tp_rank + dims.tp * dims.pp_rank

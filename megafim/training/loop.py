@@ -128,6 +128,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, object]:
     stage.to(device)
     optimizer = build_optimizer(stage, cfg.optimizer)
     engine, *_ = deepspeed.initialize(model=stage, optimizer=optimizer, config=ds_config, mpu=DeepSpeedMPU(dims))
+    checkpoint_io.name_checkpoint_files(engine, dims)
     state = ck.TrainerState(layout=checkpoint_io.layout_of(dims, cfg.parallel.zero_stage))
     if ckpt is not None:
         if same_layout:
