@@ -266,6 +266,8 @@ class Tokenizer:
     def encode_reference(self, text: str) -> list[int]:
         """The definition of ``encode``: sentencepiece on the text between literal U+2581s, which are
         encoded as their UTF-8 bytes."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode: expected str, got {type(text).__name__}")
         if SPACE_SYMBOL not in text:
             return self._sp.encode(text) if text else []
         out: list[int] = []
@@ -282,6 +284,9 @@ class Tokenizer:
             raise ValueError(f"num_threads {num_threads}: must be >= 0")
         if self._native is not None:
             return self._native.encode_batch(list(texts), num_threads)
+        bad = next((t for t in texts if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(f"encode_batch: expected str, got {type(bad).__name__}")
         plain = [t for t in texts if SPACE_SYMBOL not in t]
         encoded = iter(self._sp.encode(plain, num_threads=num_threads or (os.cpu_count() or 1)) if plain else [])
         return [np.asarray(next(encoded) if SPACE_SYMBOL not in t else self.encode_reference(t), dtype=np.int32)
