@@ -4,7 +4,7 @@
 // Memory stays bounded whatever the dataset size: tokens go straight to the .bin, and the
 // per-sequence lengths and per-document ends are streamed to two temporary side files; the .idx is
 // written by streaming those files at the end (lengths, then pointers recomputed from the lengths,
-// then document indices). Every file is written under a temporary name (<final>.tmp-<pid>) and
+// then document indices). Every file is written under a temporary name (<final>.tmp-<pid>-<n>) and
 // renamed only in commit(): an interrupted run leaves no .bin/.idx pair that looks valid, and an
 // earlier valid pair at the same prefix survives untouched until the new one is complete.
 
@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -113,7 +114,9 @@ class IndexedWriter {
   // prefix: the final <prefix>.bin / <prefix>.idx. dtype_code: kDtypeUint16 or kDtypeInt32.
   IndexedWriter(const std::string& prefix, uint8_t dtype_code)
       : prefix_(prefix), dtype_code_(dtype_code), itemsize_(dtype_itemsize(dtype_code)) {
-    const std::string tag = ".tmp-" + std::to_string(::getpid());
+    // pid plus a per-process counter: two writers of one process never share temporary names.
+    static std::atomic<uint64_t> counter{0};
+    const std::string tag = ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(counter++);
     bin_tmp_ = prefix + ".bin" + tag;
     idx_tmp_ = prefix + ".idx" + tag;
     lengths_tmp_ = prefix + ".lengths" + tag;

@@ -52,7 +52,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(obj=st.dictionaries(st.sampled_from(["text", "meta", "id", "t\u00e9xt"]) | st.text(max_size=4), json_values,
                            max_size=5),
        text=st.text(), ensure_ascii=st.booleans(), indent=st.sampled_from([None, " \t"]))
