@@ -123,6 +123,20 @@ def test_builder_rejects_ids_outside_dtype_and_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_add_document_splits_into_sequences(tmp_path):
+    with IndexedDatasetBuilder(tmp_path / "d", dtype=np.int32) as b:
+        b.add_document(np.arange(10), [3, 0, 7])
+        b.add_document([70_000])
+        with pytest.raises(ValueError, match="do not split a document of 2 tokens"):
+            b.add_document([1, 2], [1, 2])
+        with pytest.raises(ValueError, match="must be integers"):
+            b.add_item(np.array([1.5]))
+    ds = IndexedDataset(tmp_path / "d", full_check=True)
+    assert ds.sequence_lengths.tolist() == [3, 0, 7, 1] and ds.document_indices.tolist() == [0, 3, 4]
+    np.testing.assert_array_equal(ds.document(0), np.arange(10))
+    assert ds.document(1).tolist() == [70_000]
+
+
 def test_failed_rewrite_keeps_the_old_dataset(tmp_path):
     prefix = write_ours(tmp_path / "d", [[np.arange(5)]], np.uint16)
     before = read_bytes(prefix)

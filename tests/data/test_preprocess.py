@@ -184,6 +184,14 @@ def test_source_files_one_document_per_file(tmp_path, tok):
     assert summary["skipped_examples"] == {"empty_document": [(str(root / "pkg" / "empty.py"), 1)],
                                            "invalid_utf8": [(str(root / "pkg" / "latin1.py"), 2)]}
 
+    # a glob of source files: the same documents, in sorted path order
+    summary = preprocess(tmp_path, [root / "**" / "*.py"], tok, output_prefix=str(tmp_path / "g"))
+    ds = IndexedDataset(tmp_path / "g_text_document")
+    py_files = sorted(str(p) for p in root.rglob("*.py"))
+    assert [tok.decode(ds[i]) for i in range(len(ds))] == [
+        Path(p).read_text() for p in py_files if not p.endswith(("empty.py", "latin1.py"))]
+    assert summary["inputs"] == len(py_files)  # (the glob does not skip __pycache__, a directory walk does)
+
 
 def test_inputs_are_checked(tmp_path, tok):
     with pytest.raises(FileNotFoundError, match="no-such"):
