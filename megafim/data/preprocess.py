@@ -175,7 +175,7 @@ def _run_with_progress(pipeline, total_bytes: int, config: PreprocessConfig) -> 
     if config.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
+        bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
                    desc="preprocess", mininterval=config.log_interval)
     start = time.perf_counter()
     thread.start()
