@@ -163,6 +163,8 @@ class Pipeline {
     d["skipped"] = counts;
     d["skipped_examples"] = examples;
     d["sequences_per_output"] = sequences_;
+    d["peak_jobs_in_memory"] = peak_jobs_alive_.load();
+    d["max_jobs_in_flight"] = max_inflight_;
     return d;
   }
 
@@ -180,12 +182,22 @@ class Pipeline {
   std::string thread_error_;
 
   std::atomic<uint64_t> documents_{0}, tokens_{0}, input_bytes_{0}, skipped_{0};
+  // Jobs in memory (being read, queued, encoded, or written) and the most there ever were: the
+  // memory bound, checked by tests/data/test_preprocess.py.
+  std::atomic<uint64_t> jobs_alive_{0}, peak_jobs_alive_{0};
   uint64_t blank_lines_ = 0;
   uint64_t skip_counts_[kNumLineErrors] = {};
   std::vector<Skip> skip_examples_[kNumLineErrors];
   std::vector<uint64_t> sequences_;
 
   // -- reader ----------------------------------------------------------------------------------
+
+  std::unique_ptr<Job> new_job() {
+    const uint64_t alive = ++jobs_alive_;
+    uint64_t peak = peak_jobs_alive_.load();
+    while (alive > peak && !peak_jobs_alive_.compare_exchange_weak(peak, alive)) {}
+    return std::make_unique<Job>();
+  }
 
   // Hands a job to the workers once fewer than max_inflight jobs are unwritten; false if cancelled.
   bool submit(std::unique_ptr<Job> job) {
@@ -228,7 +240,7 @@ class Pipeline {
     uint64_t line = 1;
     bool eof = false;
     while (!eof) {
-      auto job = std::make_unique<Job>();
+      auto job = new_job();
       job->file = f;
       job->first_line = line;
       job->data.swap(carry);
@@ -248,7 +260,10 @@ class Pipeline {
         carry.assign(job->data, cut + 1, std::string::npos);
         job->data.resize(cut + 1);
       }
-      if (job->data.empty()) break;
+      if (job->data.empty()) {  // the file ended on a block boundary
+        --jobs_alive_;
+        break;
+      }
       line += static_cast<uint64_t>(std::count(job->data.begin(), job->data.end(), '\n'));
       if (!submit(std::move(job))) return false;
     }
@@ -257,7 +272,7 @@ class Pipeline {
 
   // Whole files, packed together into jobs of about a block.
   void read_sources() {
-    auto job = std::make_unique<Job>();
+    auto job = new_job();
     for (uint32_t f = 0; f < cfg_.inputs.size(); ++f) {
       const std::string& path = cfg_.inputs[f];
       std::unique_ptr<FILE, int (*)(FILE*)> in(std::fopen(path.c_str(), "rb"), &std::fclose);
@@ -270,10 +285,11 @@ class Pipeline {
       job->docs.push_back({f, offset, job->data.size() - offset});
       if (job->data.size() >= cfg_.block_bytes) {
         if (!submit(std::move(job))) return;
-        job = std::make_unique<Job>();
+        job = new_job();
       }
     }
     if (!job->docs.empty()) submit(std::move(job));
+    else --jobs_alive_;
   }
 
   // -- workers ---------------------------------------------------------------------------------
@@ -384,6 +400,8 @@ class Pipeline {
       }
       cv_.notify_all();
       write_job(*job, writers);
+      job.reset();
+      --jobs_alive_;
     }
   }
 

@@ -144,8 +144,11 @@ def test_block_size_and_workers_do_not_change_the_output(tmp_path, tok, newline)
     src.write_bytes(src.read_bytes().rstrip(b"\r\n"))  # the last line has no newline
     outputs = []
     for i, (block, workers) in enumerate([(1 << 20, 1), (97, 3), (4096, 2)]):
-        preprocess(tmp_path, [src], tok, output_prefix=str(tmp_path / f"o{i}"), block_bytes=block,
-                   workers=workers, append_eod=True)
+        summary = preprocess(tmp_path, [src], tok, output_prefix=str(tmp_path / f"o{i}"), block_bytes=block,
+                             workers=workers, append_eod=True)
+        # Memory bound: the jobs in flight, plus the one being read and the one being written.
+        assert summary["max_jobs_in_flight"] == 2 * workers + 2
+        assert 1 <= summary["peak_jobs_in_memory"] <= summary["max_jobs_in_flight"] + 2
         outputs.append(tuple((tmp_path / f"o{i}_text_document{e}").read_bytes() for e in (".bin", ".idx")))
     assert outputs[0] == outputs[1] == outputs[2]
     ds = IndexedDataset(tmp_path / "o0_text_document")
