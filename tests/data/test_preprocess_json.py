@@ -94,6 +94,9 @@ def test_arbitrary_bytes_match_python(line):
     (b'{"text": 5}', "not_a_string"),
     (b'{"text": ["a", "b"]}', "not_a_string"),
     (b'{"text": 5, "text": "later wins"}', "ok"),
+    (rb'{"te\u0078t": "an escaped key"}', "ok"),
+    (b'{"text": "x"}\r', "ok"),                                     # CRLF files leave a \r
+    (b' \t{"text": "x"} ', "ok"),
     (b'{"text": "\xff"}', "invalid_utf8"),                         # raw invalid byte
     (b'{"text": "\xed\xa0\x80"}', "invalid_utf8"),                 # encoded surrogate
     (b'{"text": "\xc0\xaf"}', "invalid_utf8"),                     # overlong
