@@ -195,13 +195,14 @@ class Fim {
   template <typename T>
   void transform(const T* ctx, size_t n, uint64_t seed, uint64_t epoch, uint64_t index, double rate,
                  double spm_rate, bool keep_length, Output& out) const {
+    const uint64_t vocab = bytes_.size();
+    bool bad = false;
+    for (size_t i = 0; i < n; ++i) bad |= static_cast<uint64_t>(ctx[i]) >= vocab;  // negatives wrap
+    if (bad) throw_bad_id(ctx, n);
+    const T eod = static_cast<T>(sp_.eod);
     size_t start = 0;
     for (uint64_t p = 0;; ++p) {
-      size_t end = start;
-      bool bad = false;
-      for (; end < n && ctx[end] != static_cast<T>(sp_.eod); ++end)
-        bad |= static_cast<uint64_t>(ctx[end]) >= bytes_.size();  // negative ids wrap to huge values
-      if (bad) throw_bad_id(ctx + start, end - start, start);
+      const size_t end = std::find(ctx + start, ctx + n, eod) - ctx;
       if (p > 0) out.push(sp_.eod, kText);
       out.modes.push_back(piece(ctx + start, end - start, piece_key(seed, epoch, index, p), rate, spm_rate,
                                 keep_length, out));
@@ -219,12 +220,11 @@ class Fim {
   Encoder encode_;
 
   template <typename T>
-  [[noreturn]] void throw_bad_id(const T* p, size_t n, size_t offset) const {
+  [[noreturn]] void throw_bad_id(const T* p, size_t n) const {
     size_t i = 0;
     while (i < n && static_cast<uint64_t>(p[i]) < bytes_.size()) ++i;
     throw std::invalid_argument("token id " + std::to_string(static_cast<int64_t>(p[i])) + " at position " +
-                                std::to_string(offset + i) + " is outside the vocabulary of " +
-                                std::to_string(bytes_.size()));
+                                std::to_string(i) + " is outside the vocabulary of " + std::to_string(bytes_.size()));
   }
 
   int single(int64_t t) const { return info_[t].single; }
