@@ -16,8 +16,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <sys/stat.h>
-
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -102,6 +100,7 @@ class Pipeline {
   // Runs to the end; returns false when cancelled. Throws InputError (strict) or I/O errors; in
   // every failing case the temporary files are gone and earlier outputs are untouched.
   bool run() {
+    if (started_.exchange(true)) throw std::logic_error("a Pipeline runs once; make a new one");
     std::vector<std::unique_ptr<IndexedWriter>> writers;
     try {
       for (const auto& prefix : cfg_.output_prefixes)
@@ -110,18 +109,17 @@ class Pipeline {
       for (auto& w : writers) w->abort();
       throw;
     }
-    std::thread reader(&Pipeline::read_inputs, this);
-    std::vector<std::thread> workers;
-    for (int i = 0; i < cfg_.workers; ++i) workers.emplace_back(&Pipeline::work, this);
+    std::vector<std::thread> threads;  // the reader, then the workers
     std::exception_ptr failure;
     try {
+      threads.emplace_back(&Pipeline::read_inputs, this);
+      for (int i = 0; i < cfg_.workers; ++i) threads.emplace_back(&Pipeline::work, this);
       write_jobs(writers);
-    } catch (...) {
+    } catch (...) {  // also a thread that could not start: stop the others before unwinding
       failure = std::current_exception();
       cancel();
     }
-    reader.join();
-    for (auto& t : workers) t.join();
+    for (auto& t : threads) t.join();
     if (!failure && !thread_error_.empty()) failure = std::make_exception_ptr(std::runtime_error(thread_error_));
     if (failure || cancelled_) {
       for (auto& w : writers) w->abort();
@@ -173,6 +171,7 @@ class Pipeline {
   BpeEncoder encoder_;
   uint64_t max_inflight_;
 
+  std::atomic<bool> started_{false};
   std::mutex mu_;
   std::condition_variable cv_;  // one condition for every wait: the waits are rare and short
   std::vector<std::unique_ptr<Job>> todo_;          // LIFO is fine: order is restored by seq
