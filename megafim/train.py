@@ -4,11 +4,13 @@ See ``docs/training.md`` and ``python -m megafim.train --help``."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    faulthandler.enable()  # a crash in native code (gloo, a C++ extension) still prints a Python stack
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     from megafim.training.cli import config_from_args, dump_yaml
     from megafim.training.config import ConfigError

@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 : "${NNODES:?set NNODES, the number of nodes}"
-: "${NODE_RANK:?set NODE_RANK, this node's index (0 .. NNODES-1)}"
+: "${NODE_RANK:?set NODE_RANK, the index of this node, 0 .. NNODES-1}"
 : "${MASTER_ADDR:?set MASTER_ADDR, the address of node 0}"
 MASTER_PORT=${MASTER_PORT:-29500}
 if [ -z "${NPROC_PER_NODE:-}" ]; then

@@ -1,0 +1,104 @@
+"""The trainer end to end on the CPU: errors before any process group, a run whose loss falls,
+NaN steps skipped then the run stopped with a checkpoint, and saves on SIGUSR1 / SIGTERM."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.training.launcher import REPO, base_args, check, launch, metrics, trainer_env
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--global-batch-size", "6", "--micro-batch-size", "4"], "batch.global_batch_size 6 is not divisible"),
+    (["--tensor-model-parallel-size", "3"], "does not divide the world size 1"),
+    (["--set", "optimizer.beta2=1.5"], "optimizer.beta2"),
+])
+def test_config_errors_exit_2_before_any_process_group(tiny_data, tmp_path, extra, message):
+    proc = launch(1, base_args(tiny_data) + extra, tmp_path, timeout=120)
+    check(proc, code=2)
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_zero3_with_pipeline_is_refused(tiny_data, tmp_path):
+    args = base_args(tiny_data) + ["--pipeline-model-parallel-size", "2", "--zero-stage", "3"]
+    proc = launch(2, args, tmp_path, timeout=120)
+    assert proc.returncode != 0 and "parallel.zero_stage = 3 with parallel.pipeline > 1" in proc.stderr
+
+
+def test_loss_falls_and_outputs(tiny_data, tmp_path):
+    save = tmp_path / "run"
+    check(launch(1, base_args(tiny_data) + ["--train-iters", "8", "--save", str(save), "--save-interval", "4",
+                                             "--set", "logging.tensorboard=true"], tmp_path))
+    rows = metrics(save)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5  # from ~2 x ln(512) = 12.5, visibly down
+    for r in rows:
+        assert set(r) >= {"step", "loss", "loss_head_1", "loss_head_2", "lr", "grad_norm", "tokens_per_s",
+                          "mfu", "memory_gib"}
+        assert r["loss"] == pytest.approx(r["loss_head_1"] + r["loss_head_2"])
+    assert (save / "latest").read_text().strip() == "step_00000008"
+    assert sorted(p.name for p in save.glob("step_*")) == ["step_00000004", "step_00000008"]
+    assert list((save / "tensorboard").glob("events.out.tfevents.*"))
+    saved = (save / "step_00000008" / "config.yaml").read_text()
+    assert "train_iters: 8" in saved and "n_future: 2" in saved
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_data, tmp_path):
+    """An infinite learning rate makes the weights inf/NaN after one update, so every later loss is NaN:
+    those steps must not change the weights, and 3 in a row stop the run (exit 3) with a checkpoint."""
+    save = tmp_path / "run"
+    args = base_args(tiny_data, **{"logging.max_nonfinite_in_a_row": 3}) + [
+        "--train-iters", "20", "--lr", "inf", "--save", str(save), "--save-interval", "1",
+        "--set", "optimizer.clip_grad=0"]
+    check(launch(1, args, tmp_path), code=3)
+    rows = metrics(save)
+    skipped = [r["step"] for r in rows if r["skipped"]]
+    assert skipped and skipped == list(range(skipped[0], skipped[0] + 3)) and rows[-1]["step"] == skipped[-1]
+    assert all(r["loss"] == "nan" for r in rows if r["skipped"])
+    before = load_file(save / f"step_{skipped[0] - 1:08d}" / "model" / "stage_00.safetensors")
+    after = load_file(save / f"step_{skipped[-1]:08d}" / "model" / "stage_00.safetensors")
+    for name, tensor in before.items():  # bitwise equal, NaN/inf included
+        assert tensor.numpy().tobytes() == after[name].numpy().tobytes(), name
+
+
+def _wait_for_steps(save, n, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = save / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    raise AssertionError("the trainer made no progress")
+
+
+@pytest.mark.parametrize("nproc, sig", [(1, signal.SIGUSR1), (2, signal.SIGTERM)])
+def test_signal_saves_and_stops(tiny_data, tmp_path, nproc, sig):
+    """SIGUSR1 to the trainer, or SIGTERM to torchrun (which passes it to its ranks): a complete
+    checkpoint of the step reached, then exit; a resume continues from it."""
+    save = tmp_path / "run"
+    args = base_args(tiny_data) + ["--train-iters", "1000", "--save", str(save)]
+    cmd = [sys.executable, "-m", "megafim.train", *args] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "-m", "megafim.train", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_steps(save, 2, proc)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    if nproc == 1:
+        assert proc.returncode == 0, err[-3000:]
+    state = json.loads((save / (save / "latest").read_text().strip() / "trainer_state.json").read_text())
+    assert 2 <= state["step"] < 1000
+    assert state["consumed_samples"] == 4 * state["step"]
+    assert len(metrics(save)) == state["step"]
