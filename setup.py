@@ -58,6 +58,7 @@ setup(
             "transformers>=4.45",
             "tokenizers>=0.20",
             "protobuf>=4",
+            "matplotlib>=3.7",  # examples/fim_for_free plots
         ],
         "gpu": ["flash-attn>=2.5"],
         "hf": ["transformers>=4.45", "tokenizers>=0.20", "protobuf>=4"],
