@@ -1,6 +1,7 @@
 """Config: defaults < YAML file < --set / Megatron flags; validation errors name the field."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,14 @@ def test_deepspeed_config_generated_and_merged(tmp_path):
     cfg.deepspeed_config = str(clash)
     with pytest.raises(ConfigError, match="train_batch_size"):
         effective_deepspeed_config(cfg, world_size=2)
+
+
+@pytest.mark.parametrize("name, world_size", [("tiny", 1), ("125M", 8), ("1.3B", 8), ("7B", 32)])
+def test_example_configs_validate(name, world_size):
+    from megafim.training.build import resolve_model_config
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg, _ = config_from_args(["--config", str(repo / f"examples/configs/{name}.yaml")])
+    mc = resolve_model_config(cfg, tokenizer_vocab=32000)
+    validate(cfg, world_size, mc)
+    assert mc.n_future == cfg.model.n_future and mc.max_seq_len >= cfg.data.seq_length

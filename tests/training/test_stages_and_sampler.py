@@ -1,0 +1,51 @@
+"""Pure pieces of the trainer: how layers are cut into pipeline stages, and which samples each
+data-parallel rank reads (a function of the consumed-sample count only, so a resume continues it)."""
+
+import itertools
+
+import pytest
+import torch
+
+from megafim.model import model_config
+from megafim.training.build import PipelineStage, plan_stages
+from megafim.training.sampler import ResumableSampler
+
+
+@pytest.mark.parametrize("n_trunk, n_future, pp", [(3, 1, 1), (3, 4, 2), (7, 1, 4), (23, 4, 2), (31, 4, 4),
+                                                   (1, 2, 2), (5, 1, 6)])
+def test_plan_stages_cover_the_trunk_in_order(n_trunk, n_future, pp):
+    plans = plan_stages(n_trunk, n_future, pp)
+    assert [p.stage for p in plans] == list(range(pp))
+    assert [i for p in plans for i in p.layers] == list(range(n_trunk))
+    assert all(p.layers for p in plans[:-1])  # only the last stage (which has the heads) may have none
+    blocks = [len(p.layers) for p in plans[:-1]] + [len(plans[-1].layers) + n_future]
+    assert max(blocks) - min(blocks) <= max(1, n_future)  # roughly balanced
+
+
+def test_stage_keeps_whole_model_names():
+    mc = model_config("tiny", n_layers=5, n_future=2)
+    first, last = plan_stages(mc.n_trunk_layers, mc.n_future, 2)
+    torch.manual_seed(0)
+    from megafim.model import GPT
+
+    s0, s1 = PipelineStage(GPT(mc), first), PipelineStage(GPT(mc), last)
+    names0, names1 = set(s0.full_state_names()), set(s1.full_state_names())
+    full = set(dict(GPT(mc).named_parameters()))
+    assert names0 | names1 == full and not names0 & names1
+    assert "embed_tokens.weight" in names0 and "lm_head.weight" in names1 and "heads.1.mlp.up_proj.weight" in names1
+
+
+def test_sampler_ranks_are_disjoint_and_resume_exactly():
+    n, mb, dp = 50, 3, 2
+    def take(rank, consumed, k):
+        return list(itertools.islice(iter(ResumableSampler(n, mb, rank, dp, consumed)), k))
+
+    straight = [take(r, 0, 10) for r in range(dp)]
+    for step in range(10):  # each global micro-batch: all ranks together read consecutive, distinct samples
+        got = sorted(straight[0][step] + straight[1][step])
+        assert got == sorted((step * mb * dp + i) % n for i in range(mb * dp))
+    for r in range(dp):  # resuming at 4 global micro-batches continues the same stream
+        assert take(r, 4 * mb * dp, 6) == straight[r][4:]
+    assert ResumableSampler(n, mb, 0, dp).epoch(120) == 2
+    with pytest.raises(ValueError, match="dp_rank"):
+        ResumableSampler(n, mb, 2, dp)
