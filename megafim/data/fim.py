@@ -85,21 +85,13 @@ class FimTransform:
         self._options = (float(config.rate), float(config.spm_rate), config.level == "document",
                          config.mask_sentinels)
 
-    # DataLoader workers started with "spawn" get a pickled copy: the native object is rebuilt there,
-    # and a megafim Tokenizer (whose C++ encoder does not pickle) is loaded again from its file.
+    # DataLoader workers started with "spawn" get a pickled copy: the native object is rebuilt there
+    # (the tokenizer pickles itself, with its model).
     def __getstate__(self) -> dict:
-        tok = self.tokenizer
-        if hasattr(tok, "model_path") and hasattr(type(tok), "from_file"):
-            return {"config": self.config, "tokenizer_file": (type(tok), tok.model_path, getattr(tok, "backend", None))}
-        return {"config": self.config, "tokenizer": tok}
+        return {"config": self.config, "tokenizer": self.tokenizer}
 
     def __setstate__(self, state: dict) -> None:
-        if "tokenizer_file" in state:
-            cls, path, backend = state["tokenizer_file"]
-            tok = cls.from_file(path, backend=backend) if backend else cls.from_file(path)
-        else:
-            tok = state["tokenizer"]
-        self.__init__(state["config"], tok)
+        self.__init__(state["config"], state["tokenizer"])
 
     def __call__(self, context: np.ndarray, *, seed: int, epoch: int, index: int) -> FimResult:
         # This runs once per sample in every data worker: kept to one native call and no lookups.
