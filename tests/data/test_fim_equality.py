@@ -82,9 +82,9 @@ def test_any_unicode_text(fim_tokenizer, text, seed, spm_rate):  # noqa: F811
 def test_edges_inside_a_character(fim_tokenizer):  # noqa: F811
     """A context starting and ending inside a byte-fallback character keeps those bytes outside."""
     tok = fim_tokenizer
-    ids = tok.encode("😀 def f(x):\n    return x  # 𝔘")
+    ids = tok.encode("\U0001F701 def f(x):\n    return x  # 𝔘")  # two characters outside any vocabulary
     assert tok.token_bytes[ids[0]] == b"\xf0" and tok.token_bytes[ids[-1]] == b"\x98"
-    ctx = np.asarray(ids[2:-1], dtype=np.int32)  # starts at the emoji's 3rd byte, ends before 𝔘's last
+    ctx = np.asarray(ids[2:-1], dtype=np.int32)  # starts at the 3rd byte of U+1F701, ends before the last of 𝔘
     t = FimTransform(FimConfig(rate=1.0, spm_rate=0.0), tok)
     for index in range(20):
         fast = t(ctx, seed=3, epoch=0, index=index)
