@@ -204,8 +204,8 @@ class Fim {
     for (uint64_t p = 0;; ++p) {
       const size_t end = std::find(ctx + start, ctx + n, eod) - ctx;
       if (p > 0) out.push(sp_.eod, kText);
-      out.modes.push_back(piece(ctx + start, end - start, piece_key(seed, epoch, index, p), rate, spm_rate,
-                                keep_length, out));
+      out.modes.push_back(piece(ctx + start, end - start, p > 0, end < n, piece_key(seed, epoch, index, p), rate,
+                                spm_rate, keep_length, out));
       if (end == n) break;
       start = end + 1;
     }
@@ -296,40 +296,54 @@ class Fim {
   }
 
   template <typename T>
-  uint8_t piece(const T* tok, size_t n, uint64_t key, double rate, double spm_rate, bool keep_length,
-                Output& out) const;
+  uint8_t piece(const T* tok, size_t n, bool after_eod, bool before_eod, uint64_t key, double rate,
+                double spm_rate, bool keep_length, Output& out) const;
   template <typename T>
-  void encode_part(const T* core, size_t m, Pos s, Pos e, std::vector<int32_t>& dst) const;
+  void encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, bool at_doc_end,
+                   std::vector<int32_t>& dst) const;
 };
 
 // The core's text [s, e) encoded on its own. Only the words at its two ends are encoded again: every
-// token from the first to the last word start strictly inside is an original token.
+// token from the first to the last word start strictly inside is an original token. `at_doc_start`:
+// the core begins a document (it follows an end-of-text), so its first tokens are the document's own
+// encoding and its start counts as a word boundary; `at_doc_end` likewise for its end.
 template <typename T>
-void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, std::vector<int32_t>& dst) const {
+void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, bool at_doc_end,
+                      std::vector<int32_t>& dst) const {
   if (s == e) return;
   thread_local std::string text;
-  text.clear();
   const size_t inside_end = e.tok + (e.off > 0);  // tokens j < inside_end start before e
-  size_t w1 = s.tok + 1;                           // tokens j > s.tok start after s
-  while (w1 < inside_end && !word_start(core, w1)) ++w1;
-  if (w1 >= inside_end) {  // no word boundary inside: encode it all
-    append_text(core, s, e, text);
-    encode_(text, dst);
-    return;
+  const bool s_boundary = at_doc_start && s == Pos{0, 0};
+  const bool e_boundary = at_doc_end && e == Pos{m, 0};
+  size_t w1 = s.tok;                               // s itself, or the first word start after it
+  if (!s_boundary) {
+    for (++w1; w1 < inside_end && !word_start(core, w1);) ++w1;
+    if (w1 >= inside_end) {  // no word boundary inside: encode it all
+      text.clear();
+      append_text(core, s, e, text);
+      encode_(text, dst);
+      return;
+    }
   }
-  size_t w2 = inside_end - 1;
-  while (w2 > w1 && !word_start(core, w2)) --w2;
-  append_text(core, s, Pos{w1, 0}, text);
-  encode_(text, dst);
+  size_t w2 = m;                                   // e itself, or the last word start before it
+  if (!e_boundary)
+    for (w2 = inside_end - 1; w2 > w1 && !word_start(core, w2);) --w2;
+  if (!s_boundary) {
+    text.clear();
+    append_text(core, s, Pos{w1, 0}, text);
+    encode_(text, dst);
+  }
   dst.insert(dst.end(), core + w1, core + w2);
-  text.clear();
-  append_text(core, Pos{w2, 0}, e, text);
-  encode_(text, dst);
+  if (!(e_boundary && w2 == m)) {
+    text.clear();
+    append_text(core, Pos{w2, 0}, e, text);
+    encode_(text, dst);
+  }
 }
 
 template <typename T>
-uint8_t Fim::piece(const T* tok, size_t n, uint64_t key, double rate, double spm_rate, bool keep_length,
-                   Output& out) const {
+uint8_t Fim::piece(const T* tok, size_t n, bool after_eod, bool before_eod, uint64_t key, double rate,
+                   double spm_rate, bool keep_length, Output& out) const {
   auto unchanged = [&]() {
     out.push_range(tok, tok + n, kText);
     return kAr;
@@ -353,9 +367,10 @@ uint8_t Fim::piece(const T* tok, size_t n, uint64_t key, double rate, double spm
   prefix.clear();
   middle.clear();
   suffix.clear();
-  encode_part(core, m, Pos{0, 0}, A, prefix);
-  encode_part(core, m, A, B, middle);
-  encode_part(core, m, B, Pos{m, 0}, suffix);
+  const bool doc_start = after_eod && lead == 0, doc_end = before_eod && trail == 0;
+  encode_part(core, m, Pos{0, 0}, A, doc_start, doc_end, prefix);
+  encode_part(core, m, A, B, doc_start, doc_end, middle);
+  encode_part(core, m, B, Pos{m, 0}, doc_start, doc_end, suffix);
   suffix.insert(suffix.end(), tok + n - trail, tok + n);
   int64_t pad = 0;
   if (keep_length) {

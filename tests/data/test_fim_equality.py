@@ -136,3 +136,24 @@ def test_python_encoder_path_equals_native_path(fim_tokenizer, fim_tokenizer_sp)
     for index in range(40):
         ctx = stream[index * 7:index * 7 + 257]
         assert_same(native(ctx, seed=5, epoch=2, index=index), python(ctx, seed=5, epoch=2, index=index))
+
+
+@pytest.mark.parametrize("level", ["context", "document"])
+def test_windows_of_real_code(fim_tokenizer, level):  # noqa: F811
+    """Contexts that start and end at every token of real code: inside words whose remaining tokens are
+    not what encoding the remaining text gives (the fast path must re-encode those edge words)."""
+    import inspect
+    import textwrap
+
+    tok = fim_tokenizer
+    docs = [inspect.getsource(textwrap), inspect.getsource(np.pad)]
+    stream = [t for d in docs for t in tok.encode(d[:3000]) + [tok.eod]]
+    t = FimTransform(FimConfig(rate=1.0, spm_rate=0.5, level=level), tok)
+    non_canonical = 0
+    for start in range(0, len(stream) - 60):
+        ctx = np.asarray(stream[start:start + 60 + start % 50], dtype=np.int32)
+        first = ctx[:12].tolist()
+        text = b"".join(tok.token_bytes[i] for i in first).decode("utf-8", "ignore")
+        non_canonical += tok.encode(text) != first
+        assert_same(t(ctx, seed=9, epoch=0, index=start), t.reference(ctx, seed=9, epoch=0, index=start))
+    assert non_canonical >= 5  # the case this test is for did occur
