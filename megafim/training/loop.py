@@ -255,7 +255,7 @@ def train(cfg: TrainConfig) -> int:
     tokens_per_step = cfg.batch.global_batch_size * cfg.data.seq_length
     flops_per_token = _flops_per_token(run.mc, cfg.data.seq_length)
     peak = cfg.logging.peak_tflops * 1e12 or default_peak_flops()
-    code, saved_at = EXIT_OK, -1
+    code, saved_at = EXIT_OK, state.step  # a resume that has nothing left to train saves nothing
     try:
         while state.step < cfg.schedule.train_iters:
             t0 = time.perf_counter()

@@ -9,7 +9,7 @@ import pytest
 
 from tests.training.launcher import REPO, base_args, metrics, trainer_env
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _free_port() -> int:
