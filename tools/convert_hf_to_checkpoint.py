@@ -7,7 +7,8 @@
 The result is a step-0 checkpoint that ``python -m megafim.train --load runs/from-hf`` continues from
 (weights only: the optimizer starts fresh) and that every megafim tool reads. Heads the directory does
 not hold are freshly initialised (``--init-heads random``, seeded) or copies of head 0, the last Llama
-layer (``--init-heads copy``). HF -> megafim -> HF gives back the same tensors.
+layer (``--init-heads copy``). HF -> megafim -> HF gives back the same tensors. The weights are
+streamed: one tensor (or one new head) in memory at a time (docs/conversion.md).
 """
 
 import argparse
@@ -20,25 +21,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
+from megafim.convert.heads import HEAD_INITS, head_initialiser  # noqa: E402
 from megafim.convert.hf_model import hf_to_megafim, model_config_from_hf  # noqa: E402
 from megafim.inference.loading import HF_TOKENIZER_FILE, MODEL_DIR, TOKENIZER_FILE, save_model_dir  # noqa: E402
-from megafim.model.gpt import GPT  # noqa: E402
 from megafim.training import checkpoint as ckpt  # noqa: E402
 from megafim.training.config import TrainConfig, to_dict  # noqa: E402
-
-
-def head_initialiser(hf_dir: Path, n_future: int, how: str, seed: int):
-    """init_new_head(k) for hf_to_megafim: fresh weights (as GPT initialises them) or head 0's."""
-    config = model_config_from_hf(hf_dir, n_future)
-    if how == "copy":
-        base, _ = hf_to_megafim(hf_dir, n_future=1)
-        return lambda k: {name.replace("heads.0.", f"heads.{k}.", 1): t.clone()
-                          for name, t in base.items() if name.startswith("heads.0.")}
-    torch.manual_seed(seed)
-    fresh = GPT(config).state_dict()
-    return lambda k: {name: t for name, t in fresh.items() if name.startswith(f"heads.{k}.")}
 
 
 def main(argv=None) -> int:
@@ -46,14 +33,15 @@ def main(argv=None) -> int:
     p.add_argument("--load", required=True, type=Path, help="Hugging Face model directory")
     p.add_argument("--save", required=True, type=Path, help="megafim save directory to create")
     p.add_argument("--n-future", type=int, help="heads of the megafim model (default: as many as stored)")
-    p.add_argument("--init-heads", choices=("random", "copy"), default="random")
+    p.add_argument("--init-heads", choices=HEAD_INITS, default="random")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--tokenizer-model", help="sentencepiece model to keep with the checkpoint "
                    f"(default: {HF_TOKENIZER_FILE} in --load, if any)")
     args = p.parse_args(argv)
     try:
         config = model_config_from_hf(args.load, args.n_future)
-        init = head_initialiser(args.load, config.n_future, args.init_heads, args.seed)
+        head0, _ = hf_to_megafim(args.load, n_future=1)  # lazy: read only if heads are copied
+        init = head_initialiser(config, args.init_heads, args.seed, head0)
         state, config = hf_to_megafim(args.load, n_future=config.n_future, init_new_head=init)
         tokenizer = args.tokenizer_model or (str(args.load / HF_TOKENIZER_FILE)
                                              if (args.load / HF_TOKENIZER_FILE).is_file() else None)

@@ -10,6 +10,7 @@ model, described by ``mtp_heads.json`` (docs/conversion.md). Tensors are read la
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -17,11 +18,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megafim.convert.streaming import LazyState, TensorSource, save_safetensors_streaming, tensor_spec
 from megafim.model.config import ModelConfig
 from megafim.model.hf_keys import BLOCK_KEYS, hf_key_map, hf_llama_config_kwargs
 
 HEADS_FILE = "mtp_heads.safetensors"
 HEADS_CONFIG = "mtp_heads.json"
+_SAFETENSORS_TO_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+                         "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -86,7 +90,7 @@ def megafim_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig, out_di
 
     where = _write_shards(hf_tensors(), out, "model", max_shard_bytes)
     if len(set(where.values())) > 1:
-        total = sum(state[k].numel() * cast.itemsize for k in key_map)
+        total = sum(math.prod(tensor_spec(state, k)[0]) * cast.itemsize for k in key_map)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(where.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -99,8 +103,10 @@ def megafim_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig, out_di
 
     extra = extra_head_keys(config)
     if extra:
-        save_file({k: state[k].to(cast).contiguous() for k in extra}, str(out / HEADS_FILE),
-                  metadata={"format": "pt"})
+        # One tensor at a time: the heads file holds n_future - 1 whole layers.
+        heads = LazyState({k: TensorSource(tensor_spec(state, k)[0], cast, lambda k=k: state[k].to(cast))
+                           for k in extra})
+        save_safetensors_streaming(heads, out / HEADS_FILE, metadata={"format": "pt"})
         description = {
             "n_future": config.n_future,
             "heads_in_file": list(range(1, config.n_future)),
@@ -126,6 +132,12 @@ class LazySafetensors(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         with safe_open(str(self._where[key]), framework="pt") as handle:
             return handle.get_tensor(key)
+
+    def spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype from the file's header, without reading the tensor."""
+        with safe_open(str(self._where[key]), framework="pt") as handle:
+            sliced = handle.get_slice(key)
+            return tuple(sliced.get_shape()), _SAFETENSORS_TO_TORCH[sliced.get_dtype()]
 
     def __iter__(self):
         return iter(self._where)
@@ -165,34 +177,56 @@ def model_config_from_hf(hf_dir: str | Path, n_future: int | None = None) -> Mod
 
 def hf_to_megafim(hf_dir: str | Path, *, n_future: int | None = None,
                   init_new_head: Callable[[int], dict[str, torch.Tensor]] | None = None,
-                  dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+                  dtype: torch.dtype = torch.float32) -> tuple[LazyState, ModelConfig]:
     """A megafim state dict and ModelConfig from a Hugging Face Llama directory.
 
-    Heads the directory does not hold (``n_future`` above what it stores) come from ``init_new_head(k)``,
-    which returns head k's tensors by megafim name (``megafim/convert/checkpoint.py`` offers a fresh
-    initialisation and a copy of head 0)."""
+    The state is lazy: each tensor is read (and cast to ``dtype``) when it is accessed, so a
+    converter that writes tensor by tensor holds one at a time. Heads the directory does not hold
+    (``n_future`` above what it stores) come from ``init_new_head(k)``, which returns head k's tensors
+    by megafim name (``megafim.convert.heads`` offers a fresh initialisation and a copy of head 0); it
+    is called once per new head, when that head's first tensor is accessed."""
     hf_dir = Path(hf_dir)
     config = model_config_from_hf(hf_dir, n_future)
     files = sorted(p for p in hf_dir.glob("*.safetensors") if p.name != HEADS_FILE)
     if not files:
         raise FileNotFoundError(f"{hf_dir}: no *.safetensors weights")
     hf = LazySafetensors(files)
-    state: dict[str, torch.Tensor] = {}
+
+    def read(store: LazySafetensors, key: str) -> TensorSource:
+        return TensorSource(store.spec(key)[0], dtype, lambda: store[key].to(dtype))
+
+    sources: dict[str, TensorSource] = {}
     for ours, theirs in hf_key_map(config).items():
-        if theirs not in hf:
-            if theirs == "lm_head.weight" and "model.embed_tokens.weight" in hf:
-                state[ours] = hf["model.embed_tokens.weight"].to(dtype).clone()  # tied embeddings
-                continue
+        if theirs in hf:
+            sources[ours] = read(hf, theirs)
+        elif theirs == "lm_head.weight" and "model.embed_tokens.weight" in hf:  # tied embeddings
+            sources[ours] = read(hf, "model.embed_tokens.weight")
+        else:
             raise KeyError(f"{hf_dir}: tensor {theirs!r} is missing")
-        state[ours] = hf[theirs].to(dtype)
     heads_file = hf_dir / HEADS_FILE
     stored = LazySafetensors([heads_file]) if heads_file.is_file() else {}
+    new_head = _NewHeads(init_new_head, dtype)
     for k in range(1, config.n_future):
         names = [f"heads.{k}.{key}" for key in BLOCK_KEYS]
         if all(n in stored for n in names):
-            state.update({n: stored[n].to(dtype) for n in names})
+            sources.update({n: read(stored, n) for n in names})
         elif init_new_head is None:
             raise ValueError(f"{hf_dir} holds no head {k}; pass init_new_head to create it")
-        else:
-            state.update({n: t.to(dtype) for n, t in init_new_head(k).items()})
-    return state, config
+        else:  # a new head has head 0's shapes
+            sources.update({n: TensorSource(sources[n.replace(f"heads.{k}.", "heads.0.", 1)].shape, dtype,
+                                            lambda k=k, n=n: new_head(k, n)) for n in names})
+    return LazyState(sources), config
+
+
+class _NewHeads:
+    """``init_new_head(k)[name]``, keeping only the most recent head's tensors (heads are written in order)."""
+
+    def __init__(self, init_new_head, dtype: torch.dtype) -> None:
+        self.init, self.dtype, self.k, self.tensors = init_new_head, dtype, None, {}
+
+    def __call__(self, k: int, name: str) -> torch.Tensor:
+        if self.k != k:
+            self.k, self.tensors = k, self.init(k)
+        if name not in self.tensors:
+            raise KeyError(f"init_new_head({k}) returned no tensor {name!r}")
+        return self.tensors[name].to(self.dtype)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from megafim.convert.hf_model import LazySafetensors
+from megafim.convert.streaming import save_safetensors_streaming
 from megafim.model.config import ModelConfig
 from megafim.model.gpt import GPT
 from megafim.training.checkpoint_io import MODEL_DIR
@@ -104,6 +104,6 @@ def load_model(path: str | Path, *, iteration: int | None = None, device: str | 
 def save_model_dir(model_dir: Path, state: Mapping[str, torch.Tensor], config: ModelConfig) -> None:
     """Write the layout-free weights and their config (what ``read_megafim_weights`` reads)."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: t.contiguous() for k, t in state.items()}, str(model_dir / "stage_00.safetensors"),
-              metadata={"format": "pt"})
+    # Streamed: a lazy ``state`` (a converter's) is read and written one tensor at a time.
+    save_safetensors_streaming(state, model_dir / "stage_00.safetensors", metadata={"format": "pt"})
     (model_dir / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
