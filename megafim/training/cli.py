@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (path, tp, help_text) in MEGATRON_FLAGS.items():
         nargs = "+" if flag == "--data-path" else None
         parser.add_argument(flag, dest="megatron:" + path, type=tp, nargs=nargs, default=None,
-                            help=f"{help_text} ({path})")
+                            metavar=tp.__name__.upper(), help=f"{help_text} ({path})")
     parser.add_argument("--activation-checkpointing", dest="megatron:model.activation_checkpointing",
                         action="store_const", const=True, default=None,
                         help="recompute activations in backward (model.activation_checkpointing)")
