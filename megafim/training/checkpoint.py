@@ -9,6 +9,7 @@ Layout of ``<save>/`` (docs/training.md):
         trainer_state.json    step, consumed samples, epoch, layout (tp/pp/dp/zero), format version
         rng/rank_<r>.pt       python, numpy, torch (and cuda) RNG states of every rank
         config.yaml           the effective TrainConfig
+        tokenizer.model       a copy of the tokenizer the run trained with
     .tmp-step_00000100/       a save in progress (never read; removed by the next save)
 
 A kill at any point of a save leaves ``latest`` naming the previous complete checkpoint: the new one

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from megafim.model import ModelConfig
 from megafim.parallel import ParallelDims
 from megafim.training import checkpoint as ck
 
-MODEL_DIR, DS_DIR = "model", "ds"
+MODEL_DIR, DS_DIR, TOKENIZER_FILE = "model", "ds", "tokenizer.model"
 
 
 def _gather_full(param: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
@@ -94,7 +95,7 @@ def layout_of(dims: ParallelDims, zero_stage: int) -> dict:
 
 
 def save(save_root: Path, engine, stage, dims: ParallelDims, state: ck.TrainerState, config_yaml: str,
-         mc: ModelConfig, zero_stage: int, keep_last: int) -> Path:
+         mc: ModelConfig, zero_stage: int, keep_last: int, tokenizer_model: str = "") -> Path:
     """Collective: every rank calls it. Returns the committed checkpoint directory."""
     tmp = ck.temp_dir(save_root, state.step)
     if dims.rank == 0:
@@ -105,6 +106,8 @@ def save(save_root: Path, engine, stage, dims: ParallelDims, state: ck.TrainerSt
     ck.save_rng(tmp, dims.rank)
     if dims.rank == 0:
         ck.write_trainer_state(tmp, state, config_yaml)
+        if tokenizer_model:  # a checkpoint is self-contained for evaluation, inference and export
+            shutil.copyfile(tokenizer_model, tmp / TOKENIZER_FILE)
     dist.barrier()
     final = ck.commit(save_root, state.step, keep_last) if dims.rank == 0 else None
     dist.barrier()

@@ -240,7 +240,7 @@ def _save(run: Run, reason: str) -> None:
     if not cfg.checkpoint.save:
         return
     path = checkpoint_io.save(cfg.checkpoint.save, run.engine, run.stage, run.dims, run.state, dump_yaml(cfg),
-                              run.mc, cfg.parallel.zero_stage, cfg.checkpoint.keep_last)
+                              run.mc, cfg.parallel.zero_stage, cfg.checkpoint.keep_last, cfg.data.tokenizer_model)
     run.log.info(f"checkpoint: saved {path} ({reason})")
 
 

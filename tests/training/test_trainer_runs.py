@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -65,6 +66,7 @@ def test_loss_falls_and_exact_resume(tiny_data, tmp_path):
     assert (save / "latest").read_text().strip() == "step_00000008"
     assert sorted(p.name for p in save.glob("step_*")) == ["step_00000004", "step_00000008"]
     assert list((save / "tensorboard").glob("events.out.tfevents.*"))
+    assert (save / "step_00000008" / "tokenizer.model").read_bytes() == Path(tiny_data[1]).read_bytes()
     saved = (save / "step_00000008" / "config.yaml").read_text()
     assert "train_iters: 8" in saved and "n_future: 2" in saved
 
