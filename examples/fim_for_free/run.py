@@ -1,7 +1,7 @@
 """FIM for free, at small scale: train one model per FIM rate on the same tokens, compare the losses.
 
     python examples/fim_for_free/run.py [--config examples/fim_for_free/cpu_tiny.yaml] \
-        [--fim-rates 0 0.5 0.9] [--train-iters N] [--eval-interval 100] [--eval-samples 128] [--out DIR]
+        [--fim-rates 0 0.5 0.9] [--train-iters N] [--eval-interval 100] [--eval-samples 256] [--out DIR]
 
 Bavarian et al. (2022) find that training with FIM at rate 0.5-0.9 leaves the left-to-right (AR) loss
 as it is, while the model learns to infill ("FIM for free"). Each run here trains the same model
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shlex
 import shutil
 import subprocess
@@ -59,7 +60,7 @@ class ExperimentConfig:
     """Steps per run; None keeps the config's schedule.train_iters."""
     eval_interval: int = 100
     """Save and evaluate a checkpoint every this many steps (and at the end)."""
-    eval_samples: int = 128
+    eval_samples: int = 256
     """Held-out contexts scored per evaluation (the first ones, in file order)."""
     eval_batch_size: int = 16
     seed: int = 1234
@@ -68,6 +69,9 @@ class ExperimentConfig:
     """Tokenizer size when this script trains the tokenizer."""
     tokenizer_max_mb: int = 8
     """Text sampled to train the tokenizer (MB)."""
+    heldout_chunk_chars: int = 3000
+    """Held-out files are cut into line-aligned chunks of about this many characters and shuffled
+    (``chunk_documents``), so that the evaluated contexts sample every held-out file."""
     train_jsonl: Path | None = None
     heldout_jsonl: Path | None = None
     data_path: Path | None = None
@@ -94,7 +98,7 @@ class ExperimentConfig:
         if len(set(self.fim_rates)) != len(self.fim_rates):
             raise ExperimentError(f"--fim-rates: {self.fim_rates} repeats a rate")
         for name in ("eval_interval", "eval_samples", "eval_batch_size", "vocab_size", "tokenizer_max_mb",
-                     "cpu_threads"):
+                     "heldout_chunk_chars", "cpu_threads"):
             if getattr(self, name) < 1:
                 raise ExperimentError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
         if self.train_iters is not None and self.train_iters < 1:
@@ -122,6 +126,11 @@ class DataPaths:
     heldout: Path
     tokenizer: Path
 
+    def fingerprint(self) -> list:
+        """Size and modification time of each file: a rebuilt dataset must not reuse old runs."""
+        files = [Path(f"{self.train}.idx"), Path(f"{self.heldout}.idx"), Path(f"{self.heldout}.bin"), self.tokenizer]
+        return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
 
 # --------------------------------------------------------------------------------------------
 # Data: corpus -> tokenizer -> .bin/.idx, with the repository's own tools.
@@ -138,18 +147,26 @@ def run_tool(args: list[str], log: Path) -> None:
         raise ExperimentError(f"{args[0]} failed with exit code {code}; log {log}:\n{tail}")
 
 
-def prepare_data(cfg: ExperimentConfig) -> DataPaths:
-    """The datasets and tokenizer to use, built under <out>/data unless given (reused when present)."""
+def data_paths(cfg: ExperimentConfig) -> DataPaths:
+    """Where the datasets and the tokenizer are (given) or will be (built under <out>/data)."""
     if cfg.data_path is not None:
         return DataPaths(Path(cfg.data_path), Path(cfg.heldout_path), Path(cfg.tokenizer_model))
     data = cfg.out / "data"
-    paths = DataPaths(data / "train_text_document", data / "heldout_text_document", data / "tokenizer.model")
+    return DataPaths(data / "train_text_document", data / "heldout_text_document", data / "tokenizer.model")
+
+
+def prepare_data(cfg: ExperimentConfig, paths: DataPaths) -> None:
+    """Build the datasets and tokenizer under <out>/data, unless given or already built alike."""
+    if cfg.data_path is not None:
+        return
+    data = cfg.out / "data"
     spec = {"vocab_size": cfg.vocab_size, "tokenizer_max_mb": cfg.tokenizer_max_mb,
+            "heldout_chunk_chars": cfg.heldout_chunk_chars,
             "train_jsonl": str(cfg.train_jsonl or "stdlib"), "heldout_jsonl": str(cfg.heldout_jsonl or "stdlib")}
     done = data / "spec.json"
     if done.is_file() and json.loads(done.read_text()) == spec:
         print(f"data: reusing {data}")
-        return paths
+        return
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir(parents=True)
     log = data / "prepare.log"
@@ -159,16 +176,49 @@ def prepare_data(cfg: ExperimentConfig) -> DataPaths:
 
         train_jsonl, held_jsonl, n_train, n_held = write_corpus(data / "corpus")
         print(f"data: the standard library, {n_train} training files, {n_held} held-out files")
+    held_chunks = data / "heldout_chunks.jsonl"
+    n_chunks = chunk_documents(Path(held_jsonl), held_chunks, cfg.heldout_chunk_chars)
+    print(f"data: held-out files cut into {n_chunks} line-aligned chunks of ~{cfg.heldout_chunk_chars} "
+          "characters, shuffled")
     tok_prefix = data / "tokenizer"
     run_tool(["tools/train_tokenizer.py", "--input", str(train_jsonl), "--json-keys", "text",
               "--vocab-size", str(cfg.vocab_size), "--max-bytes", str(cfg.tokenizer_max_mb * 2**20),
               "--output-prefix", str(tok_prefix)], log)
-    for name, jsonl in (("train", train_jsonl), ("heldout", held_jsonl)):
+    for name, jsonl in (("train", train_jsonl), ("heldout", held_chunks)):
         run_tool(["tools/preprocess_data.py", "--input", str(jsonl), "--output-prefix", str(data / name),
                   "--tokenizer-model", str(paths.tokenizer), "--json-keys", "text", "--append-eod",
                   "--workers", "2", "--quiet"], log)
     done.write_text(json.dumps(spec))
-    return paths
+
+
+def chunk_documents(src: Path, dst: Path, chunk_chars: int, seed: int = 0) -> int:
+    """Cut every document of ``src`` (JSONL, key ``text``) at line ends into chunks of about
+    ``chunk_chars`` characters and write them to ``dst`` in a seeded random order.
+
+    The evaluation scores the *first* contexts of the held-out data, and a held-out file can hold
+    tens of thousands of tokens: in file order, the first few hundred contexts would come from two
+    or three files (in the standard library, two of them codec tables, far easier than the rest).
+    Shuffled chunks make the first contexts a sample of every held-out file."""
+    chunks: list[str] = []
+    with open(src, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                text = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError):
+                raise ExperimentError(f"{src}:{number}: not a JSON object with a 'text' string") from None
+            current = ""
+            for text_line in text.splitlines(keepends=True):
+                current += text_line
+                if len(current) >= chunk_chars:
+                    chunks.append(current)
+                    current = ""
+            if current.strip():
+                chunks.append(current)
+    random.Random(seed).shuffle(chunks)
+    with open(dst, "w", encoding="utf-8") as out:
+        for chunk in chunks:
+            out.write(json.dumps({"text": chunk}) + "\n")
+    return len(chunks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,16 +270,20 @@ def launcher_cmd(cfg: ExperimentConfig) -> list[str]:
     return [sys.executable, "-m", "megafim.train"]
 
 
+def rate_dir(cfg: ExperimentConfig, rate: float) -> Path:
+    return cfg.out / "runs" / f"fim_{rate:g}"
+
+
 def run_rate(cfg: ExperimentConfig, data: DataPaths, rate: float, device: str) -> dict:
     """Train (or reuse) the run for ``rate`` and return ``{"fim_rate", "evals", ...}``."""
-    run_dir = cfg.out / "runs" / f"fim_{rate:g}"
+    run_dir = rate_dir(cfg, rate)
     save = run_dir / "checkpoints"
     args = trainer_args(cfg, data, rate, save)
     train_cfg = effective_config(args, one_rank=not cfg.launcher)
     seq, iters = train_cfg.data.seq_length, train_cfg.schedule.train_iters
     tokens_per_step = train_cfg.batch.global_batch_size * seq
     cmd = launcher_cmd(cfg) + args
-    spec = {"command": cmd, "eval_samples": cfg.eval_samples, "eval_seed": EVAL_SEED}
+    spec = {"command": cmd, "eval_samples": cfg.eval_samples, "eval_seed": EVAL_SEED, "data": data.fingerprint()}
     spec_path, run_json = run_dir / "spec.json", run_dir / "run.json"
     if spec_path.is_file() and run_json.is_file() and json.loads(spec_path.read_text()) == spec:
         print(f"fim_rate {rate:g}: reusing the finished run in {run_dir}")
@@ -329,6 +383,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExperimentConfig, list[st
     p.add_argument("--seed", type=int, default=d.seed, help="trainer seed, the same for every rate")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="tokenizer size when trained here")
     p.add_argument("--tokenizer-max-mb", type=int, default=d.tokenizer_max_mb)
+    p.add_argument("--heldout-chunk-chars", type=int, default=d.heldout_chunk_chars,
+                   help="held-out files are cut into shuffled chunks of about this size (characters)")
     p.add_argument("--train-jsonl", type=Path, help="your own training corpus (JSONL, key 'text')")
     p.add_argument("--heldout-jsonl", type=Path, help="your own held-out corpus (JSONL, key 'text')")
     p.add_argument("--data-path", type=Path, help="an existing training dataset prefix (.bin/.idx)")
@@ -390,9 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", *raw])
     try:
         cfg.validate()
+        data = data_paths(cfg)
+        for rate in cfg.fim_rates:  # the trainer's config checks, before anything is built
+            effective_config(trainer_args(cfg, data, rate, rate_dir(cfg, rate) / "checkpoints"),
+                             one_rank=not cfg.launcher)
         start = time.time()
         cfg.out.mkdir(parents=True, exist_ok=True)
-        data = prepare_data(cfg)
+        prepare_data(cfg, data)
         import torch
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
