@@ -71,7 +71,8 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=80)
     panels = (
         (axes[0], "AR loss (left-to-right test data)", [("ar", "-", "")]),
-        (axes[1], "FIM loss (every piece transformed)", [("fim_psm", "-", " PSM"), ("fim_spm", "--", " SPM")]),
+        (axes[1], "FIM loss (every piece transformed)",
+         [("fim_psm", "-", " PSM"), ("fim_spm", "--", " SPM")]),
         (axes[2], "middle-only loss", [("middle_psm", "-", " PSM"), ("middle_ar", ":", " L2R")]),
     )
     for i, run in enumerate(runs):

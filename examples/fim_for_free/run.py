@@ -100,7 +100,8 @@ class ExperimentConfig:
         for name in ("eval_interval", "eval_samples", "eval_batch_size", "vocab_size", "tokenizer_max_mb",
                      "heldout_chunk_chars", "cpu_threads"):
             if getattr(self, name) < 1:
-                raise ExperimentError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
+                flag = "--" + name.replace("_", "-")
+                raise ExperimentError(f"{flag}: must be at least 1, got {getattr(self, name)}")
         if self.train_iters is not None and self.train_iters < 1:
             raise ExperimentError(f"--train-iters: must be at least 1, got {self.train_iters}")
         if not self.config.is_file():
@@ -128,7 +129,8 @@ class DataPaths:
 
     def fingerprint(self) -> list:
         """Size and modification time of each file: a rebuilt dataset must not reuse old runs."""
-        files = [Path(f"{self.train}.idx"), Path(f"{self.heldout}.idx"), Path(f"{self.heldout}.bin"), self.tokenizer]
+        files = [Path(f"{self.train}.idx"), Path(f"{self.heldout}.idx"), Path(f"{self.heldout}.bin"),
+                 self.tokenizer]
         return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
@@ -162,7 +164,8 @@ def prepare_data(cfg: ExperimentConfig, paths: DataPaths) -> None:
     data = cfg.out / "data"
     spec = {"vocab_size": cfg.vocab_size, "tokenizer_max_mb": cfg.tokenizer_max_mb,
             "heldout_chunk_chars": cfg.heldout_chunk_chars,
-            "train_jsonl": str(cfg.train_jsonl or "stdlib"), "heldout_jsonl": str(cfg.heldout_jsonl or "stdlib")}
+            "train_jsonl": str(cfg.train_jsonl or "stdlib"),
+            "heldout_jsonl": str(cfg.heldout_jsonl or "stdlib")}
     done = data / "spec.json"
     if done.is_file() and json.loads(done.read_text()) == spec:
         print(f"data: reusing {data}")
@@ -227,7 +230,8 @@ def chunk_documents(src: Path, dst: Path, chunk_chars: int, seed: int = 0) -> in
 
 def trainer_args(cfg: ExperimentConfig, data: DataPaths, rate: float, save: Path) -> list[str]:
     """The trainer's arguments for one rate; only --fim-rate and --save differ between runs."""
-    args = ["--config", str(cfg.config), "--data-path", str(data.train), "--tokenizer-model", str(data.tokenizer),
+    args = ["--config", str(cfg.config), "--data-path", str(data.train),
+            "--tokenizer-model", str(data.tokenizer),
             "--save", str(save), "--fim-rate", str(rate), "--seed", str(cfg.seed),
             "--save-interval", str(cfg.eval_interval), "--set", "checkpoint.keep_last=0"]
     if cfg.train_iters is not None:
@@ -252,7 +256,9 @@ def effective_config(args: list[str], one_rank: bool):
     return train_cfg
 
 
-def evaluate_checkpoint(ckpt: Path, data: DataPaths, cfg: ExperimentConfig, seq_length: int, device: str) -> dict:
+def evaluate_checkpoint(ckpt: Path, data: DataPaths, cfg: ExperimentConfig, seq_length: int,
+                        device: str) -> dict:
+    """Every loss of ``megafim.eval.loss`` for one checkpoint, as ``LossReport.as_dict()``."""
     from megafim.data.tokenizer import Tokenizer
     from megafim.eval.loss import evaluate_losses
     from megafim.inference.loading import load_model
@@ -283,7 +289,8 @@ def run_rate(cfg: ExperimentConfig, data: DataPaths, rate: float, device: str) -
     seq, iters = train_cfg.data.seq_length, train_cfg.schedule.train_iters
     tokens_per_step = train_cfg.batch.global_batch_size * seq
     cmd = launcher_cmd(cfg) + args
-    spec = {"command": cmd, "eval_samples": cfg.eval_samples, "eval_seed": EVAL_SEED, "data": data.fingerprint()}
+    spec = {"command": cmd, "eval_samples": cfg.eval_samples, "eval_seed": EVAL_SEED,
+            "data": data.fingerprint()}
     spec_path, run_json = run_dir / "spec.json", run_dir / "run.json"
     if spec_path.is_file() and run_json.is_file() and json.loads(spec_path.read_text()) == spec:
         print(f"fim_rate {rate:g}: reusing the finished run in {run_dir}")
@@ -291,7 +298,8 @@ def run_rate(cfg: ExperimentConfig, data: DataPaths, rate: float, device: str) -
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     spec_path.write_text(json.dumps(spec, indent=1))
-    print(f"\n=== fim_rate {rate:g}: {iters} steps of {tokens_per_step:,} tokens; log {run_dir / 'train.log'}")
+    print(f"\n=== fim_rate {rate:g}: {iters} steps of {tokens_per_step:,} tokens; "
+          f"log {run_dir / 'train.log'}")
     print("$ " + shlex.join(cmd).replace(sys.executable, "python"), flush=True)
     start = time.time()
 
@@ -304,7 +312,8 @@ def run_rate(cfg: ExperimentConfig, data: DataPaths, rate: float, device: str) -
               f"  ({time.time() - t0:.0f} s)", flush=True)
         return {"step": step, "tokens_seen": step * tokens_per_step, "losses": losses}
 
-    evals = train_and_watch(cmd, save, run_dir, evaluate, keep=cfg.keep_checkpoints, env=trainer_env(cfg, device))
+    evals = train_and_watch(cmd, save, run_dir, evaluate, keep=cfg.keep_checkpoints,
+                            env=trainer_env(cfg, device))
     if not evals or evals[-1]["step"] != iters:
         raise ExperimentError(f"fim_rate {rate:g}: the trainer ended without a checkpoint at step {iters}")
     result = {"fim_rate": rate, "train_iters": iters, "tokens_per_step": tokens_per_step, "seq_length": seq,
@@ -375,10 +384,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExperimentConfig, list[st
     d = ExperimentConfig()
     p.add_argument("--out", type=Path, default=d.out)
     p.add_argument("--config", type=Path, default=d.config, help="trainer YAML (default: %(default)s)")
-    p.add_argument("--fim-rates", type=float, nargs="+", default=d.fim_rates, help="default: 0 0.5 (add 0.9 for the paper's upper end)")
+    p.add_argument("--fim-rates", type=float, nargs="+", default=d.fim_rates,
+                   help="default: 0 0.5 (add 0.9 for the paper's upper end)")
     p.add_argument("--train-iters", type=int, help="steps per run (default: the config's)")
     p.add_argument("--eval-interval", type=int, default=d.eval_interval, help="steps between evaluations")
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="held-out contexts per evaluation")
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples,
+                   help="held-out contexts per evaluation")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     p.add_argument("--seed", type=int, default=d.seed, help="trainer seed, the same for every rate")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="tokenizer size when trained here")
