@@ -107,9 +107,10 @@ def setup(cfg: TrainConfig) -> tuple[Run, object]:
     dims = ParallelDims.build(tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline)
     gas = grad_accumulation_steps(cfg, info.world_size)
     ds_config = effective_deepspeed_config(cfg, info.world_size)
+    ckpt, saved, same_layout = _resume_point(cfg, dims)
     log = MetricsLogger(cfg.checkpoint.save, cfg.schedule.train_iters, enabled=dims.rank == 0,
                         log_interval=cfg.logging.log_interval, tensorboard=cfg.logging.tensorboard,
-                        progress_bar=cfg.logging.progress_bar)
+                        progress_bar=cfg.logging.progress_bar, start_step=saved.step if saved else 0)
     log.info(f"megafim: {info.world_size} ranks = tp {dims.tp} x pp {dims.pp} x dp {dims.dp}, ZeRO-"
              f"{cfg.parallel.zero_stage}, {resolve_precision(cfg)}, {gas} micro-batches/step, device {device}")
     log.info(f"model: {mc}")
@@ -118,7 +119,6 @@ def setup(cfg: TrainConfig) -> tuple[Run, object]:
     _seed_everything(cfg.schedule.seed)
     plan = plan_stages(mc.n_trunk_layers, mc.n_future, dims.pp)[dims.pp_rank]
     stage = build_stage(mc, plan, cfg.schedule.seed)
-    ckpt, saved, same_layout = _resume_point(cfg, dims)
     if ckpt is not None and not same_layout:
         log.info(f"resume: {ckpt} was saved with layout {saved.layout}, this run is "
                  f"{checkpoint_io.layout_of(dims, cfg.parallel.zero_stage)}: loading its layout-free weights "

@@ -8,6 +8,7 @@ run continues the same file; scripts compare runs by reading it line by line.
 from __future__ import annotations
 
 import json
+import os
 import math
 import sys
 from dataclasses import dataclass, field
@@ -53,6 +54,18 @@ class StepMetrics:
         return out
 
 
+def drop_lines_after(path: Path, step: int) -> None:
+    """Keep only the lines of ``path`` whose step is <= ``step`` (atomically; a no-op when none is later)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
 def _num(x: float) -> float | str:
     """JSON has no NaN/inf: write them as strings so every line stays valid JSON."""
     return x if math.isfinite(x) else str(x)
@@ -80,6 +93,9 @@ class MetricsLogger:
 
     def __init__(self, save_dir: str, total_steps: int, *, enabled: bool, log_interval: int = 1,
                  tensorboard: bool = True, progress_bar: str = "auto", start_step: int = 0):
+        """``start_step``: the step a resume starts from; lines of later steps in an existing
+        metrics.jsonl (a run that went on past its last checkpoint) are dropped, so that every step
+        appears once."""
         self.enabled = enabled
         self.log_interval = log_interval
         self.jsonl = None
@@ -89,7 +105,9 @@ class MetricsLogger:
             return
         if save_dir:
             Path(save_dir).mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(Path(save_dir) / "metrics.jsonl", "a", encoding="utf-8")
+            path = Path(save_dir) / "metrics.jsonl"
+            drop_lines_after(path, start_step)
+            self.jsonl = open(path, "a", encoding="utf-8")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 

@@ -80,3 +80,21 @@ def test_rng_states_round_trip(tmp_path):
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
     assert not ck.load_rng(tmp_path, rank=5)
+
+
+def test_metrics_of_steps_after_the_resume_point_are_dropped(tmp_path):
+    import json
+
+    from megafim.training.metrics import MetricsLogger, StepMetrics
+
+    log = MetricsLogger(str(tmp_path), 10, enabled=True, tensorboard=False, progress_bar="off", log_interval=100)
+    for step in range(1, 6):  # the run got to step 5, its last checkpoint was step 3
+        log.log(StepMetrics(step=step, loss=float(step)))
+    log.close()
+    log = MetricsLogger(str(tmp_path), 10, enabled=True, tensorboard=False, progress_bar="off", start_step=3,
+                        log_interval=100)
+    log.log(StepMetrics(step=4, loss=40.0, grad_norm=float("nan")))
+    log.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    assert rows[-1]["grad_norm"] == "nan"
