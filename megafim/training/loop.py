@@ -202,13 +202,17 @@ def train_step(run: Run, batches: list[dict]) -> tuple[torch.Tensor, bool]:
     if not (plan.is_last and run.dims.tp_rank == 0):
         sums.zero_()
     dist.all_reduce(sums)
-    skipped = bool(sums[-1] > 0)
-    if skipped:
+    nonfinite = bool(sums[-1] > 0)
+    if nonfinite:
         run.optimizer.skip_next_step()
+    before = engine.skipped_steps
     engine.step()
+    # ZeRO-1/2 also skip a step by themselves when a gradient overflows while the loss is finite; their
+    # overflow flag is reduced over the data- and model-parallel groups, so every rank agrees.
+    skipped = nonfinite or engine.skipped_steps > before
     finite = run.dims.dp * gas - sums[-1]
     sums[:-1] /= torch.clamp(finite, min=1)
-    if skipped:  # the step did not happen: say so rather than average the finite micro-batches
+    if nonfinite:  # say so rather than average the finite micro-batches
         sums[:-1] = float("nan")
     return sums.cpu(), skipped
 
@@ -238,6 +242,7 @@ def _flops_per_token(mc: ModelConfig, seq: int) -> float:
 def _save(run: Run, reason: str) -> None:
     cfg = run.cfg
     if not cfg.checkpoint.save:
+        run.log.info(f"checkpoint: not saved ({reason}): checkpoint.save is empty")
         return
     path = checkpoint_io.save(cfg.checkpoint.save, run.engine, run.stage, run.dims, run.state, dump_yaml(cfg),
                               run.mc, cfg.parallel.zero_stage, cfg.checkpoint.keep_last, cfg.data.tokenizer_model)
