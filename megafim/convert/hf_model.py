@@ -3,8 +3,8 @@
 The trunk plus head 0 are a Llama (``megafim/model/hf_keys.py`` holds the key map; no tensor is
 permuted). Heads 1..n-1 have no Llama counterpart: they go to ``mtp_heads.safetensors`` beside the
 model, described by ``mtp_heads.json`` (docs/conversion.md). Tensors are read lazily from the source
-(a memory-mapped ``torch.load`` or ``safetensors.safe_open``) and written in shards of at most
-``max_shard_bytes``, so memory stays near one shard whatever the model size.
+(``safetensors.safe_open``, one tensor per access) and written in shards of at most ``max_shard_bytes``,
+so memory stays near one shard whatever the model size (benchmarks/convert_memory.py).
 """
 
 from __future__ import annotations
