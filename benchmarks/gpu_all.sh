@@ -39,7 +39,6 @@ run linear_cross_entropy 90 $PY benchmarks/linear_cross_entropy.py --out "$OUT_D
 run train_step_memory 80 $PY benchmarks/train_step_memory.py --out "$OUT_DIR/train_step_memory.json"
 run train_throughput 150 $PY benchmarks/train_throughput.py --out "$OUT_DIR/train_throughput.json"
 run speculative_decoding 150 $PY benchmarks/speculative_decoding.py --train-steps 400 --size 125M --seq 256 --batch 16 --prompts 8 --new-tokens 96 --repeats 2 --out "$OUT_DIR/speculative_decoding.json"
-run speculative_decoding 150 $PY benchmarks/speculative_decoding.py --train-steps 400 --size 125M --seq 256 --batch 16 --prompts 8 --new-tokens 96 --repeats 2 --out "$OUT_DIR/speculative_decoding.json"
 
 $PY - "$OUT_DIR" <<'PYEOF'
 import json, pathlib, sys, torch
