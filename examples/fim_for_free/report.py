@@ -62,19 +62,22 @@ def token_counts(runs: list[dict]) -> str:
 
 
 def plot(runs: list[dict], path: Path, title: str) -> None:
-    """Three panels like the paper's figures 1-2: AR loss, FIM loss and middle-only loss vs step."""
+    """Four panels like the paper's figures 1-2: AR loss, AR loss minus rate 0's (the "for free"
+    claim at a readable scale), FIM loss and middle-only loss, each against the training step."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=80)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=80)
     panels = (
-        (axes[0], "AR loss (left-to-right test data)", [("ar", "-", "")]),
-        (axes[1], "FIM loss (every piece transformed)",
+        (axes[0, 0], "AR loss (left-to-right test data)", [("ar", "-", "")]),
+        (axes[1, 0], "FIM loss (every piece transformed)",
          [("fim_psm", "-", " PSM"), ("fim_spm", "--", " SPM")]),
-        (axes[2], "middle-only loss", [("middle_psm", "-", " PSM"), ("middle_ar", ":", " L2R")]),
+        (axes[1, 1], "middle-only loss", [("middle_psm", "-", " PSM"), ("middle_ar", ":", " L2R")]),
     )
+    base = next((r for r in runs if r["fim_rate"] == 0.0), None)
+    base_ar = {e["step"]: loss(e, "ar") for e in base["evals"]} if base else {}
     for i, run in enumerate(runs):
         steps = [e["step"] for e in run["evals"]]
         color = f"C{i}"
@@ -82,12 +85,20 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
             for kind, style, suffix in kinds:
                 ax.plot(steps, [loss(e, kind) for e in run["evals"]], style, color=color, marker=".",
                         label=f"FIM rate {run['fim_rate']:g}{suffix}")
-    for ax, name, _ in panels:
+        paired = [(e["step"], loss(e, "ar") - base_ar[e["step"]])
+                  for e in run["evals"] if e["step"] in base_ar]
+        if paired:
+            axes[0, 1].plot(*zip(*paired), "-", color=color, marker=".",
+                            label=f"FIM rate {run['fim_rate']:g}")
+    axes[0, 1].axhline(0.0, color="gray", linewidth=0.8)
+    named = [*panels, (axes[0, 1], "AR loss minus AR loss at FIM rate 0", [])]
+    for ax, name, _ in named:
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0].set_ylabel("nats per token")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("nats per token")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
