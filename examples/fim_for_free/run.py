@@ -424,9 +424,9 @@ def machine() -> dict:
 
 
 def write_results(cfg: ExperimentConfig, runs: list[dict], command: str) -> None:
-    train_cfg = runs[0]
+    first = runs[0]
     title = (f"same model, seed and contexts; FIM rate the only difference "
-             f"({train_cfg['train_iters']} steps x {train_cfg['tokens_per_step']:,} tokens)")
+             f"({first['train_iters']} steps x {first['tokens_per_step']:,} tokens)")
     results = {"command": command, "machine": machine(), "settings": _jsonable(asdict(cfg)),
                "eval_seed": EVAL_SEED, "runs": runs}
     (cfg.out / "results.json").write_text(json.dumps(results, indent=1))
