@@ -63,6 +63,10 @@ setup(
         "gpu": ["flash-attn>=2.5"],
         "hf": ["transformers>=4.45", "tokenizers>=0.20", "protobuf>=4"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "megafim-train = megafim.train:main",
+        "megafim-evaluate = megafim.evaluate:main",
+        "megafim-infill = megafim.infill:main",
+    ]},
     zip_safe=False,
 )
