@@ -2,7 +2,12 @@
 
 import os
 
-import torch
+# pytest -n 2 runs two workers and the distributed tests launch several ranks each: on a 2-core
+# machine, torch's default of one thread per core oversubscribes it many times over (~10x slower).
+# One thread per process, set before torch loads, and inherited by every subprocess the tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 # Without a GPU, Triton kernels run on CPU tensors only through the interpreter, and it must be chosen
 # before the @triton.jit decorators execute (ENVIRONMENT.md). With one, the GPU tests (-m gpu) must run
