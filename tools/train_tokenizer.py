@@ -26,22 +26,21 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-# The special tokens, in id order after <unk> (id 0). Kept in step with megafim/data/tokenizer.py,
-# which is what every other part reads; here they are only written into the model.
-EOD_PIECE = "<|endoftext|>"
-FIM_PIECES = ("<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megafim.data.preprocess import EXCLUDED_DIRS, SOURCE_SUFFIXES  # noqa: E402
+from megafim.data.tokenizer import (EOD_PIECE, FIM_MIDDLE_PIECE, FIM_PAD_PIECE, FIM_PREFIX_PIECE,  # noqa: E402
+                                    FIM_SUFFIX_PIECE)
+
+# The special tokens, in id order after <unk> (id 0) and end-of-text (id 1), as megafim/data/tokenizer.py
+# names them.
+FIM_PIECES = (FIM_PREFIX_PIECE, FIM_MIDDLE_PIECE, FIM_SUFFIX_PIECE, FIM_PAD_PIECE)
 N_META = 2 + len(FIM_PIECES)  # <unk>, end-of-text, the four FIM sentinels
 N_BYTES = 256  # byte-fallback pieces <0x00>..<0xFF>
 
-DEFAULT_EXTENSIONS = (
-    ".py", ".pyi", ".pyx", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".cu", ".cuh", ".rs", ".go",
-    ".java", ".kt", ".scala", ".js", ".jsx", ".ts", ".tsx", ".rb", ".php", ".cs", ".swift", ".m",
-    ".lua", ".pl", ".r", ".jl", ".sh", ".bash", ".zsh", ".sql", ".html", ".css", ".xml", ".yaml",
-    ".yml", ".toml", ".ini", ".cfg", ".md", ".rst", ".txt", ".tex",
-)
-# Directory names never searched: caches, VCS metadata, and third-party packages installed into a
-# Python (the stdlib directory contains site-packages, which is not the stdlib).
-DEFAULT_EXCLUDE_DIRS = ("__pycache__", ".git", ".hg", ".svn", "node_modules", "site-packages", "dist-packages")
+# The same source-file rule as tools/preprocess_data.py: which extensions a directory contributes, and
+# which directories are never searched (caches, VCS metadata, installed third-party packages).
+DEFAULT_EXTENSIONS = SOURCE_SUFFIXES
+DEFAULT_EXCLUDE_DIRS = EXCLUDED_DIRS
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
