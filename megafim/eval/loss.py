@@ -74,10 +74,14 @@ def left_to_right_middles(tokens: np.ndarray, tokenizer: Tokenizer) -> tuple[np.
     for end in [*bounds.tolist(), len(tokens)]:
         piece = tokens[start:end].tolist()
         start = end + 1
-        if len(piece) < 3 or piece[0] != t.fim_prefix or t.fim_middle not in piece:
+        if t.fim_prefix not in piece or t.fim_middle not in piece:
             continue  # not FIM, or cut before its middle
-        suf_at, mid_at = piece.index(t.fim_suffix), piece.index(t.fim_middle)
-        prefix, mid = piece[1:suf_at], piece[mid_at + 1:]
+        # The context's first piece may start with the bytes of a character cut by the context's edge,
+        # which the FIM transform leaves before <fim_prefix>: they are text that precedes the prefix.
+        pre_at = piece.index(t.fim_prefix)
+        suf_at = piece.index(t.fim_suffix, pre_at)
+        mid_at = piece.index(t.fim_middle, suf_at)
+        prefix, mid = piece[:pre_at] + piece[pre_at + 1:suf_at], piece[mid_at + 1:]
         out += [*prefix, *mid, t.eod]
         middle += [False] * len(prefix) + [True] * len(mid) + [False]
     pad = len(tokens) - len(out)

@@ -63,6 +63,11 @@ def test_left_to_right_rearrangement(heldout):
     assert middle[: len(expected)].tolist() == ([False] + [False] * len(p) + [True] * len(m) + [False]
                                                  + [True] * len(m) + [False] + [False] * len(p) + [True, False])
     assert (out[len(expected):] == tok.fim_pad).all() and not middle[len(expected):].any()
+    # bytes of a character cut by the context's start stay before <fim_prefix>: they precede the prefix
+    byte = tok.encode("\u00e9")[0]
+    out, middle = left_to_right_middles(np.asarray([byte, *psm]), tok)
+    assert out[: len(p) + len(m) + 3].tolist() == [tok.eod, byte, *p, *m, tok.eod]
+    assert middle.sum() == len(m)
 
 
 def test_evaluate_losses_report(heldout):
