@@ -1,6 +1,6 @@
 """The quick start: the whole megafim path on the embedded default corpus, the Python standard library.
 
-    python examples/quickstart.py [--out runs/quickstart] [--vocab-size 8192] [--train-iters 300]
+    python examples/quickstart.py [--out runs/quickstart] [--vocab-size 8192] [--train-iters 600]
 
 corpus -> tokenizer -> .bin/.idx -> FIM samples -> a small FIM + 4-head model trained on the CPU ->
 AR / FIM / middle-only loss on held-out files -> a Hugging Face export -> an infilling demo.
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "quickstart")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--seq-length", type=int, default=128)
-    parser.add_argument("--train-iters", type=int, default=300)
+    parser.add_argument("--train-iters", type=int, default=600)
     parser.add_argument("--max-files", type=int, help="use only this many stdlib files (quick checks)")
     args = parser.parse_args()
     out = args.out.resolve()
