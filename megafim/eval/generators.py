@@ -53,16 +53,6 @@ def check_sampling_args(n: int, temperature: float, top_p: float, max_new_tokens
         raise ValueError(f"mode must be one of {FIM_MODES}, got {mode!r}")
 
 
-def fim_prompt_ids(prefix_ids: Sequence[int], suffix_ids: Sequence[int], pre: int, suf: int,
-                   mid: int, mode: str) -> list[int]:
-    """Token ids of a FIM prompt ending where the model starts writing the middle."""
-    if mode == "psm":
-        return [pre, *prefix_ids, suf, *suffix_ids, mid]
-    if mode == "spm":  # the prefix comes last, so the middle continues it directly
-        return [pre, suf, *suffix_ids, mid, *prefix_ids]
-    raise ValueError(f"mode must be one of {FIM_MODES}, got {mode!r}")
-
-
 def truncate_at_stop(ids: Sequence[int], stop_ids: set[int]) -> list[int]:
     """The generated ids before the first stop token (all of them if none was produced)."""
     out = []
@@ -109,6 +99,8 @@ class HFCompletionGenerator:
     def prompt_ids(self, prefix: str, suffix: str, mode: str) -> list[int]:
         """The exact prompt the model sees (no BOS: megafim separates documents by EOT only)."""
         encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+        from megafim.inference.infill import fim_prompt_ids  # torch: only once a model is loaded
+
         return fim_prompt_ids(encode(prefix), encode(suffix), self.pre, self.suf, self.mid, mode)
 
     def generate(self, prefix: str, suffix: str, n: int, temperature: float = 0.2,

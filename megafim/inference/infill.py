@@ -26,6 +26,16 @@ from megafim.model.gpt import GPT
 MODES = ("psm", "spm")
 
 
+def fim_prompt_ids(prefix_ids: Sequence[int], suffix_ids: Sequence[int], pre: int, suf: int, mid: int,
+                   mode: str) -> list[int]:
+    """The FIM prompt layout on token ids (any tokenizer's), ending where the model writes the middle."""
+    if mode == "psm":
+        return [pre, *prefix_ids, suf, *suffix_ids, mid]
+    if mode == "spm":  # the prefix comes last, so the middle continues it directly
+        return [pre, suf, *suffix_ids, mid, *prefix_ids]
+    raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+
+
 def fim_prompt(tokenizer: Tokenizer, prefix: str, suffix: str, mode: str = "psm",
                max_tokens: int | None = None) -> list[int]:
     """Token ids of the infilling prompt; the model continues it with the middle.
@@ -42,9 +52,7 @@ def fim_prompt(tokenizer: Tokenizer, prefix: str, suffix: str, mode: str = "psm"
         keep_p = min(len(p), room - keep_s)
         keep_s = min(len(s), room - keep_p)
         p, s = p[len(p) - keep_p:], s[:keep_s]
-    if mode == "psm":
-        return [pre, *p, suf, *s, mid]
-    return [pre, suf, *s, mid, *p]
+    return fim_prompt_ids(p, s, pre, suf, mid, mode)
 
 
 def middle_text(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
