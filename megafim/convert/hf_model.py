@@ -15,17 +15,15 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megafim.convert.streaming import LazyState, TensorSource, save_safetensors_streaming, tensor_spec
+from megafim.convert.streaming import (LazySafetensors, LazyState, TensorSource, save_safetensors_streaming,
+                                       tensor_spec)
 from megafim.model.config import ModelConfig
 from megafim.model.hf_keys import BLOCK_KEYS, hf_key_map, hf_llama_config_kwargs
 
 HEADS_FILE = "mtp_heads.safetensors"
 HEADS_CONFIG = "mtp_heads.json"
-_SAFETENSORS_TO_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-                         "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -118,32 +116,6 @@ def megafim_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig, out_di
         }
         (out / HEADS_CONFIG).write_text(json.dumps(description, indent=2) + "\n")
     return out
-
-
-class LazySafetensors(Mapping):
-    """{name: tensor} over every ``*.safetensors`` file in a directory, read on access."""
-
-    def __init__(self, files: list[Path]) -> None:
-        self._where: dict[str, Path] = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as handle:
-                self._where.update({k: f for k in handle.keys()})
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        with safe_open(str(self._where[key]), framework="pt") as handle:
-            return handle.get_tensor(key)
-
-    def spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
-        """Shape and dtype from the file's header, without reading the tensor."""
-        with safe_open(str(self._where[key]), framework="pt") as handle:
-            sliced = handle.get_slice(key)
-            return tuple(sliced.get_shape()), _SAFETENSORS_TO_TORCH[sliced.get_dtype()]
-
-    def __iter__(self):
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
 
 
 def model_config_from_hf(hf_dir: str | Path, n_future: int | None = None) -> ModelConfig:

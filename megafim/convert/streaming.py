@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+_SAFETENSORS_TO_TORCH = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -99,3 +101,29 @@ def save_safetensors_streaming(state: Mapping[str, torch.Tensor], path: str | Pa
                 raise ValueError(f"tensor {name}: {data.nbytes} bytes produced, {expected} announced")
             fh.write(memoryview(data))
             del tensor, data
+
+
+class LazySafetensors(Mapping):
+    """{name: tensor} over every ``*.safetensors`` file in a directory, read on access."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self._where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                self._where.update({k: f for k in handle.keys()})
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        with safe_open(str(self._where[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype from the file's header, without reading the tensor."""
+        with safe_open(str(self._where[key]), framework="pt") as handle:
+            sliced = handle.get_slice(key)
+            return tuple(sliced.get_shape()), _SAFETENSORS_TO_TORCH[sliced.get_dtype()]
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)

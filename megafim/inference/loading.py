@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from megafim.convert.hf_model import LazySafetensors
 from megafim.convert.streaming import save_safetensors_streaming
 from megafim.model.config import ModelConfig
 from megafim.model.gpt import GPT
-from megafim.training.checkpoint_io import MODEL_DIR
+from megafim.training.checkpoint_io import MODEL_DIR, read_model_state
 
 HF_TOKENIZER_FILE = "megafim_tokenizer.model"
 CONFIG_FILE, TOKENIZER_FILE = "model_config.json", "tokenizer.model"
@@ -59,15 +58,7 @@ def checkpoint_dir(path: str | Path, iteration: int | None = None) -> Path:
 
 def read_megafim_weights(ckpt: Path) -> tuple[Mapping[str, torch.Tensor], ModelConfig]:
     """The full weights (read lazily, a tensor at a time as they are used) and the ModelConfig."""
-    model_dir = ckpt / MODEL_DIR
-    files = sorted(model_dir.glob("stage_*.safetensors"))
-    if not files or not (model_dir / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{ckpt}: {MODEL_DIR}/stage_*.safetensors or {MODEL_DIR}/{CONFIG_FILE} is missing "
-                                "(not a complete megafim checkpoint)")
-    fields = json.loads((model_dir / CONFIG_FILE).read_text())
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    config = ModelConfig(**{k: v for k, v in fields.items() if k in known})
-    return LazySafetensors(files), config
+    return read_model_state(ckpt)
 
 
 def megafim_tokenizer_path(ckpt: Path) -> str | None:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megafim.convert.streaming import LazySafetensors
 from megafim.model import ModelConfig
 from megafim.parallel import ParallelDims
 from megafim.training import checkpoint as ck
@@ -60,19 +61,18 @@ def save_model_state(ckpt_dir: Path, stage, dims: ParallelDims, zero_stage: int,
             (out / "model_config.json").write_text(json.dumps(dataclasses.asdict(mc), indent=2) + "\n")
 
 
-def read_model_state(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
-    """Full model state {name: tensor} and its ModelConfig from a checkpoint's ``model/`` folder."""
+def read_model_state(ckpt_dir: Path) -> tuple[Mapping[str, torch.Tensor], ModelConfig]:
+    """Full model state {name: tensor} and its ModelConfig from a checkpoint's ``model/`` folder.
+
+    The tensors are read from the files when accessed, one at a time, so a converter or a run that
+    loads another layout's weights never holds a second copy of the whole model."""
     folder = Path(ckpt_dir) / MODEL_DIR
     files = sorted(folder.glob("stage_*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no stage_*.safetensors (not a megafim checkpoint?)")
-    state = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                state[key] = fh.get_tensor(key)
-    mc = ModelConfig(**json.loads((folder / "model_config.json").read_text()))
-    return state, mc
+    config = folder / "model_config.json"
+    if not files or not config.is_file():
+        raise FileNotFoundError(f"{folder}: no stage_*.safetensors or model_config.json (not a complete "
+                                "megafim checkpoint)")
+    return LazySafetensors(files), ModelConfig(**json.loads(config.read_text()))
 
 
 def load_full_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
@@ -84,10 +84,11 @@ def load_full_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
         raise KeyError(f"{ckpt_dir}: the checkpoint has no weights for {missing[:3]} (of {len(missing)})")
     with torch.no_grad():
         for name, param in mine.items():
-            if state[name].shape != param.shape:
-                raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(state[name].shape)} in the checkpoint, "
+            saved = state[name]
+            if saved.shape != param.shape:
+                raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(saved.shape)} in the checkpoint, "
                                  f"{tuple(param.shape)} in this model (a different model config?)")
-            param.copy_(state[name])
+            param.copy_(saved)
 
 
 def layout_of(dims: ParallelDims, zero_stage: int) -> dict:
