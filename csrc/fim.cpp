@@ -21,6 +21,7 @@
 
 #if __has_include("bpe.h")
 #include "bpe.h"
+#include "splitmix64.h"
 #define MEGAFIM_HAVE_BPE 1
 #endif
 
@@ -32,14 +33,9 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Counter-based RNG: identical to fim_reference.py (splitmix64 hash chain, then a counter).
 // ---------------------------------------------------------------------------------------------
-constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
+using megafim::kGolden;
+using megafim::splitmix64;
 
-inline uint64_t splitmix64(uint64_t x) {
-  uint64_t z = x + kGolden;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
 inline uint64_t piece_key(uint64_t seed, uint64_t epoch, uint64_t index, uint64_t piece) {
   uint64_t h = splitmix64(seed);
   h = splitmix64(h ^ epoch);

@@ -19,23 +19,18 @@
 #include <unordered_map>
 #include <vector>
 
+#include "splitmix64.h"
+
 namespace py = pybind11;
 
 namespace {
 
-constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ULL;
-
-// SplitMix64's output function applied to z + golden: a bijective 64-bit mixer.
-uint64_t mix64(uint64_t z) {
-  z += kGolden;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
+using megafim::kGolden;
+using megafim::splitmix64;
 
 // The seed of one random stream: (user seed, what it shuffles, which epoch) -> 64 bits.
 uint64_t stream_seed(uint64_t seed, uint64_t tag, uint64_t epoch) {
-  return mix64(mix64(mix64(seed) ^ tag) ^ epoch);
+  return splitmix64(splitmix64(splitmix64(seed) ^ tag) ^ epoch);
 }
 
 struct SplitMix64 {
@@ -44,7 +39,7 @@ struct SplitMix64 {
   uint64_t next() {
     uint64_t z = state;
     state += kGolden;
-    return mix64(z);
+    return splitmix64(z);
   }
   // Uniform in [0, n), n >= 1, without modulo bias (Lemire 2019, multiply-and-reject).
   uint64_t below(uint64_t n) {
@@ -342,7 +337,7 @@ py::tuple blending_index(const py::array_t<double, py::array::c_style>& weights,
 
 PYBIND11_MODULE(sample_index, m) {
   m.doc() = "Index arrays of the GPT dataset: document order, sample index, sample shuffle, blending.";
-  m.def("mix64", &mix64, "SplitMix64's mixer (exposed so tests can check the Python reference).");
+  m.def("mix64", &splitmix64, "SplitMix64's mixer (exposed so tests can check the Python reference).");
   m.def("stream_seed", &stream_seed, py::arg("seed"), py::arg("tag"), py::arg("epoch"));
   m.def("document_order", &document_order, py::arg("sizes"), py::arg("first"), py::arg("last"),
         py::arg("num_tokens"), py::arg("seed"), py::arg("shuffle") = true, py::arg("use_int64") = false,
