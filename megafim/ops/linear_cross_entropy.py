@@ -208,13 +208,21 @@ class LCEResult:
     grad_weight: Tensor | None
 
 
-def _validate(hidden: Tensor, weight: Tensor, labels: Tensor, weights: Tensor, vocab_start: int) -> None:
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype an autocast region on ``device`` computes matrix products in, or None outside one."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _validate(hidden: Tensor, weight: Tensor, labels: Tensor, weights: Tensor, vocab_start: int,
+              same_dtype: bool = True) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"linear_cross_entropy: hidden must be (N, d) and weight (V_local, d); "
             f"got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
-    if hidden.dtype != weight.dtype or hidden.device != weight.device:
+    if (same_dtype and hidden.dtype != weight.dtype) or hidden.device != weight.device:
         raise ValueError(
             f"linear_cross_entropy: hidden ({hidden.dtype}, {hidden.device}) and weight "
             f"({weight.dtype}, {weight.device}) must share dtype and device"
@@ -252,22 +260,42 @@ def fused_linear_cross_entropy(
     here). weights (N,) fp32: 0 for ignored tokens, including any normalisation. ``grad_weight_acc``
     (V_local, d), if given, is added to in place (several heads sharing one unembedding). No autograd:
     inputs are used as plain tensors.
+
+    Inside an autocast region the products run in its dtype (bf16 logits from fp32 weights, as an
+    autocast ``nn.Linear`` would give), and the gradients come back in the inputs' own dtypes.
     """
-    _validate(hidden, weight, labels, weights, vocab_start)
+    compute_dtype = _autocast_dtype(hidden.device)
+    _validate(hidden, weight, labels, weights, vocab_start, same_dtype=compute_dtype is None)
     impl = _resolve_impl(impl, hidden.device)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     hidden, weight = hidden.detach().contiguous(), weight.detach().contiguous()
     labels = labels.contiguous().to(torch.int64)
     weights = weights.detach().to(torch.float32).contiguous()
-    n_rows, v_local = hidden.shape[0], weight.shape[0]
-    chunk = chunk_size or default_chunk_size(n_rows, v_local, hidden.element_size())
 
-    loss_rows = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
+    loss_rows = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
     grad_weight = grad_weight_acc
     if grad_weight is None and need_grad_weight:
         grad_weight = torch.zeros_like(weight)
+    if compute_dtype is not None:
+        hidden, weight = hidden.to(compute_dtype), weight.to(compute_dtype)
+    with torch.autocast(hidden.device.type, enabled=False):  # the dtypes are settled above
+        _chunked_loss_and_grads(hidden, weight, labels, weights, loss_rows, grad_hidden, grad_weight,
+                                vocab_start, tp_group, impl, chunk_size)
+    if grad_hidden is not None and tp_world_size(tp_group) > 1:
+        dist.all_reduce(grad_hidden, group=tp_group)
+    return LCEResult(loss_rows.sum(), grad_hidden, grad_weight)
+
+
+def _chunked_loss_and_grads(hidden: Tensor, weight: Tensor, labels: Tensor, weights: Tensor,
+                            loss_rows: Tensor, grad_hidden: Tensor | None, grad_weight: Tensor | None,
+                            vocab_start: int, tp_group: dist.ProcessGroup | None, impl: str,
+                            chunk_size: int | None) -> None:
+    """The chunk loop of ``fused_linear_cross_entropy``: fills loss_rows and the gradients in place.
+    A gradient whose dtype differs from the products' (fp32 under autocast) gets each chunk cast."""
+    n_rows, v_local = hidden.shape[0], weight.shape[0]
+    chunk = chunk_size or default_chunk_size(n_rows, v_local, hidden.element_size())
     for start in range(0, n_rows, chunk):
         end = min(start + chunk, n_rows)
         h_chunk = hidden[start:end]
@@ -279,13 +307,16 @@ def fused_linear_cross_entropy(
             loss_rows[start:end] = softmax_grad_chunk_torch(logits, labels[start:end],
                                                             weights[start:end], vocab_start, tp_group)
         if grad_hidden is not None:
-            torch.mm(logits, weight, out=grad_hidden[start:end])
+            if grad_hidden.dtype == logits.dtype:
+                torch.mm(logits, weight, out=grad_hidden[start:end])
+            else:
+                grad_hidden[start:end] = torch.mm(logits, weight)
         if grad_weight is not None:
-            grad_weight.addmm_(logits.t(), h_chunk)
+            if grad_weight.dtype == logits.dtype:
+                grad_weight.addmm_(logits.t(), h_chunk)
+            else:
+                grad_weight.add_(torch.mm(logits.t(), h_chunk))
         del logits
-    if grad_hidden is not None and tp_world_size(tp_group) > 1:
-        dist.all_reduce(grad_hidden, group=tp_group)
-    return LCEResult(loss_rows.sum(), grad_hidden, grad_weight)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -126,6 +126,25 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+
+def test_fp32_model_trains_under_bf16_autocast():
+    """fp32 master weights with bf16 autocast (the usual single-GPU recipe): the fused multi-token loss
+    runs its products in bf16 and returns fp32 gradients within bf16's error of the fp32 ones."""
+    tokens, labels = _batch()
+    model = _model(n_future=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(tokens, labels).loss
+    mixed.backward()
+    mixed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full = model(tokens, labels).loss
+    full.backward()
+    assert abs(mixed.item() - full.item()) < 1e-2 * full.item()
+    for (name, p), g in zip(model.named_parameters(), mixed_grads):
+        assert g.dtype == torch.float32, name
+        err = ((g - p.grad).abs().max() / p.grad.abs().max()).item()
+        assert err < 5e-2, f"{name}: relative error {err:.3g}"
+
 class ConcatCache:
     """The KV-cache protocol in its simplest form (test-side): keep everything, concatenate."""
 

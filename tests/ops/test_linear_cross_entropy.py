@@ -146,6 +146,34 @@ def test_gpu_triton_matches_float64_reference(dtype, n_tokens, dim, vocab, chunk
     _check("triton", dtype, n_tokens, dim, vocab, chunk, device="cuda")
 
 
+def _check_autocast(impl, device):
+    """fp32 inputs inside a bf16 autocast region (fp32 master weights, bf16 compute): the products
+    run in bf16 and the gradients come back in fp32, within bf16's tolerance of float64."""
+    hidden, weight, labels, mask = _inputs(37, 16, 45, torch.float32, seed=3, device=device)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, labels, mask, impl=impl, chunk_size=8)
+    loss.backward()
+    h_ref, w_ref = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    naive_loss(h_ref, w_ref, labels, mask).backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    tol = TOLERANCES[torch.bfloat16]
+    assert_close(loss, naive_loss(hidden.double(), weight.double(), labels, mask), tol["loss"], "loss")
+    assert_close(h.grad, h_ref.grad, tol["grad"], "grad hidden")
+    assert_close(w.grad, w_ref.grad, tol["grad"], "grad weight")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp32_inputs_under_bf16_autocast(impl):
+    _check_autocast(impl, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fp32_inputs_under_bf16_autocast():
+    _check_autocast("triton", "cuda")
+
+
 
 def test_no_grad_gives_the_same_loss():
     hidden, weight, labels, mask = _inputs(13, 8, 21, torch.float32)
