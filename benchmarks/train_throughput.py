@@ -140,14 +140,18 @@ def main() -> int:
     device = "cpu" if args.smoke_cpu else "cuda"
     steps, warmup = (3, 1) if args.smoke_cpu else (args.steps, args.warmup)
     rows = {}
+
+    def add(name: str, rates: list[float]) -> None:  # printed at once: a run cut short keeps its rows
+        rows[name] = summarize(rates, warmup, s)
+        print(f"{name}: {rows[name]['tokens_per_s']:,.0f} tokens/s, MFU {rows[name]['mfu']:.1%}", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         tok, data = make_data(Path(tmp), s, 2_000_000 if args.smoke_cpu else 40_000_000)
         for n in (1, 4):
-            rows[f"megafim n_future={n}"] = summarize(
-                megafim_tokens_per_s(s, steps, args.micro_batch, n, tok, data, args.smoke_cpu), warmup, s)
-    rows["hf eager"] = summarize(hf_tokens_per_s(s, steps, args.micro_batch, False, device), warmup, s)
+            add(f"megafim n_future={n}", megafim_tokens_per_s(s, steps, args.micro_batch, n, tok, data, args.smoke_cpu))
+    add("hf eager", hf_tokens_per_s(s, steps, args.micro_batch, False, device))
     if not args.skip_compiled and not args.smoke_cpu:
-        rows["hf compiled"] = summarize(hf_tokens_per_s(s, steps, args.micro_batch, True, device), warmup, s)
+        add("hf compiled", hf_tokens_per_s(s, steps, args.micro_batch, True, device))
     base = rows.get("hf compiled", rows["hf eager"])["tokens_per_s"]
     for name, row in rows.items():
         row["vs_hf_best"] = row["tokens_per_s"] / base
