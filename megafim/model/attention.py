@@ -11,7 +11,6 @@ out), and the caller passes the rotary tables of the new tokens' absolute positi
 
 from __future__ import annotations
 
-import functools
 from typing import Protocol
 
 import torch
@@ -27,14 +26,15 @@ class KVCache(Protocol):
         """Append k, v (B, T_new, n_kv, hd); return all cached keys and values (B, T_all, n_kv, hd)."""
 
 
-@functools.cache
+try:  # looked up at import, not per call, so that torch.compile never traces an import
+    from flash_attn import flash_attn_func as _FLASH_ATTN
+except ImportError:
+    _FLASH_ATTN = None
+
+
 def _flash_attn_func():
     """flash-attn's ``flash_attn_func``, or None when flash-attn (a CUDA-only build) is not installed."""
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError:
-        return None
-    return flash_attn_func
+    return _FLASH_ATTN
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

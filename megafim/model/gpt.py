@@ -80,6 +80,14 @@ class GPT(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
+    def compile_blocks(self) -> None:
+        """``torch.compile`` every transformer block in place (torchtitan's per-block recipe): the
+        blocks are where the time goes, and their norms, rotary embedding and SwiGLU fuse into a few
+        kernels. Parameter names do not change. The fused loss (its own Triton kernel, with the
+        heads' backward inside an autograd Function) is left eager."""
+        for block in [*self.layers.values(), *self.heads.values()]:
+            block.compile()
+
     # -- pieces the trainer (pipeline stages) and inference call separately --------------------------
 
     def rope(self, seq_len: int, start_pos: int = 0,

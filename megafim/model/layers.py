@@ -16,20 +16,27 @@ from torch import Tensor, nn
 log = logging.getLogger("megafim.model")
 
 
-@functools.cache
 def announce(kind: str, path: str) -> None:
-    """Log, once per (kind, path), which implementation of ``kind`` runs."""
+    """Log, once per (kind, path), which implementation of ``kind`` runs (not while torch.compile
+    traces a block: logging there would break its graph)."""
+    if not torch.compiler.is_compiling():
+        _log_once(kind, path)
+
+
+@functools.cache
+def _log_once(kind: str, path: str) -> None:
     log.info("%s: using %s", kind, path)
 
 
-@functools.cache
+try:  # looked up at import, not per call, so that torch.compile never traces an import
+    from apex.normalization.fused_layer_norm import fused_rms_norm_affine as _APEX_RMS_NORM
+except ImportError:
+    _APEX_RMS_NORM = None
+
+
 def _apex_rms_norm():
     """apex's fused RMSNorm function, or None when apex (a CUDA-only build) is not installed."""
-    try:
-        from apex.normalization.fused_layer_norm import fused_rms_norm_affine
-    except ImportError:
-        return None
-    return fused_rms_norm_affine
+    return _APEX_RMS_NORM
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

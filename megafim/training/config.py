@@ -27,6 +27,9 @@ class ModelSection:
     """Number of future-token heads; head i predicts token t+i. 1 is ordinary next-token training."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of storing them."""
+    compile: bool = False
+    """``torch.compile`` each transformer block (trunk and heads); the fused loss stays eager. Not
+    with ZeRO-3, whose parameter hooks run inside the blocks."""
     overrides: dict = field(default_factory=dict)
     """Any other ``ModelConfig`` field, e.g. ``{n_layers: 4, hidden_size: 128}``; applied over the size."""
 
@@ -291,6 +294,9 @@ def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> Non
     _choice(cfg.logging.progress_bar, "logging.progress_bar", ("auto", "on", "off"))
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    if cfg.model.compile and p.zero_stage == 3:
+        raise ConfigError("model.compile = true with parallel.zero_stage = 3 is not supported: ZeRO-3 "
+                          "gathers parameters in hooks inside the compiled blocks; use ZeRO 0-2")
     grad_accumulation_steps(cfg, world_size)
     if model_config is not None:
         validate_model_shape(cfg, model_config)

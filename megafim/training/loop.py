@@ -126,6 +126,9 @@ def setup(cfg: TrainConfig) -> tuple[Run, object]:
         checkpoint_io.load_full_weights(stage.model, ckpt)
     apply_tensor_parallel(stage.model, dims)
     stage.to(device)
+    if cfg.model.compile:
+        stage.model.compile_blocks()
+        log.info("model: transformer blocks compiled with torch.compile (the first steps include compiling)")
     optimizer = build_optimizer(stage, cfg.optimizer)
     engine, *_ = deepspeed.initialize(model=stage, optimizer=optimizer, config=ds_config, mpu=DeepSpeedMPU(dims))
     checkpoint_io.name_checkpoint_files(engine, dims)

@@ -182,7 +182,7 @@ def test_init_scales_output_projections():
 
 
 def test_the_cpu_paths_are_logged(caplog):
-    model_layers.announce.cache_clear()
+    model_layers._log_once.cache_clear()
     tokens, _ = _batch(t=4)
     with caplog.at_level(logging.INFO, logger="megafim.model"):
         _model().logits(tokens)

@@ -31,6 +31,7 @@ def test_config_error_exits_2_with_one_line(tiny_data, tmp_path):
     (["--pipeline-model-parallel-size", "2", "--zero-stage", "3"], 2,
      "parallel.zero_stage = 3 with parallel.pipeline > 1"),
     (["--pipeline-model-parallel-size", "4"], 4, "parallel.pipeline = 4 stages need at least 3 trunk layers"),
+    (["--zero-stage", "3", "--set", "model.compile=true"], 1, "model.compile = true with parallel.zero_stage = 3"),
     (["--tokenizer-model", "/nonexistent.model"], 1, "data.tokenizer_model"),
 ])
 def test_checks_before_any_process_group(tiny_data, extra, world_size, message):
@@ -70,6 +71,22 @@ def test_loss_falls_and_exact_resume(tiny_data, tmp_path):
     saved = (save / "step_00000008" / "config.yaml").read_text()
     assert "train_iters: 8" in saved and "n_future: 2" in saved
 
+
+
+def test_compiled_blocks_train_like_eager(tiny_data, tmp_path):
+    """model.compile = true (torch.compile per block) gives the eager run's losses, to rounding."""
+    args = base_args(tiny_data) + ["--train-iters", "3", "--zero-stage", "1"]
+    runs = {}
+    for compiled in (False, True):
+        save = tmp_path / f"compile_{compiled}"
+        proc = launch(1, args + ["--save", str(save), "--set", f"model.compile={str(compiled).lower()}"],
+                      tmp_path)
+        check(proc)
+        runs[compiled] = metrics(save)
+    assert "blocks compiled with torch.compile" in proc.stdout + proc.stderr
+    for eager, compiled in zip(runs[False], runs[True], strict=True):
+        assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+        assert compiled["grad_norm"] == pytest.approx(eager["grad_norm"], rel=1e-3)
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_data, tmp_path):
     """An infinite learning rate makes the weights inf/NaN after one update, so every later loss is NaN:
