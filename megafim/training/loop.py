@@ -167,11 +167,12 @@ def _stage_comm(dims: ParallelDims, plan: StagePlan, shape, dtype, device) -> St
 # One optimizer step.
 
 
-def train_step(run: Run, batches: list[dict]) -> tuple[torch.Tensor, bool]:
+def train_step(run: Run, batches: list[dict]) -> tuple[torch.Tensor, bool, float]:
     """Forward/backward every micro-batch in 1F1B order and apply (or skip) the update.
 
     Returns (the stats vector [loss, head losses..., non-finite count] averaged over the global batch
-    and summed over ranks, identical on every rank; whether the update was skipped)."""
+    and summed over ranks, identical on every rank; whether the update was skipped; the global
+    gradient norm before clipping)."""
     engine, plan, gas, dev = run.engine, run.plan, run.gas, run.device
     n_heads = run.mc.n_future
     sums = torch.zeros(n_heads + 2, dtype=torch.float64, device=dev)  # loss, heads..., non-finite
@@ -208,6 +209,7 @@ def train_step(run: Run, batches: list[dict]) -> tuple[torch.Tensor, bool]:
     nonfinite = bool(sums[-1] > 0)
     if nonfinite:
         run.optimizer.skip_next_step()
+    own_norm = _grad_norm_before_step(run) if _deepspeed_keeps_no_norm(run) else None
     before = engine.skipped_steps
     engine.step()
     # ZeRO-1/2 also skip a step by themselves when a gradient overflows while the loss is finite; their
@@ -217,7 +219,7 @@ def train_step(run: Run, batches: list[dict]) -> tuple[torch.Tensor, bool]:
     sums[:-1] /= torch.clamp(finite, min=1)
     if nonfinite:  # say so rather than average the finite micro-batches
         sums[:-1] = float("nan")
-    return sums.cpu(), skipped
+    return sums.cpu(), skipped, own_norm if own_norm is not None else _grad_norm(engine)
 
 
 def _grad_norm(engine) -> float:
@@ -225,6 +227,22 @@ def _grad_norm(engine) -> float:
     if norm is None:
         return float("nan")
     return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def _deepspeed_keeps_no_norm(run: Run) -> bool:
+    """ZeRO-0 in fp32: DeepSpeed clips the plain gradients but does not keep their norm (its ZeRO 1-3
+    and bf16 optimizers do)."""
+    e = run.engine
+    return run.cfg.parallel.zero_stage == 0 and not (e.bfloat16_enabled() or e.fp16_enabled())
+
+
+def _grad_norm_before_step(run: Run) -> float:
+    """The norm DeepSpeed's ZeRO-0 clipping computes, from the same (already data-parallel averaged)
+    gradients and with the same model-parallel reduction: its own ``clip_grad_norm_`` with an infinite
+    limit, which scales nothing."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    return float(clip_grad_norm_(run.stage.parameters(), max_norm=float("inf"), mpu=run.engine.mpu))
 
 
 def _memory_gib() -> float:
@@ -269,7 +287,7 @@ def train(cfg: TrainConfig) -> int:
             t0 = time.perf_counter()
             lr = lr_at(cfg, state.step)
             run.optimizer.set_lr(lr)
-            stats, skipped = train_step(run, [next(micro) for _ in range(run.gas)])
+            stats, skipped, grad_norm = train_step(run, [next(micro) for _ in range(run.gas)])
             state.step += 1
             state.consumed_samples += cfg.batch.global_batch_size
             state.epoch = sampler.epoch(state.consumed_samples)
@@ -278,7 +296,7 @@ def train(cfg: TrainConfig) -> int:
             tps = tokens_per_step / dt
             run.log.log(StepMetrics(
                 step=state.step, loss=float(stats[0]), head_losses=[float(x) for x in stats[1:-1]], lr=lr,
-                grad_norm=_grad_norm(run.engine), tokens_per_s=tps,
+                grad_norm=grad_norm, tokens_per_s=tps,
                 mfu=flops_per_token * tps / (peak * run.dims.world_size) if peak else None,
                 memory_gib=round(_memory_gib(), 3), step_time_s=dt, consumed_samples=state.consumed_samples,
                 skipped=skipped))

@@ -64,6 +64,7 @@ def test_loss_falls_and_exact_resume(tiny_data, tmp_path):
         assert set(r) >= {"step", "loss", "loss_head_1", "loss_head_2", "lr", "grad_norm", "tokens_per_s",
                           "mfu", "memory_gib"}
         assert r["loss"] == pytest.approx(r["loss_head_1"] + r["loss_head_2"])
+        assert isinstance(r["grad_norm"], float) and r["grad_norm"] > 0  # ZeRO-0 fp32: ours, not nan
     assert (save / "latest").read_text().strip() == "step_00000008"
     assert sorted(p.name for p in save.glob("step_*")) == ["step_00000004", "step_00000008"]
     assert list((save / "tensorboard").glob("events.out.tfevents.*"))
@@ -72,6 +73,17 @@ def test_loss_falls_and_exact_resume(tiny_data, tmp_path):
     assert "train_iters: 8" in saved and "n_future: 2" in saved
 
 
+
+
+def test_zero0_reports_the_gradient_norm_zero1_reports(tiny_data, tmp_path):
+    """DeepSpeed keeps no gradient norm under ZeRO-0 in fp32; the trainer's own equals ZeRO-1's."""
+    norms = {}
+    for stage in ("0", "1"):
+        save = tmp_path / f"zero{stage}"
+        check(launch(1, base_args(tiny_data) + ["--train-iters", "2", "--zero-stage", stage, "--save", str(save)],
+                     tmp_path))
+        norms[stage] = [r["grad_norm"] for r in metrics(save)]
+    assert norms["0"] == pytest.approx(norms["1"], rel=1e-5)
 
 def test_compiled_blocks_train_like_eager(tiny_data, tmp_path):
     """model.compile = true (torch.compile per block) gives the eager run's losses, to rounding."""
