@@ -13,7 +13,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
+#include <optional>
+#include <type_traits>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -106,7 +109,38 @@ struct TokenInfo {
 // low bits, kSlow when the token needs the byte-by-byte UTF-8 check (byte-fallback, special).
 constexpr uint32_t kSlow = 1u << 31;
 
-using Encoder = std::function<void(std::string_view, std::vector<int32_t>&)>;
+using EncodeFn = std::function<void(std::string_view, std::vector<int32_t>&)>;
+
+// How the re-encoded texts are encoded: the tokenizer's C++ encoder, or a callable (Python).
+struct Encoder {
+  EncodeFn fn;
+#ifdef MEGAFIM_HAVE_BPE
+  std::shared_ptr<const BpeEncoder> bpe;
+#endif
+};
+
+// Encodes the few short texts of one context. The C++ encoder's workspace is borrowed at the first
+// text and kept to the last (one pool lock per context, not two per text).
+class ContextEncoder {
+ public:
+  explicit ContextEncoder(const Encoder& e) : e_(e) {}
+  void operator()(std::string_view text, std::vector<int32_t>& dst) {
+#ifdef MEGAFIM_HAVE_BPE
+    if (e_.bpe) {
+      if (!session_) session_.emplace(*e_.bpe);
+      session_->encode(text, dst);
+      return;
+    }
+#endif
+    e_.fn(text, dst);
+  }
+
+ private:
+  const Encoder& e_;
+#ifdef MEGAFIM_HAVE_BPE
+  std::optional<BpeEncoder::Session> session_;
+#endif
+};
 
 struct Specials {
   int32_t eod, prefix, middle, suffix, pad;
@@ -191,17 +225,15 @@ class Fim {
   template <typename T>
   void transform(const T* ctx, size_t n, uint64_t seed, uint64_t epoch, uint64_t index, double rate,
                  double spm_rate, bool keep_length, Output& out) const {
-    const uint64_t vocab = bytes_.size();
-    bool bad = false;
-    for (size_t i = 0; i < n; ++i) bad |= static_cast<uint64_t>(ctx[i]) >= vocab;  // negatives wrap
-    if (bad) throw_bad_id(ctx, n);
+    if (!ids_in_vocab(ctx, n)) throw_bad_id(ctx, n);
     const T eod = static_cast<T>(sp_.eod);
+    ContextEncoder encode(encode_);
     size_t start = 0;
     for (uint64_t p = 0;; ++p) {
       const size_t end = std::find(ctx + start, ctx + n, eod) - ctx;
       if (p > 0) out.push(sp_.eod, kText);
       out.modes.push_back(piece(ctx + start, end - start, p > 0, end < n, piece_key(seed, epoch, index, p), rate,
-                                spm_rate, keep_length, out));
+                                spm_rate, keep_length, encode, out));
       if (end == n) break;
       start = end + 1;
     }
@@ -214,6 +246,19 @@ class Fim {
   std::vector<uint32_t> packed_;
   Specials sp_;
   Encoder encode_;
+
+  // Every id < vocabulary size (negative ones wrap around). Compared in T's own width, unsigned, so
+  // that the loop vectorizes (for the int16/int32 contexts datasets store; 64-bit lanes need SSE4.2).
+  template <typename T>
+  bool ids_in_vocab(const T* ctx, size_t n) const {
+    using U = std::make_unsigned_t<T>;
+    if (bytes_.size() > static_cast<size_t>(std::numeric_limits<U>::max())) return true;  // e.g. uint16, big vocab
+    const U vocab = static_cast<U>(bytes_.size());
+    const U* u = reinterpret_cast<const U*>(ctx);
+    U bad = 0;
+    for (size_t i = 0; i < n; ++i) bad |= static_cast<U>(u[i] >= vocab);
+    return bad == 0;
+  }
 
   template <typename T>
   [[noreturn]] void throw_bad_id(const T* p, size_t n) const {
@@ -245,16 +290,20 @@ class Fim {
   }
 
   // Number of characters of the core, or -1 when it cannot take part in FIM (piece_text is None).
+  // cum[j]: characters before token j (j = 0..m), for locate.
   template <typename T>
-  int64_t count_chars(const T* tok, size_t m) const {
-    int64_t chars = 0;
+  int64_t count_chars(const T* tok, size_t m, std::vector<uint64_t>& cum) const {
+    cum.resize(m + 1);
+    uint64_t chars = 0;
     uint32_t slow = 0;
+    cum[0] = 0;
     for (size_t i = 0; i < m; ++i) {  // the common case: only whole, valid characters
       const uint32_t v = packed_[tok[i]];
       chars += v & ~kSlow;
       slow |= v;
+      cum[i + 1] = chars;
     }
-    if (!(slow & kSlow)) return chars;
+    if (!(slow & kSlow)) return static_cast<int64_t>(chars);
     Utf8Checker c;
     for (size_t i = 0; i < m; ++i) {
       const TokenInfo& in = info_[tok[i]];
@@ -263,17 +312,15 @@ class Fim {
       for (unsigned char x : bytes_[tok[i]]) c.feed(x);
       if (!c.ok) return -1;
     }
-    return c.complete() ? chars : -1;
+    return c.complete() ? static_cast<int64_t>(chars) : -1;
   }
 
-  // Where character c starts, scanning forward from `from` (whose first character is `from_char`).
+  // Where character c starts: in the first token that ends after it (cum from count_chars).
   template <typename T>
-  Pos locate(const T* core, size_t m, uint64_t c, Pos from, uint64_t& from_char) const {
-    size_t t = from.tok;
-    uint64_t seen = from_char;
-    while (t < m && seen + info_[core[t]].n_chars <= c) seen += info_[core[t++]].n_chars;
-    from_char = seen;
+  Pos locate(const T* core, size_t m, uint64_t c, const std::vector<uint64_t>& cum) const {
+    const size_t t = std::upper_bound(cum.begin() + 1, cum.begin() + m + 1, c) - (cum.begin() + 1);
     if (t == m) return Pos{m, 0};
+    const uint64_t seen = cum[t];
     const std::string& b = bytes_[core[t]];
     uint32_t off = 0;
     for (uint64_t k = c - seen;; ++off)
@@ -293,10 +340,10 @@ class Fim {
 
   template <typename T>
   uint8_t piece(const T* tok, size_t n, bool after_eod, bool before_eod, uint64_t key, double rate,
-                double spm_rate, bool keep_length, Output& out) const;
+                double spm_rate, bool keep_length, ContextEncoder& encode, Output& out) const;
   template <typename T>
   void encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, bool at_doc_end,
-                   std::vector<int32_t>& dst) const;
+                   ContextEncoder& encode, std::vector<int32_t>& dst) const;
 };
 
 // The core's text [s, e) encoded on its own. Only the words at its two ends are encoded again: every
@@ -305,7 +352,7 @@ class Fim {
 // encoding and its start counts as a word boundary; `at_doc_end` likewise for its end.
 template <typename T>
 void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, bool at_doc_end,
-                      std::vector<int32_t>& dst) const {
+                      ContextEncoder& encode, std::vector<int32_t>& dst) const {
   if (s == e) return;
   thread_local std::string text;
   const size_t inside_end = e.tok + (e.off > 0);  // tokens j < inside_end start before e
@@ -317,7 +364,7 @@ void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, 
     if (w1 >= inside_end) {  // no word boundary inside: encode it all
       text.clear();
       append_text(core, s, e, text);
-      encode_(text, dst);
+      encode(text, dst);
       return;
     }
   }
@@ -327,19 +374,19 @@ void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, 
   if (!s_boundary) {
     text.clear();
     append_text(core, s, Pos{w1, 0}, text);
-    encode_(text, dst);
+    encode(text, dst);
   }
   dst.insert(dst.end(), core + w1, core + w2);
   if (!(e_boundary && w2 == m)) {
     text.clear();
     append_text(core, Pos{w2, 0}, e, text);
-    encode_(text, dst);
+    encode(text, dst);
   }
 }
 
 template <typename T>
 uint8_t Fim::piece(const T* tok, size_t n, bool after_eod, bool before_eod, uint64_t key, double rate,
-                   double spm_rate, bool keep_length, Output& out) const {
+                   double spm_rate, bool keep_length, ContextEncoder& encode, Output& out) const {
   auto unchanged = [&]() {
     out.push_range(tok, tok + n, kText);
     return kAr;
@@ -349,24 +396,23 @@ uint8_t Fim::piece(const T* tok, size_t n, bool after_eod, bool before_eod, uint
   edges(tok, n, lead, trail);
   const T* core = tok + lead;
   const size_t m = n - lead - trail;
-  const int64_t n_chars = count_chars(core, m);
+  thread_local std::vector<uint64_t> cum;
+  const int64_t n_chars = count_chars(core, m, cum);
   if (n_chars <= 0) return unchanged();
   const uint8_t mode = uniform(draw(key, kDrawSpm)) < spm_rate ? kSpm : kPsm;
   if (out.full() && !keep_length) return mode;  // cut off entirely: only its mode is reported
   uint64_t a = below(draw(key, kDrawCutA), n_chars + 1), b = below(draw(key, kDrawCutB), n_chars + 1);
   if (a > b) std::swap(a, b);
-  uint64_t seen = 0;
-  const Pos A = locate(core, m, a, Pos{0, 0}, seen);
-  const Pos B = locate(core, m, b, Pos{A.tok, 0}, seen);
+  const Pos A = locate(core, m, a, cum), B = locate(core, m, b, cum);
 
   thread_local std::vector<int32_t> prefix, middle, suffix;
   prefix.clear();
   middle.clear();
   suffix.clear();
   const bool doc_start = after_eod && lead == 0, doc_end = before_eod && trail == 0;
-  encode_part(core, m, Pos{0, 0}, A, doc_start, doc_end, prefix);
-  encode_part(core, m, A, B, doc_start, doc_end, middle);
-  encode_part(core, m, B, Pos{m, 0}, doc_start, doc_end, suffix);
+  encode_part(core, m, Pos{0, 0}, A, doc_start, doc_end, encode, prefix);
+  encode_part(core, m, A, B, doc_start, doc_end, encode, middle);
+  encode_part(core, m, B, Pos{m, 0}, doc_start, doc_end, encode, suffix);
   suffix.insert(suffix.end(), tok + n - trail, tok + n);
   int64_t pad = 0;
   if (keep_length) {
@@ -400,9 +446,15 @@ uint8_t Fim::piece(const T* tok, size_t n, bool after_eod, bool before_eod, uint
 // ---------------------------------------------------------------------------------------------
 // Python bindings
 // ---------------------------------------------------------------------------------------------
+struct Options {
+  double rate = 0.0, spm_rate = 0.0;
+  bool keep_length = false, mask_sentinels = false;
+};
+
 struct PyFim {
   std::unique_ptr<Fim> fim;
   bool releases_gil = false;  // a native encoder needs no Python: transform runs without the GIL
+  Options options;            // what `sample` uses (set_options)
 };
 
 std::vector<std::string> to_strings(const py::list& token_bytes) {
@@ -412,26 +464,29 @@ std::vector<std::string> to_strings(const py::list& token_bytes) {
   return v;
 }
 
-py::tuple run(const PyFim& self, const py::array& context, uint64_t seed, uint64_t epoch, uint64_t index,
-              double rate, double spm_rate, bool keep_length, bool mask_sentinels) {
+// Transforms `context` into new arrays: (tokens int64, loss float32, middle bool), modes in `modes`.
+py::tuple transform_arrays(const PyFim& self, const py::array& context, uint64_t seed, uint64_t epoch,
+                           uint64_t index, const Options& o, std::vector<uint8_t>* modes) {
   if (context.ndim() != 1) throw std::invalid_argument("FIM context must be a 1-D token array");
   py::array c = py::array::ensure(context, py::array::c_style);
-  // The element type is read here, with the GIL: the transform below may run without it.
-  const int type = py::isinstance<py::array_t<int64_t>>(c) ? 0 : py::isinstance<py::array_t<int32_t>>(c) ? 1
-                   : py::isinstance<py::array_t<uint16_t>>(c) ? 2 : 3;
+  // The element type is read here, with the GIL: the transform below may run without it. The
+  // dataset passes its .bin dtype (uint16 for vocabularies below 65535) as it is.
+  const int type = py::isinstance<py::array_t<uint16_t>>(c) ? 2 : py::isinstance<py::array_t<int64_t>>(c) ? 0
+                   : py::isinstance<py::array_t<int32_t>>(c) ? 1 : 3;
   if (type == 3) c = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(c);
   const size_t n = c.shape(0);
   py::array_t<int64_t> tokens(n);
   py::array_t<float> loss(n);
   py::array_t<bool> middle(n);
-  Output out(tokens.mutable_data(), loss.mutable_data(), middle.mutable_data(), n, mask_sentinels);
+  Output out(tokens.mutable_data(), loss.mutable_data(), middle.mutable_data(), n, o.mask_sentinels);
   auto go = [&]() {
+    const Fim& f = *self.fim;
     if (type == 0 || type == 3)
-      self.fim->transform(static_cast<const int64_t*>(c.data()), n, seed, epoch, index, rate, spm_rate, keep_length, out);
+      f.transform(static_cast<const int64_t*>(c.data()), n, seed, epoch, index, o.rate, o.spm_rate, o.keep_length, out);
     else if (type == 1)
-      self.fim->transform(static_cast<const int32_t*>(c.data()), n, seed, epoch, index, rate, spm_rate, keep_length, out);
+      f.transform(static_cast<const int32_t*>(c.data()), n, seed, epoch, index, o.rate, o.spm_rate, o.keep_length, out);
     else
-      self.fim->transform(static_cast<const uint16_t*>(c.data()), n, seed, epoch, index, rate, spm_rate, keep_length, out);
+      f.transform(static_cast<const uint16_t*>(c.data()), n, seed, epoch, index, o.rate, o.spm_rate, o.keep_length, out);
   };
   if (self.releases_gil) {
     py::gil_scoped_release nogil;
@@ -439,8 +494,17 @@ py::tuple run(const PyFim& self, const py::array& context, uint64_t seed, uint64
   } else {
     go();
   }
-  py::bytes modes(reinterpret_cast<const char*>(out.modes.data()), out.modes.size());
-  return py::make_tuple(tokens, loss, middle, modes);
+  if (modes) *modes = std::move(out.modes);
+  return py::make_tuple(std::move(tokens), std::move(loss), std::move(middle));
+}
+
+py::tuple run(const PyFim& self, const py::array& context, uint64_t seed, uint64_t epoch, uint64_t index,
+              double rate, double spm_rate, bool keep_length, bool mask_sentinels) {
+  std::vector<uint8_t> modes;
+  py::tuple arrays = transform_arrays(self, context, seed, epoch, index,
+                                      Options{rate, spm_rate, keep_length, mask_sentinels}, &modes);
+  py::bytes m(reinterpret_cast<const char*>(modes.data()), modes.size());
+  return py::make_tuple(arrays[0], arrays[1], arrays[2], m);
 }
 
 }  // namespace
@@ -455,7 +519,8 @@ PYBIND11_MODULE(fim, m) {
           [](const py::list& token_bytes, int32_t eod, int32_t pre, int32_t mid, int32_t suf, int32_t pad,
              py::function encode) {
             // For tests and tokenizers without a native encoder: encode(str) -> list[int].
-            Encoder enc = [encode](std::string_view text, std::vector<int32_t>& dst) {
+            Encoder enc;
+            enc.fn = [encode](std::string_view text, std::vector<int32_t>& dst) {
               py::str s(text.data(), text.size());
               for (const py::handle& t : encode(s)) dst.push_back(t.cast<int32_t>());
             };
@@ -472,8 +537,8 @@ PYBIND11_MODULE(fim, m) {
              const py::list& pieces, std::vector<float> scores, std::vector<int> types) {
             // The tokenizer's own C++ encoder (csrc/bpe.h): exact sentencepiece ids, thread-safe.
             BpeModelSpec spec{to_strings(pieces), std::move(scores), std::move(types)};
-            auto bpe = std::make_shared<const BpeEncoder>(std::move(spec));
-            Encoder enc = [bpe](std::string_view text, std::vector<int32_t>& dst) { bpe->encode(text, dst); };
+            Encoder enc;
+            enc.bpe = std::make_shared<const BpeEncoder>(std::move(spec));
             PyFim f;
             f.fim = std::make_unique<Fim>(to_strings(token_bytes), Specials{eod, pre, mid, suf, pad}, enc);
             f.releases_gil = true;
@@ -484,7 +549,21 @@ PYBIND11_MODULE(fim, m) {
 #endif
       .def("transform", &run, py::arg("context"), py::arg("seed"), py::arg("epoch"), py::arg("index"),
            py::arg("rate"), py::arg("spm_rate"), py::arg("keep_length"), py::arg("mask_sentinels"),
-           "-> (tokens int64, loss_mask float32, middle_mask bool, modes bytes: 0 ar, 1 psm, 2 spm)");
+           "-> (tokens int64, loss_mask float32, middle_mask bool, modes bytes: 0 ar, 1 psm, 2 spm)")
+      .def(
+          "set_options",
+          [](PyFim& self, double rate, double spm_rate, bool keep_length, bool mask_sentinels) {
+            self.options = Options{rate, spm_rate, keep_length, mask_sentinels};
+          },
+          py::arg("rate"), py::arg("spm_rate"), py::arg("keep_length"), py::arg("mask_sentinels"))
+      // The data loader's call, once per sample: four positional arguments, no modes.
+      .def(
+          "sample",
+          [](const PyFim& self, const py::array& context, uint64_t seed, uint64_t epoch, uint64_t index) {
+            return transform_arrays(self, context, seed, epoch, index, self.options, nullptr);
+          },
+          "(context, seed, epoch, index) -> (tokens int64, loss_mask float32, middle_mask bool), with the "
+          "options of set_options");
   m.attr("has_native_encoder") = py::bool_(
 #ifdef MEGAFIM_HAVE_BPE
       true

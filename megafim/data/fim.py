@@ -64,6 +64,11 @@ class FimTransform:
     ``fim_middle``, ``fim_suffix``, ``fim_pad``. When it encodes with the C++ encoder
     (``backend == "native"``), re-encoding runs in C++ without the GIL on the same model
     (``model_spec()``); otherwise the C++ code calls ``tokenizer.encode`` for the words it re-encodes.
+
+    ``sample(context, seed, epoch, index) -> (tokens, loss_mask, middle_mask)`` is the same transform
+    without the modes, for ``GPTDataset.__getitem__``: one native call, arguments by position,
+    ``seed``/``epoch``/``index`` in [0, 2**64), ``context`` any integer numpy array (the dataset's own
+    dtype is fine).
     """
 
     def __init__(self, config: FimConfig, tokenizer) -> None:
@@ -84,6 +89,8 @@ class FimTransform:
         self._transform = self._native.transform
         self._options = (float(config.rate), float(config.spm_rate), config.level == "document",
                          config.mask_sentinels)
+        self._native.set_options(*self._options)
+        self.sample = self._native.sample
 
     # DataLoader workers started with "spawn" get a pickled copy: the native object is rebuilt there
     # (the tokenizer pickles itself, with its model).

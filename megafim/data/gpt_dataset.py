@@ -133,6 +133,14 @@ def _fim_seed(seed: int, split_name: str, path_prefix: str) -> int:
     return native.stream_seed(seed, 3, salt) & (2**63 - 1)
 
 
+def _fast_fim_entry(fim: Any) -> Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+    """``FimTransform.sample`` when ``fim`` is a FimTransform (the same samples as calling it, less
+    Python per sample), else None: other callables are called as documented."""
+    from megafim.data.fim import FimTransform
+
+    return fim.sample if isinstance(fim, FimTransform) else None
+
+
 class GPTDataset(torch.utils.data.Dataset):
     """Samples ``{"tokens", "labels", "loss_mask", "middle_mask"}`` of length ``seq_length``.
 
@@ -150,6 +158,7 @@ class GPTDataset(torch.utils.data.Dataset):
 
             indexed = IndexedDataset(spec.path_prefix)
         self.spec, self.indexed, self.fim = spec, indexed, fim
+        self._fim_sample = _fast_fim_entry(fim)
         self.fim_seed = _fim_seed(spec.seed, spec.split_name, spec.path_prefix)
         doc_idx = np.asarray(indexed.document_indices)
         first, last = spec.doc_range if spec.doc_range is not None else (0, len(doc_idx) - 1)
@@ -188,11 +197,13 @@ class GPTDataset(torch.utils.data.Dataset):
             for name in ("_entry", "doc_order", "sample_index", "shuffle_index", "epoch_starts", "_epoch_starts_list"):
                 state.pop(name)
             state["_cache_ref"] = (self._entry.path, self._entry.key)
+        state.pop("_fim_sample")  # a native bound method: taken from the unpickled fim again
         return state
 
     def __setstate__(self, state: dict) -> None:
         ref = state.pop("_cache_ref", None)
         self.__dict__.update(state)
+        self._fim_sample = _fast_fim_entry(self.fim)
         if ref is not None:
             path, key = ref
             self._set_arrays(CacheEntry(read_cache(path, key, verify_data=False), path, key))
@@ -217,7 +228,11 @@ class GPTDataset(torch.utils.data.Dataset):
 
     def context(self, i: int) -> np.ndarray:
         """The ``seq_length + 1`` tokens of sample ``i`` before FIM (int64)."""
-        j = int(self.shuffle_index[self._check_index(int(i))])
+        return self._stored_context(self._check_index(int(i))).astype(np.int64, copy=False)
+
+    def _stored_context(self, i: int) -> np.ndarray:
+        """``context(i)`` in the dataset's own dtype; ``i`` already checked."""
+        j = int(self.shuffle_index[i])
         (k0, o0), (k1, o1) = self.sample_index[j], self.sample_index[j + 1]
         k0, o0, k1, o1 = int(k0), int(o0), int(k1), int(o1)
         get, order = self.indexed.get, self.doc_order
@@ -227,7 +242,7 @@ class GPTDataset(torch.utils.data.Dataset):
             parts = [get(int(order[k0]), o0)]
             parts += [get(int(order[k])) for k in range(k0 + 1, k1)]
             parts.append(get(int(order[k1]), 0, o1 + 1))
-        ctx = np.concatenate(parts).astype(np.int64, copy=False)
+        ctx = np.concatenate(parts)
         if len(ctx) != self.spec.seq_length + 1:  # the index and the .idx disagree: never pad silently
             raise RuntimeError(f"sample {i} of {self.spec.path_prefix} read {len(ctx)} tokens, expected "
                                f"{self.spec.seq_length + 1}: stale index cache or changed dataset?")
@@ -235,11 +250,18 @@ class GPTDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         i = self._check_index(int(i))
-        ctx = self.context(i)
+        ctx = self._stored_context(i)
         if self.fim is None:
+            ctx = ctx.astype(np.int64, copy=False)
             loss_mask = np.ones(len(ctx), dtype=np.float32)
             middle_mask = np.zeros(len(ctx), dtype=bool)
+        elif self._fim_sample is not None:
+            # FimTransform, the hot path: one native call on the stored tokens (no int64 copy first),
+            # new int64/float32/bool arrays back; bisect is epoch_of without checking i again.
+            ctx, loss_mask, middle_mask = self._fim_sample(
+                ctx, self.fim_seed, bisect.bisect_right(self._epoch_starts_list, i) - 1, i)
         else:
+            ctx = ctx.astype(np.int64, copy=False)
             out = self.fim(ctx, seed=self.fim_seed, epoch=self.epoch_of(i), index=i)
             ctx = np.asarray(out.tokens, dtype=np.int64)
             loss_mask = np.asarray(out.loss_mask, dtype=np.float32)

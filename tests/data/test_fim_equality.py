@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megafim.data.fim import FimConfig, FimTransform
+from megafim.data.fim import FimConfig, FimResult, FimTransform
 from megafim.data.fim_reference import piece_key, transform_piece
 from tests.data.test_fim_fixtures import fim_tokenizer, fim_tokenizer_sp, small_model, train_tool  # noqa: F401
 
@@ -66,6 +66,10 @@ def test_fast_path_equals_definition(fim_tokenizer, data, seed, epoch, index, ra
     fast = t(ctx, seed=seed, epoch=epoch, index=index)
     assert len(fast.tokens) == len(ctx)
     assert_same(fast, t.reference(ctx, seed=seed, epoch=epoch, index=index))
+    # The data loader's entry (GPTDataset.__getitem__): the same arrays, from any stored dtype.
+    for dtype in (np.uint16, np.int32, np.int64):
+        tokens, loss, middle = t.sample(ctx.astype(dtype), seed, epoch, index)
+        assert_same(FimResult(tokens, loss, middle, fast.modes), fast)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -136,6 +140,24 @@ def test_python_encoder_path_equals_native_path(fim_tokenizer, fim_tokenizer_sp)
     for index in range(40):
         ctx = stream[index * 7:index * 7 + 257]
         assert_same(native(ctx, seed=5, epoch=2, index=index), python(ctx, seed=5, epoch=2, index=index))
+
+
+def test_many_pieces_per_context_native_equals_python_encoder(fim_tokenizer, fim_tokenizer_sp):  # noqa: F811
+    """Many short documents in one context: the C++ encoder encodes all their re-encoded words in one
+    session (one workspace for the context, its word cache warm from the earlier words), and must give
+    what encoding each word alone through tokenizer.encode gives."""
+    native = FimTransform(FimConfig(rate=1.0, spm_rate=0.5), fim_tokenizer)
+    python = FimTransform(FimConfig(rate=1.0, spm_rate=0.5), fim_tokenizer_sp)
+    words = ["def", " f(x):", "\n    return", " x", "  # 日本", " 😀 ∮", " élan", "\t1234", " y_z"]
+    rng = np.random.default_rng(0)
+    for index in range(60):
+        docs = ["".join(rng.choice(words, size=rng.integers(1, 6))) for _ in range(12)]
+        stream = [t for d in docs for t in fim_tokenizer.encode(d) + [fim_tokenizer.eod]]
+        ctx = np.asarray(stream[index % 5:], dtype=np.int32)
+        fast = native(ctx, seed=3, epoch=0, index=index)
+        assert fast.modes.count("ar") < len(fast.modes)
+        assert_same(fast, python(ctx, seed=3, epoch=0, index=index))
+        assert_same(fast, native.reference(ctx, seed=3, epoch=0, index=index))
 
 
 @pytest.mark.parametrize("level", ["context", "document"])

@@ -1,5 +1,6 @@
 """GPTDataset over real .bin/.idx files: samples against the token stream, splits, workers, FIM."""
 
+import pickle
 from dataclasses import replace
 
 import numpy as np
@@ -169,5 +170,12 @@ def test_fim_is_applied_to_the_context_by_seed_epoch_index(code_dataset, small_t
     loader = torch.utils.data.DataLoader(again, batch_size=5, num_workers=2)
     got = torch.cat([b["tokens"] for b in loader])
     assert torch.equal(got, torch.stack([ds[i]["tokens"] for i in range(len(ds))]))
+    # Workers started with "spawn" get a pickled copy; any other FIM callable goes the generic way.
+    copy = pickle.loads(pickle.dumps(ds))
+    generic = GPTDataset(spec, open_dataset(code_dataset), fim=lambda c, **kw: fim(c, **kw))
+    for i in range(len(ds)):
+        for other in (copy[i], generic[i]):
+            for key, value in ds[i].items():
+                assert torch.equal(other[key], value), key
     # Other splits or datasets draw other FIM randomness for the same index.
     assert GPTDataset(replace(spec, split_name="valid"), open_dataset(code_dataset)).fim_seed != ds.fim_seed
