@@ -106,8 +106,9 @@ struct TokenInfo {
 };
 
 // Per token, for the one pass over a piece that counts its characters: the character count in the
-// low bits, kSlow when the token needs the byte-by-byte UTF-8 check (byte-fallback, special).
-constexpr uint32_t kSlow = 1u << 31;
+// low 7 bits, kSlow when the token needs the byte-by-byte UTF-8 check (byte-fallback, special) or
+// holds 128 characters or more. One byte per token keeps the table in L1 (8 KiB for 8000 tokens).
+constexpr uint8_t kSlow = 0x80;
 
 using EncodeFn = std::function<void(std::string_view, std::vector<int32_t>&)>;
 
@@ -211,7 +212,7 @@ class Fim {
         in.first_space = b.front() == ' ';
         in.last_space = b.back() == ' ';
       }
-      packed_[t] = in.n_chars | (in.valid ? 0u : kSlow);
+      packed_[t] = in.valid && in.n_chars < kSlow ? static_cast<uint8_t>(in.n_chars) : kSlow;
     }
     for (int32_t id : {sp.eod, sp.prefix, sp.middle, sp.suffix, sp.pad})
       if (id < 0 || static_cast<size_t>(id) >= bytes_.size())
@@ -225,12 +226,13 @@ class Fim {
   template <typename T>
   void transform(const T* ctx, size_t n, uint64_t seed, uint64_t epoch, uint64_t index, double rate,
                  double spm_rate, bool keep_length, Output& out) const {
-    if (!ids_in_vocab(ctx, n)) throw_bad_id(ctx, n);
-    const T eod = static_cast<T>(sp_.eod);
+    thread_local std::vector<size_t> eods;
+    if (!scan(ctx, n, eods)) throw_bad_id(ctx, n);
+    eods.push_back(n);
     ContextEncoder encode(encode_);
     size_t start = 0;
     for (uint64_t p = 0;; ++p) {
-      const size_t end = std::find(ctx + start, ctx + n, eod) - ctx;
+      const size_t end = eods[p];
       if (p > 0) out.push(sp_.eod, kText);
       out.modes.push_back(piece(ctx + start, end - start, p > 0, end < n, piece_key(seed, epoch, index, p), rate,
                                 spm_rate, keep_length, encode, out));
@@ -243,20 +245,35 @@ class Fim {
  private:
   std::vector<std::string> bytes_;
   std::vector<TokenInfo> info_;
-  std::vector<uint32_t> packed_;
+  std::vector<uint8_t> packed_;
   Specials sp_;
   Encoder encode_;
 
-  // Every id < vocabulary size (negative ones wrap around). Compared in T's own width, unsigned, so
-  // that the loop vectorizes (for the int16/int32 contexts datasets store; 64-bit lanes need SSE4.2).
+  // One pass over the context: the positions of its end-of-text tokens (into `eods`), and whether every
+  // id is < the vocabulary size (negative ones wrap around). Compared in T's own width, unsigned, in
+  // blocks, so that the loop vectorizes (for the uint16/int32 contexts datasets store; 64-bit lanes
+  // need SSE4.2); a block is looked at again only when it holds an end-of-text.
   template <typename T>
-  bool ids_in_vocab(const T* ctx, size_t n) const {
+  bool scan(const T* ctx, size_t n, std::vector<size_t>& eods) const {
     using U = std::make_unsigned_t<T>;
-    if (bytes_.size() > static_cast<size_t>(std::numeric_limits<U>::max())) return true;  // e.g. uint16, big vocab
-    const U vocab = static_cast<U>(bytes_.size());
     const U* u = reinterpret_cast<const U*>(ctx);
+    const U eod = static_cast<U>(sp_.eod);
+    // With a vocabulary larger than U can count (uint16, >= 65536 ids) every id is in it.
+    const U vocab = static_cast<U>(std::min<size_t>(bytes_.size() - 1, std::numeric_limits<U>::max()));
+    eods.clear();
     U bad = 0;
-    for (size_t i = 0; i < n; ++i) bad |= static_cast<U>(u[i] >= vocab);
+    constexpr size_t kBlock = 64;
+    for (size_t b = 0; b < n; b += kBlock) {
+      const size_t e = std::min(n, b + kBlock);
+      U hit = 0;
+      for (size_t i = b; i < e; ++i) {
+        bad |= static_cast<U>(u[i] > vocab);
+        hit |= static_cast<U>(u[i] == eod);
+      }
+      if (hit)
+        for (size_t i = b; i < e; ++i)
+          if (u[i] == eod) eods.push_back(i);
+    }
     return bad == 0;
   }
 
@@ -295,18 +312,21 @@ class Fim {
   int64_t count_chars(const T* tok, size_t m, std::vector<uint64_t>& cum) const {
     cum.resize(m + 1);
     uint64_t chars = 0;
-    uint32_t slow = 0;
+    uint8_t slow = 0;
     cum[0] = 0;
     for (size_t i = 0; i < m; ++i) {  // the common case: only whole, valid characters
-      const uint32_t v = packed_[tok[i]];
+      const uint8_t v = packed_[tok[i]];
       chars += v & ~kSlow;
       slow |= v;
       cum[i + 1] = chars;
     }
     if (!(slow & kSlow)) return static_cast<int64_t>(chars);
     Utf8Checker c;
+    chars = 0;
     for (size_t i = 0; i < m; ++i) {
       const TokenInfo& in = info_[tok[i]];
+      chars += in.n_chars;
+      cum[i + 1] = chars;
       if (in.special) return -1;
       if (in.valid && c.need == 0) continue;
       for (unsigned char x : bytes_[tok[i]]) c.feed(x);

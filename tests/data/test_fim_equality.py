@@ -130,6 +130,32 @@ def test_rejects_ids_outside_the_vocabulary(fim_tokenizer):  # noqa: F811
         t(np.asarray([5, fim_tokenizer.vocab_size + 3]), seed=0, epoch=0, index=0)
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.int64])
+def test_id_check_and_end_of_text_search_in_every_dtype(fim_tokenizer, dtype):  # noqa: F811
+    """The first pass (ids checked against the vocabulary, end-of-texts found, in blocks of 64) at the
+    vocabulary's edge and with end-of-texts on and around block boundaries."""
+    tok = fim_tokenizer
+    t = FimTransform(FimConfig(rate=0.9), tok)
+    doc = tok.encode("def f(x):\n    return x + 1  # ok\n" * 20)
+    ctx = np.asarray(doc[:300], dtype=dtype)
+    for at in (0, 1, 62, 63, 64, 65, 127, 128, 191, 299):
+        ctx[at] = tok.eod
+    for index in range(8):
+        fast = t(ctx, seed=1, epoch=0, index=index)
+        assert_same(fast, t.reference(ctx.astype(np.int64), seed=1, epoch=0, index=index))
+    last = ctx.copy()
+    last[200] = tok.vocab_size - 1
+    t(last, seed=1, epoch=0, index=0)  # the last id is in the vocabulary
+    bad = [tok.vocab_size] + ([-1] if np.issubdtype(dtype, np.signedinteger) else [np.iinfo(dtype).max])
+    for value in bad:
+        wrong = ctx.copy()
+        wrong[130] = value
+        with pytest.raises(ValueError, match="position 130 is outside the vocabulary"):
+            t(wrong, seed=1, epoch=0, index=0)
+        with pytest.raises(ValueError, match="position 130 is outside the vocabulary"):
+            t.sample(wrong, 1, 0, 0)
+
+
 def test_python_encoder_path_equals_native_path(fim_tokenizer, fim_tokenizer_sp):  # noqa: F811
     """Re-encoding through tokenizer.encode (any tokenizer) gives what the C++ encoder gives."""
     native = FimTransform(FimConfig(rate=0.9), fim_tokenizer)
