@@ -307,44 +307,55 @@ class Fim {
   }
 
   // Number of characters of the core, or -1 when it cannot take part in FIM (piece_text is None).
-  // cum[j]: characters before token j (j = 0..m), for locate.
+  // blocks[k]: characters before token min(k * kCharBlock, m), k = 0..ceil(m / kCharBlock), for
+  // locate. Sums per block rather than per token: no store per token and a short dependency chain.
+  static constexpr size_t kCharBlock = 32;
   template <typename T>
-  int64_t count_chars(const T* tok, size_t m, std::vector<uint64_t>& cum) const {
-    cum.resize(m + 1);
+  int64_t count_chars(const T* tok, size_t m, std::vector<uint64_t>& blocks) const {
+    const size_t n_blocks = (m + kCharBlock - 1) / kCharBlock;
+    blocks.resize(n_blocks + 1);
     uint64_t chars = 0;
-    uint8_t slow = 0;
-    cum[0] = 0;
-    for (size_t i = 0; i < m; ++i) {  // the common case: only whole, valid characters
-      const uint8_t v = packed_[tok[i]];
-      chars += v & ~kSlow;
-      slow |= v;
-      cum[i + 1] = chars;
+    uint32_t slow = 0;
+    for (size_t k = 0; k < n_blocks; ++k) {  // the common case: only whole, valid characters
+      blocks[k] = chars;
+      const size_t e = std::min(m, (k + 1) * kCharBlock);
+      uint32_t sum = 0;  // exact while no kSlow bit is seen (and the block is then recounted)
+      for (size_t i = k * kCharBlock; i < e; ++i) {
+        const uint32_t v = packed_[tok[i]];
+        sum += v;
+        slow |= v;
+      }
+      chars += sum;
     }
+    blocks[n_blocks] = chars;
     if (!(slow & kSlow)) return static_cast<int64_t>(chars);
     Utf8Checker c;
     chars = 0;
     for (size_t i = 0; i < m; ++i) {
+      if (i % kCharBlock == 0) blocks[i / kCharBlock] = chars;
       const TokenInfo& in = info_[tok[i]];
       chars += in.n_chars;
-      cum[i + 1] = chars;
       if (in.special) return -1;
       if (in.valid && c.need == 0) continue;
       for (unsigned char x : bytes_[tok[i]]) c.feed(x);
       if (!c.ok) return -1;
     }
+    blocks[n_blocks] = chars;
     return c.complete() ? static_cast<int64_t>(chars) : -1;
   }
 
-  // Where character c starts: in the first token that ends after it (cum from count_chars).
+  // Where character c starts: in the first token that ends after it (blocks from count_chars).
   template <typename T>
-  Pos locate(const T* core, size_t m, uint64_t c, const std::vector<uint64_t>& cum) const {
-    const size_t t = std::upper_bound(cum.begin() + 1, cum.begin() + m + 1, c) - (cum.begin() + 1);
-    if (t == m) return Pos{m, 0};
-    const uint64_t seen = cum[t];
+  Pos locate(const T* core, size_t m, uint64_t c, const std::vector<uint64_t>& blocks) const {
+    const size_t k = std::upper_bound(blocks.begin() + 1, blocks.end(), c) - (blocks.begin() + 1);
+    if (k + 1 == blocks.size()) return Pos{m, 0};  // c is the character count: the end
+    size_t t = k * kCharBlock;  // the block that ends after c: the token is in it
+    uint64_t seen = blocks[k];
+    while (seen + info_[core[t]].n_chars <= c) seen += info_[core[t++]].n_chars;
     const std::string& b = bytes_[core[t]];
     uint32_t off = 0;
-    for (uint64_t k = c - seen;; ++off)
-      if (!is_cont(static_cast<uint8_t>(b[off])) && k-- == 0) break;
+    for (uint64_t left = c - seen;; ++off)
+      if (!is_cont(static_cast<uint8_t>(b[off])) && left-- == 0) break;
     return Pos{t, off};
   }
 
@@ -416,14 +427,14 @@ uint8_t Fim::piece(const T* tok, size_t n, bool after_eod, bool before_eod, uint
   edges(tok, n, lead, trail);
   const T* core = tok + lead;
   const size_t m = n - lead - trail;
-  thread_local std::vector<uint64_t> cum;
-  const int64_t n_chars = count_chars(core, m, cum);
+  thread_local std::vector<uint64_t> blocks;
+  const int64_t n_chars = count_chars(core, m, blocks);
   if (n_chars <= 0) return unchanged();
   const uint8_t mode = uniform(draw(key, kDrawSpm)) < spm_rate ? kSpm : kPsm;
   if (out.full() && !keep_length) return mode;  // cut off entirely: only its mode is reported
   uint64_t a = below(draw(key, kDrawCutA), n_chars + 1), b = below(draw(key, kDrawCutB), n_chars + 1);
   if (a > b) std::swap(a, b);
-  const Pos A = locate(core, m, a, cum), B = locate(core, m, b, cum);
+  const Pos A = locate(core, m, a, blocks), B = locate(core, m, b, blocks);
 
   thread_local std::vector<int32_t> prefix, middle, suffix;
   prefix.clear();

@@ -156,6 +156,19 @@ def test_id_check_and_end_of_text_search_in_every_dtype(fim_tokenizer, dtype):  
             t.sample(wrong, 1, 0, 0)
 
 
+def test_cuts_anywhere_in_long_pieces(fim_tokenizer):  # noqa: F811
+    """Pieces of hundreds of tokens (character counts are kept per block of 32 tokens), with and without
+    byte-fallback tokens (the slow count): the cuts land in every block, at block edges too."""
+    tok = fim_tokenizer
+    t = FimTransform(FimConfig(rate=1.0, spm_rate=0.5), tok)
+    for text in ("x = f(a, b)  # plain ascii\n" * 40, "s = '日本 😀 ∮ ᚠ 𝔘'  # π≈½\n" * 40):
+        ids = tok.encode(text)
+        for length in (31, 32, 33, 64, 65, 300):
+            ctx = np.asarray(ids[:length] + [tok.eod] + ids[5:5 + length], dtype=np.uint16)
+            for index in range(25):
+                assert_same(t(ctx, seed=2, epoch=0, index=index), t.reference(ctx, seed=2, epoch=0, index=index))
+
+
 def test_python_encoder_path_equals_native_path(fim_tokenizer, fim_tokenizer_sp):  # noqa: F811
     """Re-encoding through tokenizer.encode (any tokenizer) gives what the C++ encoder gives."""
     native = FimTransform(FimConfig(rate=0.9), fim_tokenizer)
