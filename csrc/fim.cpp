@@ -183,6 +183,32 @@ struct Output {
   }
 };
 
+// One of a FIM piece's three parts as it is written out: re-encoded words, the original tokens
+// core[from, to) between them (most of the part: pointed to, not copied), re-encoded words.
+struct Part {
+  std::vector<int32_t> head, tail;
+  size_t from = 0, to = 0;
+
+  void clear() {
+    head.clear();
+    tail.clear();
+    from = to = 0;
+  }
+  size_t size() const { return head.size() + (to - from) + tail.size(); }
+  void keep_first(size_t k) {  // drop all but the first k tokens
+    if (k <= head.size()) {
+      head.resize(k);
+      to = from;
+      tail.clear();
+    } else if (k - head.size() <= to - from) {
+      to = from + (k - head.size());
+      tail.clear();
+    } else {
+      tail.resize(k - head.size() - (to - from));
+    }
+  }
+};
+
 // A position in a piece's core text: byte `off` of token `tok` (tok == m, off == 0: the end).
 struct Pos {
   size_t tok;
@@ -374,7 +400,7 @@ class Fim {
                 double spm_rate, bool keep_length, ContextEncoder& encode, Output& out) const;
   template <typename T>
   void encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, bool at_doc_end,
-                   ContextEncoder& encode, std::vector<int32_t>& dst) const;
+                   ContextEncoder& encode, Part& dst) const;
 };
 
 // The core's text [s, e) encoded on its own. Only the words at its two ends are encoded again: every
@@ -383,7 +409,8 @@ class Fim {
 // encoding and its start counts as a word boundary; `at_doc_end` likewise for its end.
 template <typename T>
 void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, bool at_doc_end,
-                      ContextEncoder& encode, std::vector<int32_t>& dst) const {
+                      ContextEncoder& encode, Part& dst) const {
+  dst.clear();
   if (s == e) return;
   thread_local std::string text;
   const size_t inside_end = e.tok + (e.off > 0);  // tokens j < inside_end start before e
@@ -395,7 +422,7 @@ void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, 
     if (w1 >= inside_end) {  // no word boundary inside: encode it all
       text.clear();
       append_text(core, s, e, text);
-      encode(text, dst);
+      encode(text, dst.head);
       return;
     }
   }
@@ -405,13 +432,14 @@ void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, 
   if (!s_boundary) {
     text.clear();
     append_text(core, s, Pos{w1, 0}, text);
-    encode(text, dst);
+    encode(text, dst.head);
   }
-  dst.insert(dst.end(), core + w1, core + w2);
+  dst.from = w1;
+  dst.to = w2;
   if (!(e_boundary && w2 == m)) {
     text.clear();
     append_text(core, Pos{w2, 0}, e, text);
-    encode(text, dst);
+    encode(text, dst.tail);
   }
 }
 
@@ -436,31 +464,33 @@ uint8_t Fim::piece(const T* tok, size_t n, bool after_eod, bool before_eod, uint
   if (a > b) std::swap(a, b);
   const Pos A = locate(core, m, a, blocks), B = locate(core, m, b, blocks);
 
-  thread_local std::vector<int32_t> prefix, middle, suffix;
-  prefix.clear();
-  middle.clear();
-  suffix.clear();
+  thread_local Part prefix, middle, suffix;
   const bool doc_start = after_eod && lead == 0, doc_end = before_eod && trail == 0;
   encode_part(core, m, Pos{0, 0}, A, doc_start, doc_end, encode, prefix);
   encode_part(core, m, A, B, doc_start, doc_end, encode, middle);
   encode_part(core, m, B, Pos{m, 0}, doc_start, doc_end, encode, suffix);
-  suffix.insert(suffix.end(), tok + n - trail, tok + n);
+  suffix.tail.insert(suffix.tail.end(), tok + n - trail, tok + n);
   int64_t pad = 0;
   if (keep_length) {
     const int64_t excess = static_cast<int64_t>(lead + 3 + prefix.size() + middle.size() + suffix.size()) -
                            static_cast<int64_t>(n);
     if (excess > static_cast<int64_t>(suffix.size())) return unchanged();
-    if (excess > 0) suffix.resize(suffix.size() - excess);
+    if (excess > 0) suffix.keep_first(suffix.size() - excess);
     pad = excess < 0 ? -excess : 0;
   }
+  auto put = [&](const Part& part, uint8_t kind) {
+    out.push_range(part.head.data(), part.head.data() + part.head.size(), kind);
+    out.push_range(core + part.from, core + part.to, kind);
+    out.push_range(part.tail.data(), part.tail.data() + part.tail.size(), kind);
+  };
   auto put_suffix = [&]() {
-    out.push_range(suffix.data(), suffix.data() + suffix.size(), kText);
+    put(suffix, kText);
     for (int64_t i = 0; i < pad; ++i) out.push(sp_.pad, kPad);
   };
   out.push_range(tok, tok + lead, kText);
   out.push(sp_.prefix, kSentinel);
   if (mode == kPsm) {
-    out.push_range(prefix.data(), prefix.data() + prefix.size(), kText);
+    put(prefix, kText);
     out.push(sp_.suffix, kSentinel);
     put_suffix();
     out.push(sp_.middle, kSentinel);
@@ -468,9 +498,9 @@ uint8_t Fim::piece(const T* tok, size_t n, bool after_eod, bool before_eod, uint
     out.push(sp_.suffix, kSentinel);
     put_suffix();
     out.push(sp_.middle, kSentinel);
-    out.push_range(prefix.data(), prefix.data() + prefix.size(), kText);
+    put(prefix, kText);
   }
-  out.push_range(middle.data(), middle.data() + middle.size(), kMiddle);
+  put(middle, kMiddle);
   return mode;
 }
 
