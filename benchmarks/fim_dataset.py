@@ -9,6 +9,11 @@ The corpus is the standard library's own source: a tokenizer (tools/train_tokeni
 through ``GPTDataset.__getitem__``; only the FIM callable differs. Configurations are interleaved
 within each repeat so that load from other processes on a shared machine hits them alike; medians
 over repeats are reported. Writes benchmarks/results/fim_dataset.json.
+
+As in training, no sample is read twice: the dataset spans several epochs (each with its own FIM cut
+points), a warm-up reads the first ``--warmup`` samples, and every repeat reads samples of its own.
+So the encoder's word cache holds what a worker has seen before, not the very words being timed;
+``--same-samples`` re-reads one set in every repeat instead (the cache then holds every cut word).
 """
 
 from __future__ import annotations
@@ -151,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--samples", type=int, default=1000, help="samples read per configuration and repeat")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=1000, help="samples read before timing (page and word caches)")
+    p.add_argument("--same-samples", action="store_true",
+                   help="re-read the same samples in every repeat (warm word cache; the old measure)")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--files", type=int, default=800, help="standard-library files in the dataset")
     p.add_argument("--work-dir", default=str(REPO / "benchmarks" / "_work"))
@@ -159,19 +167,23 @@ def main(argv: list[str] | None = None) -> int:
 
     model, prefix = prepare(Path(args.work_dir), args.vocab_size, args.files)
     tok = Tokenizer.from_file(model)
-    spec = GPTDatasetSpec(path_prefix=prefix, seq_length=args.seq_length, seed=1234)
+    fresh = 1 if args.same_samples else args.repeats
+    spec = GPTDatasetSpec(path_prefix=prefix, seq_length=args.seq_length, seed=1234,
+                          num_samples=args.warmup + fresh * args.samples)
     configs = {"off": None}
     for rate in (0.5, 0.9):
-        configs[f"fim {rate}"] = FimTransform(FimConfig(rate=rate), tok)
-        configs[f"bigcode {rate}"] = BigcodeStyleFim(tok, rate, 0.5, seed=1234)
+        # A tokenizer each: its encoder's word cache must not hold the words another config just cut.
+        configs[f"fim {rate}"] = FimTransform(FimConfig(rate=rate), Tokenizer.from_file(model))
+        configs[f"bigcode {rate}"] = BigcodeStyleFim(Tokenizer.from_file(model), rate, 0.5, seed=1234)
     datasets = {name: GPTDataset(spec, fim=fim) for name, fim in configs.items()}
-    n = min(args.samples, len(datasets["off"]))
-    indices = list(range(n))
-    for ds in datasets.values():  # warm the page cache and the encoders' word caches alike
-        time_samples(ds, indices[: min(n, 100)])
+    n, warm = args.samples, list(range(args.warmup))
+    for ds in datasets.values():  # the page cache and the encoders' word caches, alike for all
+        time_samples(ds, warm)
     wall: dict[str, list[float]] = {name: [] for name in configs}
     cpu: dict[str, list[float]] = {name: [] for name in configs}
-    for _ in range(args.repeats):
+    for r in range(args.repeats):
+        first = args.warmup + (0 if args.same_samples else r * n)
+        indices = list(range(first, first + n))
         for name, ds in datasets.items():
             w, c = time_samples(ds, indices)
             wall[name].append(w)
@@ -187,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
             row["baseline_over_fim"] = med[name.replace("fim", "bigcode")] / med[name]
             row["wall_baseline_over_fim"] = med_wall[name.replace("fim", "bigcode")] / med_wall[name]
         rows.append(row)
-    print(f"seq_length {args.seq_length}, {n} samples x {args.repeats} repeats, tokenizer {tok.backend}, "
-          f"dataset {len(datasets['off'])} samples; medians, CPU time (wall time in brackets)")
+    print(f"seq_length {args.seq_length}, {n} samples x {args.repeats} repeats "
+          f"({'the same samples each repeat' if args.same_samples else 'new samples each repeat'}), "
+          f"{args.warmup} warm-up samples, tokenizer {tok.backend}; medians, CPU time (wall time in brackets)")
     print(f"{'config':<14}{'us/sample':>18}{'samples/s':>10}{'x off':>14}{'bigcode/ours':>16}")
     for r in rows:
         extra = (f"{r['baseline_over_fim']:>8.1f} [{r['wall_baseline_over_fim']:4.1f}]"
@@ -197,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['samples_per_cpu_s']:>10.0f}{r['vs_off']:>7.2f} [{r['wall_vs_off']:4.2f}]{extra}")
     result = {"benchmark": "fim_dataset", "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
               "machine": machine(), "seq_length": args.seq_length, "samples": n, "repeats": args.repeats,
+              "warmup": args.warmup, "same_samples": args.same_samples,
               "vocab_size": args.vocab_size, "tokenizer_backend": tok.backend, "rows": rows,
               "raw_cpu_seconds_per_sample": cpu,
               "raw_wall_seconds_per_sample": wall}
