@@ -350,9 +350,12 @@ def train_and_watch(cmd: list[str], save: Path, run_dir: Path, evaluate, keep: b
                     evals.append(evaluate(ckpt, step))
                     with open(run_dir / "evals.jsonl", "a", encoding="utf-8") as f:
                         f.write(json.dumps(evals[-1]) + "\n")
+                if not keep:  # also one that was the latest when it was evaluated and is no longer
+                    done = {e["step"] for e in evals}
                     latest = latest_checkpoint(save)
-                    if not keep and latest is not None and latest.name != ckpt.name:
-                        shutil.rmtree(ckpt, ignore_errors=True)
+                    for ckpt in list_checkpoints(save):
+                        if int(ckpt.name.split("_")[1]) in done and latest is not None and latest.name != ckpt.name:
+                            shutil.rmtree(ckpt, ignore_errors=True)
                 if finished:
                     break
                 time.sleep(2)

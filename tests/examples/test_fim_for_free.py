@@ -72,6 +72,35 @@ def write_jsonl(path: Path, files: list[Path]) -> None:
             out.write(json.dumps({"text": file.read_text(encoding="utf-8")}) + "\n")
 
 
+
+FAKE_TRAINER = """
+import pathlib, sys, time
+save = pathlib.Path(sys.argv[1])
+for step in (2, 4):
+    ckpt = save / f"step_{step:08d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    (save / "latest").write_text(ckpt.name)
+    time.sleep(3)  # the watcher (every 2 s) sees step 2 while it is still the latest
+"""
+
+
+def test_evaluated_checkpoints_are_deleted_once_no_longer_latest(tmp_path):
+    """A checkpoint evaluated while it was the latest goes as soon as a newer one exists."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("fim_for_free_run", SCRIPT)
+        run = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = run  # its dataclasses look their module up
+        spec.loader.exec_module(run)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    save = tmp_path / "ckpts"
+    evals = run.train_and_watch([sys.executable, "-c", FAKE_TRAINER, str(save)], save, tmp_path,
+                                lambda ckpt, step: {"step": step}, keep=False, env=None)
+    assert [e["step"] for e in evals] == [2, 4]
+    assert sorted(p.name for p in save.glob("step_*")) == ["step_00000004"]
+
 @pytest.mark.slow
 def test_end_to_end_tiny(tmp_path):
     """Two rates, 4 steps each, evaluated at steps 2 and 4 on 4 held-out contexts (~1 minute)."""
