@@ -19,7 +19,7 @@ ext_modules = [
         [str(src.relative_to(ROOT))],
         include_dirs=["csrc"],
         cxx_std=17,
-        extra_compile_args=CXX_FLAGS,
+        extra_compile_args=list(CXX_FLAGS),  # a copy each: Pybind11Extension appends to it
         extra_link_args=["-pthread"],
         depends=[str(h.relative_to(ROOT)) for h in sorted(ROOT.glob("csrc/*.h"))],
     )

@@ -148,6 +148,42 @@ class BytesMap {
   size_t used_ = 0;
 };
 
+// (left piece id, right piece id) -> the mergeable piece that is their concatenation, and its score.
+// Read-only after load; small (one entry per way of splitting a piece into two pieces).
+class PairMap {
+ public:
+  struct Entry { uint64_t key; int32_t id; float score; };
+
+  void build(const std::vector<Entry>& entries) {
+    size_t size = 64;
+    while (size < entries.size() * 2) size *= 2;
+    shift_ = 64 - __builtin_ctzll(size);
+    slots_.assign(size, Entry{kEmpty, -1, 0.0f});
+    for (const Entry& e : entries) {
+      size_t i = slot(e.key);
+      while (slots_[i].key != kEmpty && slots_[i].key != e.key) i = (i + 1) & (size - 1);
+      slots_[i] = e;
+    }
+  }
+  static uint64_t key(int32_t left, int32_t right) {
+    return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
+  }
+  // The entry of (left, right), or nullptr when their concatenation is no mergeable piece.
+  const Entry* find(uint64_t k) const {
+    for (size_t i = slot(k);; i = (i + 1) & (slots_.size() - 1)) {
+      const Entry& e = slots_[i];
+      if (e.key == k) return &e;
+      if (e.key == kEmpty) return nullptr;
+    }
+  }
+
+ private:
+  static constexpr uint64_t kEmpty = ~uint64_t(0);  // ids are < 2^31: no real key is all ones
+  size_t slot(uint64_t k) const { return (k * 0x9E3779B97F4A7C15ULL) >> shift_; }
+  std::vector<Entry> slots_;
+  int shift_ = 58;
+};
+
 struct Symbol { int32_t prev, next; uint32_t start, len; };  // a span of the normalized word
 struct SymbolPair { float score; int32_t left, right; uint32_t size; };
 inline bool pair_less(const SymbolPair& a, const SymbolPair& b) {  // max-heap: higher score, then leftmost
@@ -197,6 +233,8 @@ class BpeEncoder {
   int32_t byte_id(uint8_t b) const { return m_->byte_ids[b]; }
   // Whether texts are cut into segments (false, for models with UNUSED pieces: whole texts, still exact).
   bool splits_words() const { return m_->split_words; }
+  // Whether words of up to kMaxIdsWordBytes bytes are merged by piece ids (bpe_by_ids), else bpe().
+  bool merges_by_ids() const { return m_->pair_merges; }
   // Whether ASCII characters a, b may be cut apart (no piece holds them side by side).
   bool is_boundary(unsigned char a, unsigned char b) const { return a < 128 && b < 128 && !m_->joins[a][b]; }
 
@@ -204,13 +242,19 @@ class BpeEncoder {
   struct Model {
     std::vector<float> scores;
     std::vector<int> types;
-    std::string arena;                 // every piece's bytes
     bpe_detail::BytesMap mergeable;    // NORMAL / USER_DEFINED / UNUSED pieces -> id
     bpe_detail::BytesMap all_pieces;   // every piece -> id (sentencepiece's PieceToId)
     int32_t byte_ids[256];
     int32_t unk_id = -1;
     bool has_unused = false;
     bool split_words = true;
+    // bpe_by_ids: merges looked up by pairs of piece ids rather than by the joined bytes. Usable
+    // when no UNUSED pieces need resegmenting and every character of every mergeable piece is a
+    // mergeable piece itself (so a symbol that is no piece never merges).
+    bool pair_merges = false;
+    int32_t char_id[128];              // mergeable id of each ASCII character (a space: of U+2581), or -1
+    int32_t replacement_id = -1;       // mergeable id of U+FFFD, or -1
+    bpe_detail::PairMap pairs;
     bool joins[128][128] = {};         // ASCII a then b occur inside some mergeable piece
     mutable std::mutex mu;             // guards `idle`
     mutable std::vector<std::unique_ptr<bpe_detail::Workspace>> idle;
@@ -233,6 +277,9 @@ class BpeEncoder {
   void encode_with(std::string_view text, bpe_detail::Workspace& ws, std::vector<int32_t>& out) const;
   void encode_word(std::string_view word, bpe_detail::Workspace& ws, std::vector<int32_t>& out) const;
   void bpe(std::string_view word, bpe_detail::Workspace& ws, std::vector<int32_t>& out) const;
+  static constexpr size_t kMaxIdsWordBytes = 64;  // bpe_by_ids's arrays; its merge loop is quadratic
+  void bpe_by_ids(std::string_view word, bpe_detail::Workspace& ws, std::vector<int32_t>& out) const;
+  void index_pairs(const std::vector<std::string>& pieces);
   void emit(std::string_view piece, bpe_detail::Workspace& ws, std::vector<int32_t>& out) const;
 
   // Marks each pair of adjacent ASCII characters of a piece (U+2581 counts as a space) as joinable.
@@ -293,6 +340,40 @@ inline BpeEncoder::BpeEncoder(BpeModelSpec spec) : m_(std::make_unique<Model>())
     if (m.byte_ids[b] < 0) throw std::invalid_argument("BpeEncoder: the model lacks byte-fallback pieces");
   // With UNUSED pieces sentencepiece's resegmentation depends on the whole text: encode whole texts.
   if (m.has_unused) m.split_words = false;
+  else index_pairs(spec.pieces);
+}
+
+// Fills pairs, char_id and replacement_id, and sets pair_merges when every character of every
+// mergeable piece is itself one (else bpe_by_ids would miss merges and is not used).
+inline void BpeEncoder::index_pairs(const std::vector<std::string>& pieces) {
+  Model& m = *m_;
+  std::vector<bpe_detail::PairMap::Entry> entries;
+  std::vector<size_t> cuts;
+  for (size_t i = 0; i < m.types.size(); ++i) {
+    if (m.types[i] != kPieceNormal) continue;
+    const std::string_view p(pieces[i]);
+    if (p.empty()) continue;
+    cuts.clear();
+    for (size_t k = 0; k < p.size();) {
+      const int len = bpe_detail::utf8_char_len(reinterpret_cast<const unsigned char*>(p.data()) + k, p.size() - k);
+      if (len == 0 || lookup(m.mergeable, p.substr(k, len)) < 0) return;  // pair_merges stays false
+      k += len;
+      cuts.push_back(k);
+    }
+    cuts.pop_back();
+    for (size_t k : cuts) {
+      const int32_t left = lookup(m.mergeable, p.substr(0, k)), right = lookup(m.mergeable, p.substr(k));
+      if (left >= 0 && right >= 0)
+        entries.push_back({bpe_detail::PairMap::key(left, right), static_cast<int32_t>(i), m.scores[i]});
+    }
+  }
+  m.pairs.build(entries);
+  for (int c = 0; c < 128; ++c) {
+    const char ch = static_cast<char>(c);
+    m.char_id[c] = c == ' ' ? lookup(m.mergeable, "\xE2\x96\x81") : lookup(m.mergeable, std::string_view(&ch, 1));
+  }
+  m.replacement_id = lookup(m.mergeable, "\xEF\xBF\xBD");
+  m.pair_merges = true;
 }
 
 inline BpeEncoder::Session::Session(const BpeEncoder& enc) : enc_(enc), ws_(enc.borrow()) {}
@@ -342,7 +423,8 @@ inline void BpeEncoder::encode_word(std::string_view word, bpe_detail::Workspace
     }
   }
   ws.word_ids.clear();
-  bpe(word, ws, ws.word_ids);
+  if (m_->pair_merges && word.size() <= kMaxIdsWordBytes) bpe_by_ids(word, ws, ws.word_ids);
+  else bpe(word, ws, ws.word_ids);
   out.insert(out.end(), ws.word_ids.begin(), ws.word_ids.end());
   if (!cacheable) return;
   if (ws.cache.size() >= Workspace::kMaxCacheEntries) { ws.cache.clear(); ws.cache_ids.clear(); }  // bound memory
@@ -409,6 +491,71 @@ inline void BpeEncoder::bpe(std::string_view word, bpe_detail::Workspace& ws, st
     maybe_add(top.left, l.next);
   }
   for (int32_t s = 0; s != -1; s = sym[s].next) emit(piece_of(s, sym[s].len), ws, out);
+}
+
+// The same merges as bpe() for a word of at most kMaxIdsWordBytes bytes, on piece ids: a pair of
+// adjacent symbols merges when PairMap holds their ids, so no bytes are joined or hashed in the loop.
+// The symbols sit in small arrays, left to right; the best pair (highest score, leftmost on ties, as
+// sentencepiece's heap orders them) is found by a scan, which for so few symbols beats a heap.
+inline void BpeEncoder::bpe_by_ids(std::string_view word, bpe_detail::Workspace& ws, std::vector<int32_t>& out) const {
+  using namespace bpe_detail;
+  constexpr size_t kMax = kMaxIdsWordBytes;
+  int32_t id[kMax];        // the symbol's mergeable piece, or -1 (a character that is none)
+  uint8_t start[kMax + 1]; // its first byte in the word (start[n] == the word's size)
+  int32_t merged[kMax];    // the piece of symbols i and i + 1 together, or -1
+  float score[kMax];       // that piece's score
+  const auto* p = reinterpret_cast<const unsigned char*>(word.data());
+  size_t n = 0;
+  for (size_t i = 0; i < word.size(); ++n) {
+    start[n] = static_cast<uint8_t>(i);
+    if (p[i] < 0x80) {
+      id[n] = m_->char_id[p[i]];
+      ++i;
+      continue;
+    }
+    const int len = utf8_char_len(p + i, word.size() - i);
+    id[n] = len == 0 ? m_->replacement_id : lookup(m_->mergeable, word.substr(i, len));
+    i += len == 0 ? 1 : len;
+  }
+  start[n] = static_cast<uint8_t>(word.size());
+  auto pair = [&](size_t i) {  // fills merged[i] / score[i] for symbols i and i + 1
+    merged[i] = -1;
+    if (id[i] < 0 || id[i + 1] < 0) return;
+    if (const PairMap::Entry* e = m_->pairs.find(PairMap::key(id[i], id[i + 1]))) {
+      merged[i] = e->id;
+      score[i] = e->score;
+    }
+  };
+  for (size_t i = 0; i + 1 < n; ++i) pair(i);
+  while (n > 1) {
+    size_t best = n;
+    for (size_t i = 0; i + 1 < n; ++i)
+      if (merged[i] >= 0 && (best == n || score[i] > score[best])) best = i;
+    if (best == n) break;
+    id[best] = merged[best];  // symbols best and best + 1 become one; the rest move left
+    for (size_t i = best + 1; i + 1 < n; ++i) {
+      id[i] = id[i + 1];
+      start[i] = start[i + 1];
+      merged[i] = merged[i + 1];
+      score[i] = score[i + 1];
+    }
+    start[n - 1] = start[n];
+    --n;
+    if (best > 0) pair(best - 1);
+    if (best + 1 < n) pair(best);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (id[i] >= 0) {
+      out.push_back(id[i]);
+      continue;
+    }
+    // A character that is no mergeable piece: what bpe() emits for it (a space is U+2581, a malformed
+    // byte U+FFFD; a piece of another type, or byte fallback).
+    const std::string_view ch = word.substr(start[i], start[i + 1] - start[i]);
+    if (ch == " ") emit("\xE2\x96\x81", ws, out);
+    else if (utf8_char_len(p + start[i], word.size() - start[i]) == 0) emit("\xEF\xBF\xBD", ws, out);
+    else emit(ch, ws, out);
+  }
 }
 
 // One final symbol: its id, its resegmentation when it is an UNUSED piece, or its bytes when it is no

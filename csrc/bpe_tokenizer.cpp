@@ -137,5 +137,7 @@ PYBIND11_MODULE(bpe_tokenizer, m) {
            "int32 id arrays of many str, on num_threads threads without the GIL (0: one per core)")
       .def_property_readonly("vocab_size", &megafim::BpeEncoder::vocab_size)
       .def_property_readonly("splits_words", &megafim::BpeEncoder::splits_words,
-                             "whether the per-word fast path (and its cache) is used for this model");
+                             "whether the per-word fast path (and its cache) is used for this model")
+      .def_property_readonly("merges_by_ids", &megafim::BpeEncoder::merges_by_ids,
+                             "whether short words are merged by pairs of piece ids (else by joined bytes)");
 }

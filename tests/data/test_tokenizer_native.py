@@ -32,7 +32,7 @@ any_text = st.text().filter(lambda t: "\u2581" not in t)
 @pytest.fixture(scope="module")
 def native(small_model):
     tok = Tokenizer.from_file(small_model, backend="native")
-    assert tok.backend == "native" and tok._native.splits_words
+    assert tok.backend == "native" and tok._native.splits_words and tok._native.merges_by_ids
     return tok
 
 
@@ -45,6 +45,30 @@ def sp(small_model):
 @given(text=st.one_of(any_text, code_text.filter(lambda t: "\u2581" not in t)))
 def test_same_ids_as_sentencepiece(native, sp, text):
     assert native.encode(text) == sp.encode(text)
+
+
+def _normal_pieces(tok) -> list[str]:
+    pieces, _, types = tok.model_spec()
+    return [p.decode().replace("\u2581", " ") for p, t in zip(pieces, types) if t == 1]
+
+
+@SETTINGS
+@given(data=st.data())
+def test_words_joined_from_pieces_same_ids_as_sentencepiece(native, sp, data):
+    # Runs of pieces make words with many merge choices; up to 64 bytes a word is merged by pairs of
+    # piece ids (bpe_by_ids), longer ones by the heap over joined bytes: both must match.
+    pieces = _normal_pieces(native)
+    words = data.draw(st.lists(st.lists(st.sampled_from(pieces), min_size=1, max_size=24).map("".join),
+                               min_size=1, max_size=4))
+    text = " ".join(words)
+    assert native.encode(text) == sp.encode(text)
+
+
+def test_long_words_take_the_heap_path_and_stay_exact(native, sp):
+    words = ["a" * 65, "_" * 200, "x1" * 40, "0123456789" * 9, "é" * 70, "abcdefghij" * 30]
+    for w in words:
+        text = f"{w} {w}:{w}"
+        assert native.encode(text) == sp.encode(text), w[:20]
 
 
 @SETTINGS
@@ -163,6 +187,28 @@ def test_unused_pieces_are_resegmented_like_sentencepiece(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(path))
     for p in stdlib_files(limit=30, step=23):
         text = p.read_text(encoding="utf-8")
+        assert tok.encode(text) == sp.encode(text)
+
+
+def test_piece_with_a_character_that_is_no_piece_merges_by_bytes(tmp_path):
+    # Sentencepiece merges two symbols whenever their joined bytes are a piece, even a character that
+    # is no piece of its own. Merging by piece ids would miss those merges, so such a model uses the
+    # byte-keyed merge loop for every word.
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(open(_train(tmp_path, "base"), "rb").read())
+    pieces = [p.piece for p in proto.pieces]
+    dropped = next(c for c in "qkzjxv" if c in pieces and any(c in p and len(p) > 1 for p in pieces))
+    del proto.pieces[pieces.index(dropped)]
+    path = tmp_path / "dropped.model"
+    path.write_bytes(proto.SerializeToString())
+    tok = Tokenizer.from_file(path, backend="native")
+    assert tok._native.splits_words and not tok._native.merges_by_ids
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    texts = [p.read_text(encoding="utf-8") for p in stdlib_files(limit=30, step=23)]
+    texts.append(f"{dropped} {dropped * 3} x{dropped}y {dropped}uit")
+    for text in texts:
         assert tok.encode(text) == sp.encode(text)
 
 
