@@ -2,13 +2,14 @@
 """Samples/s of one data-loading worker with context-level FIM, against FIM off and a bigcode-style
 decode-cut-re-encode baseline, side by side in one run (docs/fim.md has the numbers).
 
-    .venv/bin/python benchmarks/fim_dataset.py [--seq-length 2048] [--samples 1000] [--repeats 7]
+    .venv/bin/python benchmarks/fim_dataset.py [--seq-length 2048] [--samples 250] [--repeats 28]
 
 The corpus is the standard library's own source: a tokenizer (tools/train_tokenizer.py) and a
 ``.bin/.idx`` dataset are built once under ``--work-dir``. Every configuration reads the same samples
 through ``GPTDataset.__getitem__``; only the FIM callable differs. Configurations are interleaved
-within each repeat so that load from other processes on a shared machine hits them alike; medians
-over repeats are reported. Writes benchmarks/results/fim_dataset.json.
+within each repeat so that load from other processes on a shared machine hits them alike; times are
+medians over repeats, ratios medians over repeats of the ratio within a repeat (many short repeats:
+a burst of load spoils a few of them, not the median). Writes benchmarks/results/fim_dataset.json.
 
 As in training, no sample is read twice: the dataset spans several epochs (each with its own FIM cut
 points), a warm-up reads the first ``--warmup`` samples, and every repeat reads samples of its own.
@@ -154,8 +155,8 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-length", type=int, default=2048)
-    p.add_argument("--samples", type=int, default=1000, help="samples read per configuration and repeat")
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--samples", type=int, default=250, help="samples read per configuration and repeat")
+    p.add_argument("--repeats", type=int, default=28)
     p.add_argument("--warmup", type=int, default=1000, help="samples read before timing (page and word caches)")
     p.add_argument("--same-samples", action="store_true",
                    help="re-read the same samples in every repeat (warm word cache; the old measure)")
@@ -190,18 +191,25 @@ def main(argv: list[str] | None = None) -> int:
             cpu[name].append(c)
     med = {name: statistics.median(v) for name, v in cpu.items()}
     med_wall = {name: statistics.median(v) for name, v in wall.items()}
+
+    def ratio(t: dict[str, list[float]], a: str, b: str) -> float:
+        """Median over repeats of a's time over b's in the same repeat: the two ran back to back, so a
+        burst of load from other processes that spans a repeat cancels out of its ratio."""
+        return statistics.median(x / y for x, y in zip(t[a], t[b]))
+
     rows = []
     for name in configs:
         row = {"config": name, "cpu_us_per_sample": med[name] * 1e6, "samples_per_cpu_s": 1 / med[name],
-               "vs_off": med[name] / med["off"], "wall_us_per_sample": med_wall[name] * 1e6,
-               "wall_vs_off": med_wall[name] / med_wall["off"]}
+               "vs_off": ratio(cpu, name, "off"), "wall_us_per_sample": med_wall[name] * 1e6,
+               "wall_vs_off": ratio(wall, name, "off")}
         if name.startswith("fim"):
-            row["baseline_over_fim"] = med[name.replace("fim", "bigcode")] / med[name]
-            row["wall_baseline_over_fim"] = med_wall[name.replace("fim", "bigcode")] / med_wall[name]
+            row["baseline_over_fim"] = ratio(cpu, name.replace("fim", "bigcode"), name)
+            row["wall_baseline_over_fim"] = ratio(wall, name.replace("fim", "bigcode"), name)
         rows.append(row)
     print(f"seq_length {args.seq_length}, {n} samples x {args.repeats} repeats "
           f"({'the same samples each repeat' if args.same_samples else 'new samples each repeat'}), "
-          f"{args.warmup} warm-up samples, tokenizer {tok.backend}; medians, CPU time (wall time in brackets)")
+          f"{args.warmup} warm-up samples, tokenizer {tok.backend}; CPU time (wall time in brackets): "
+          f"medians of per-sample times, ratios are medians of per-repeat ratios")
     print(f"{'config':<14}{'us/sample':>18}{'samples/s':>10}{'x off':>14}{'bigcode/ours':>16}")
     for r in rows:
         extra = (f"{r['baseline_over_fim']:>8.1f} [{r['wall_baseline_over_fim']:4.1f}]"

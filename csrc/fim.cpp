@@ -3,9 +3,9 @@
 // The definition is megafim/data/fim_reference.py: decode each chosen piece, cut its text at two
 // character positions, encode prefix, middle and suffix separately. Here nothing is decoded or
 // encoded that the cuts cannot change. The tokenizer's pieces never hold a non-space byte followed
-// by a space, so its encoding splits at every such "word boundary": tokens between the first and the
-// last word boundary inside a part are the original tokens, and only the words next to the part's
-// ends are re-encoded. Characters are counted from per-token byte facts computed once.
+// by a space, so its encoding splits at every such "word boundary" (and the C++ encoder at every pair
+// of ASCII bytes that no piece holds side by side): tokens between the first and the last boundary
+// inside a part are the original tokens, and only the text next to the part's ends is re-encoded. Characters are counted from per-token byte facts computed once.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -103,6 +103,7 @@ struct TokenInfo {
   bool special = false;     // no bytes: a control token
   bool valid = false;       // its bytes alone are complete, valid UTF-8
   bool first_space = false, last_space = false;
+  uint8_t first = 0xFF, last = 0xFF;  // its first / last byte when ASCII, else 0xFF
 };
 
 // Per token, for the one pass over a piece that counts its characters: the character count in the
@@ -237,9 +238,20 @@ class Fim {
       if (!b.empty()) {
         in.first_space = b.front() == ' ';
         in.last_space = b.back() == ' ';
+        if (static_cast<unsigned char>(b.front()) < 128) in.first = static_cast<uint8_t>(b.front());
+        if (static_cast<unsigned char>(b.back()) < 128) in.last = static_cast<uint8_t>(b.back());
       }
       packed_[t] = in.valid && in.n_chars < kSlow ? static_cast<uint8_t>(in.n_chars) : kSlow;
     }
+    // With the C++ encoder, its own segment boundaries: any two ASCII bytes that no piece holds side
+    // by side (it encodes the text between them on its own, so the tokens there are unchanged).
+    for (int a = 0; a < 128; ++a)
+      for (int b = 0; b < 128; ++b) joins_[a][b] = true;
+#ifdef MEGAFIM_HAVE_BPE
+    if (encode_.bpe && encode_.bpe->splits_words())
+      for (int a = 0; a < 128; ++a)
+        for (int b = 0; b < 128; ++b) joins_[a][b] = !encode_.bpe->is_boundary(a, b);
+#endif
     for (int32_t id : {sp.eod, sp.prefix, sp.middle, sp.suffix, sp.pad})
       if (id < 0 || static_cast<size_t>(id) >= bytes_.size())
         throw std::invalid_argument("FIM special token id " + std::to_string(id) + " is outside the vocabulary");
@@ -272,6 +284,7 @@ class Fim {
   std::vector<std::string> bytes_;
   std::vector<TokenInfo> info_;
   std::vector<uint8_t> packed_;
+  bool joins_[128][128];  // false: ASCII a then b is a boundary of the encoder (see boundary)
   Specials sp_;
   Encoder encode_;
 
@@ -312,9 +325,13 @@ class Fim {
   }
 
   int single(int64_t t) const { return info_[t].single; }
+  // Whether no merge crosses from token j - 1 to token j: a space after a non-space (a word start, for
+  // any tokenizer here), or with the C++ encoder any pair of ASCII bytes it cuts between.
   template <typename T>
-  bool word_start(const T* core, size_t j) const {  // a space after a non-space, at token j
-    return info_[core[j]].first_space && !info_[core[j - 1]].last_space;
+  bool boundary(const T* core, size_t j) const {
+    const TokenInfo& a = info_[core[j - 1]];
+    const TokenInfo& b = info_[core[j]];
+    return (b.first_space && !a.last_space) || (a.last < 128 && b.first < 128 && !joins_[a.last][b.first]);
   }
 
   // Leading / trailing tokens that hold part of a character cut by the context edge (split_edges).
@@ -404,7 +421,7 @@ class Fim {
 };
 
 // The core's text [s, e) encoded on its own. Only the words at its two ends are encoded again: every
-// token from the first to the last word start strictly inside is an original token. `at_doc_start`:
+// token from the first to the last boundary strictly inside is an original token. `at_doc_start`:
 // the core begins a document (it follows an end-of-text), so its first tokens are the document's own
 // encoding and its start counts as a word boundary; `at_doc_end` likewise for its end.
 template <typename T>
@@ -416,19 +433,19 @@ void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, 
   const size_t inside_end = e.tok + (e.off > 0);  // tokens j < inside_end start before e
   const bool s_boundary = at_doc_start && s == Pos{0, 0};
   const bool e_boundary = at_doc_end && e == Pos{m, 0};
-  size_t w1 = s.tok;                               // s itself, or the first word start after it
+  size_t w1 = s.tok;                               // s itself, or the first boundary after it
   if (!s_boundary) {
-    for (++w1; w1 < inside_end && !word_start(core, w1);) ++w1;
-    if (w1 >= inside_end) {  // no word boundary inside: encode it all
+    for (++w1; w1 < inside_end && !boundary(core, w1);) ++w1;
+    if (w1 >= inside_end) {  // no boundary inside: encode it all
       text.clear();
       append_text(core, s, e, text);
       encode(text, dst.head);
       return;
     }
   }
-  size_t w2 = m;                                   // e itself, or the last word start before it
+  size_t w2 = m;                                   // e itself, or the last boundary before it
   if (!e_boundary)
-    for (w2 = inside_end - 1; w2 > w1 && !word_start(core, w2);) --w2;
+    for (w2 = inside_end - 1; w2 > w1 && !boundary(core, w2);) --w2;
   if (!s_boundary) {
     text.clear();
     append_text(core, s, Pos{w1, 0}, text);
