@@ -12,6 +12,7 @@ live here: tensor parallelism swaps modules from outside (``megafim.parallel``),
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,24 @@ from megafim.model.attention import Attention, KVCache
 from megafim.model.config import ModelConfig
 from megafim.model.layers import RMSNorm, SwiGLU, rotary_cos_sin
 from megafim.ops.multi_token_loss import multi_token_loss
+
+
+def initial_value(config: ModelConfig, name: str, shape: Sequence[int], init_seed: int) -> Tensor:
+    """The initial value (float32, full size) of the whole model's parameter ``name``.
+
+    Norms' scales are ones; every other weight is normal(0, init_std), and the projections that write
+    into the residual stream (o_proj, down_proj) get init_std / sqrt(2 n_layers), so that the stream's
+    variance does not grow with depth (GPT-2). Each parameter draws from a generator of its own, seeded
+    by (init_seed, name): a pipeline stage or a tensor-parallel shard is made without making the rest
+    of the model, and every layout starts from the same weights."""
+    if name.endswith("norm.weight"):
+        return torch.ones(tuple(shape))
+    std = config.init_std
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        std /= math.sqrt(2 * config.n_layers)
+    digest = hashlib.blake2b(f"{init_seed}:{name}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return torch.empty(tuple(shape)).normal_(0.0, std, generator=generator)
 
 
 class Block(nn.Module):
@@ -56,6 +75,9 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        # Drawn first, from the global generator: torch.manual_seed(s) before GPT(config) decides every
+        # weight, whether the model is built on the meta device (training.build) or not.
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleDict({str(i): Block(config) for i in range(config.n_trunk_layers)})
         self.heads = nn.ModuleDict({str(k): Block(config) for k in range(config.n_future)})
@@ -69,16 +91,14 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """normal(0, init_std) everywhere; the projections that write into the residual stream get
-        init_std / sqrt(2 n_layers) so the stream's variance does not grow with depth (GPT-2)."""
-        std = self.config.init_std
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                scaled = name.endswith(("o_proj", "down_proj"))
-                out_std = std / math.sqrt(2 * self.config.n_layers)
-                nn.init.normal_(module.weight, 0.0, out_std if scaled else std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        """Every parameter to ``initial_value`` (nothing to do on the meta device)."""
+        init_seed = getattr(self, "init_seed", None)
+        if init_seed is None:  # a holder of some of GPT's modules (convert.heads): seeded globally
+            init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if not param.is_meta:
+                    param.copy_(initial_value(self.config, name, param.shape, init_seed))
 
     def compile_blocks(self) -> None:
         """``torch.compile`` every transformer block in place (torchtitan's per-block recipe): the

@@ -57,7 +57,8 @@ def _parallelize_block(block: Block, dims: ParallelDims, sequence_parallel: bool
 def apply_tensor_parallel(model: GPT, dims: ParallelDims, sequence_parallel: bool = False) -> GPT:
     """Shard ``model`` in place over ``dims.tp_group`` and return it.
 
-    Every rank must hold the same full weights (build with the same seed, or load one checkpoint).
+    Every rank must hold the same full weights (build with the same seed, or load one checkpoint), or
+    the model is on the meta device and its shards get their values afterwards (training.build).
     Works on a pipeline stage too: blocks, embedding, norm or unembedding it has deleted are skipped.
     Sizes are checked first, before any module or process group is touched."""
     check_tensor_parallel_sizes(model.config, dims.tp)

@@ -1,14 +1,18 @@
 """From a ``TrainConfig`` to the pieces the loop runs: the model config, this rank's pipeline stage
 (tensor-parallel when tp > 1) and the training dataset.
 
-Every rank builds the full model from the same seed and keeps its stage: the layers of other stages
-are deleted, so parameter names (``layers.7.mlp.up_proj.weight``) stay those of the whole model on
-every stage, which is what makes the layout-free checkpoint (``checkpoint_io.py``) possible.
+Every rank lays out the full model on the meta device (no memory), keeps its stage (the layers of
+other stages are deleted, so parameter names like ``layers.7.mlp.up_proj.weight`` stay those of the
+whole model on every stage, which is what makes the layout-free checkpoint of ``checkpoint_io.py``
+possible), shards it over tensor parallelism, and only then makes its weights, one whole parameter at
+a time: a rank never holds more than its share plus one full tensor, and every layout starts from the
+same weights (``GPT``'s ``initial_value``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from dataclasses import dataclass
 
@@ -16,6 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from megafim.model import GPT, ModelConfig, model_config
+from megafim.model.gpt import initial_value
+from megafim.parallel.dims import ParallelDims
+from megafim.parallel.tensor_parallel import apply_tensor_parallel
 from megafim.training.config import ConfigError, TrainConfig
 
 # The vocabulary is padded to a multiple of this, independent of tp, so that the model shape (and the
@@ -107,10 +114,35 @@ class PipelineStage(nn.Module):
         return dict(self.model.named_parameters())
 
 
-def build_stage(mc: ModelConfig, plan: StagePlan, seed: int) -> PipelineStage:
-    """The full model initialised from ``seed`` (identical on every rank), cut to ``plan``."""
+# (whole-model parameter name, full shape) -> the full tensor, e.g. a checkpoint's weights.
+WeightSource = Callable[[str, tuple[int, ...]], Tensor]
+
+
+def build_stage(mc: ModelConfig, plan: StagePlan, seed: int, dims: ParallelDims | None = None,
+                weights: WeightSource | None = None) -> PipelineStage:
+    """This rank's stage on the CPU: the blocks of ``plan``, tensor-parallel over ``dims`` when given,
+    its weights initialised from ``seed`` (the slice of what ``torch.manual_seed(seed); GPT(mc)``
+    holds) or read from ``weights``. Each weight is made whole, sliced and dropped before the next."""
     torch.manual_seed(seed)
-    return PipelineStage(GPT(mc), plan)
+    with torch.device("meta"):
+        stage = PipelineStage(GPT(mc), plan)
+    if dims is not None:
+        apply_tensor_parallel(stage.model, dims)
+    tp, tp_rank = (dims.tp, dims.tp_rank) if dims is not None else (1, 0)
+    # Leaving the meta device makes new Parameter objects: keep the attributes tensor parallelism set
+    # on them (tensor_model_parallel, partition_dim), which DeepSpeed and the checkpoints read.
+    marks = {name: dict(param.__dict__) for name, param in stage.named_parameters()}
+    stage.to_empty(device="cpu")
+    for name, param in stage.named_parameters():
+        param.__dict__.update(marks[name])
+    with torch.no_grad():
+        for name, param in stage.model.named_parameters():
+            dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+            shape = tuple(n * tp if d == dim else n for d, n in enumerate(param.shape))
+            full = weights(name, shape) if weights is not None else \
+                initial_value(mc, name, shape, stage.model.init_seed)
+            param.copy_(full if dim is None else full.chunk(tp, dim=dim)[tp_rank])
+    return stage
 
 
 def build_train_dataset(cfg: TrainConfig, tokenizer, num_samples: int, is_builder: bool):

@@ -5,8 +5,9 @@ Two copies of the weights go into every checkpoint:
   used for an exact resume on the same layout (tp, pp, dp, ZeRO stage);
 - ``model/stage_<p>.safetensors``: the stage's parameters gathered to full (unsharded) tensors under
   the whole model's names, plus ``model/model_config.json``. Together the files are one layout-free
-  model state: a run with another layout loads them into its full model before sharding it (the
-  optimizer then starts fresh, which the log says), and converters read them without DeepSpeed.
+  model state: a run with another layout builds its stage from them, one tensor at a time, slicing
+  each for its tensor-parallel rank (the optimizer then starts fresh, which the log says), and
+  converters read them without DeepSpeed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -75,20 +76,21 @@ def read_model_state(ckpt_dir: Path) -> tuple[Mapping[str, torch.Tensor], ModelC
     return LazySafetensors(files), ModelConfig(**json.loads(config.read_text()))
 
 
-def load_full_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
-    """Copy the layout-free weights into a full (not yet tensor-parallel) stage model, by name."""
+def full_weights(ckpt_dir: Path) -> Callable[[str, tuple[int, ...]], torch.Tensor]:
+    """``weights(name, full_shape)`` for ``build.build_stage``: the layout-free weights of a checkpoint,
+    read one tensor at a time (to reshard a run saved with another layout), each checked by name and
+    shape when it is read."""
     state, _ = read_model_state(ckpt_dir)
-    mine = dict(model.named_parameters())
-    missing = sorted(set(mine) - set(state))
-    if missing:
-        raise KeyError(f"{ckpt_dir}: the checkpoint has no weights for {missing[:3]} (of {len(missing)})")
-    with torch.no_grad():
-        for name, param in mine.items():
-            saved = state[name]
-            if saved.shape != param.shape:
-                raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(saved.shape)} in the checkpoint, "
-                                 f"{tuple(param.shape)} in this model (a different model config?)")
-            param.copy_(saved)
+
+    def weight(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in state:
+            raise KeyError(f"{ckpt_dir}: the checkpoint has no weights for {name} (a different model config?)")
+        saved = state[name]
+        if tuple(saved.shape) != tuple(shape):
+            raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(saved.shape)} in the checkpoint, "
+                             f"{tuple(shape)} in this model (a different model config?)")
+        return saved
+    return weight
 
 
 def layout_of(dims: ParallelDims, zero_stage: int) -> dict:

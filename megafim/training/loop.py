@@ -1,9 +1,9 @@
 """The training loop: set-up, one optimizer step (1F1B over the micro-batches), saves, stop rules.
 
 Order of set-up (errors surface before any expensive or collective work):
-config checks -> tokenizer and model shape checks -> process groups -> this rank's stage (weights
-from a checkpoint of another layout go in here, before sharding) -> tensor parallelism -> DeepSpeed
--> resume (same layout: DeepSpeed state) -> dataset (index built by rank 0, barrier, the others
+config checks -> tokenizer and model shape checks -> process groups -> this rank's stage, tensor-
+parallel, its weights made one full tensor at a time and sliced (initialised from the seed, or read
+from a checkpoint of another layout) -> DeepSpeed -> resume (same layout: DeepSpeed state) -> dataset (index built by rank 0, barrier, the others
 map it) -> RNG states restored last, so nothing in set-up disturbs them.
 """
 
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megafim.model import ModelConfig
-from megafim.parallel import DeepSpeedMPU, ParallelDims, apply_tensor_parallel
+from megafim.parallel import DeepSpeedMPU, ParallelDims
 from megafim.training import checkpoint as ck
 from megafim.training import checkpoint_io
 from megafim.training.build import (PipelineStage, StagePlan, build_stage, build_train_dataset, plan_stages,
@@ -118,13 +118,13 @@ def setup(cfg: TrainConfig) -> tuple[Run, object]:
 
     _seed_everything(cfg.schedule.seed)
     plan = plan_stages(mc.n_trunk_layers, mc.n_future, dims.pp)[dims.pp_rank]
-    stage = build_stage(mc, plan, cfg.schedule.seed)
+    weights = None
     if ckpt is not None and not same_layout:
         log.info(f"resume: {ckpt} was saved with layout {saved.layout}, this run is "
                  f"{checkpoint_io.layout_of(dims, cfg.parallel.zero_stage)}: loading its layout-free weights "
                  "and resharding them; the optimizer state starts fresh")
-        checkpoint_io.load_full_weights(stage.model, ckpt)
-    apply_tensor_parallel(stage.model, dims)
+        weights = checkpoint_io.full_weights(ckpt)
+    stage = build_stage(mc, plan, cfg.schedule.seed, dims, weights)
     stage.to(device)
     if cfg.model.compile:
         stage.model.compile_blocks()

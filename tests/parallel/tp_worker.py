@@ -1,7 +1,8 @@
 """torchrun worker: tensor-parallel GPT vs the same model at tp = 1, loss and every gradient.
 
 Usage: torchrun --standalone --nproc_per_node=N tests/parallel/tp_worker.py CASE [CASE ...]
-with CASE = "tp=<t>,dp=<d>,n_future=<n>,sp=<0|1>[,ckpt=1]", or "zero=<stage>" (DeepSpeed with the mpu, N = 2).
+with CASE = "tp=<t>,dp=<d>,n_future=<n>,sp=<0|1>[,ckpt=1]", "zero=<stage>" (DeepSpeed with the mpu, N = 2)
+or "build=<tp>" (the trainer's meta-device stage build against the whole seeded model).
 Every rank builds the full model from one seed, runs it unsharded as the reference, then shards a
 copy and compares; gradients of sharded parameters are all-gathered back to full shape along their
 ``partition_dim``. Prints "OK <case> ..." per case on rank 0 and exits non-zero on any mismatch.
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 from megafim.model import GPT, model_config
 from megafim.parallel import DeepSpeedMPU, ParallelDims, apply_tensor_parallel
+from megafim.training.build import build_stage, plan_stages
 from megafim.training.distributed import WorldInfo, init_distributed
 
 RTOL, ATOL = 1e-4, 1e-6  # fp32; observed differences are ~1e-7 relative (summation order only)
@@ -108,6 +110,28 @@ def check_deepspeed(case):
         print(f"OK {case} grad_norm={norm:.6f} expected={expected:.6f}", flush=True)
 
 
+def check_build(case):
+    """build_stage makes each stage of a pp = 2 layout on the meta device, shards it and only then makes
+    its weights: this rank's tensors must be exactly its slices of ``torch.manual_seed(s); GPT(mc)``."""
+    dims = ParallelDims.build(tp=int(case.split("=")[1]))
+    mc = model_config("tiny", n_future=2, n_layers=5)
+    torch.manual_seed(11)
+    whole = dict(GPT(mc).named_parameters())
+    seen = set()
+    for plan in plan_stages(mc.n_trunk_layers, mc.n_future, 2):
+        stage = build_stage(mc, plan, 11, dims)
+        for name, param in stage.model.named_parameters():
+            expected = whole[name].detach()
+            if getattr(param, "tensor_model_parallel", False):
+                expected = expected.chunk(dims.tp, dim=param.partition_dim)[dims.tp_rank]
+            if param.is_meta or not torch.equal(param.detach(), expected):
+                raise AssertionError(f"build_stage: {name} is not this rank's slice of the seeded model")
+            seen.add(name)
+    assert seen == set(whole), sorted(set(whole) - seen)[:3]
+    if dims.rank == 0:
+        print(f"OK {case} params={len(seen)}", flush=True)
+
+
 def check_mappings(dims):
     """Each public wrapper's forward and backward against the collective its docstring names."""
     from megafim.parallel import mappings as m
@@ -179,7 +203,12 @@ def main():
     torch.set_num_threads(1)
     try:
         for case in cases:
-            check_deepspeed(case) if case.startswith("zero=") else run_case(case)
+            if case.startswith("zero="):
+                check_deepspeed(case)
+            elif case.startswith("build="):
+                check_build(case)
+            else:
+                run_case(case)
     except BaseException:
         # The other ranks may wait in a collective this rank will never join: exit now, torchrun
         # then stops them, instead of a barrier that would hang.

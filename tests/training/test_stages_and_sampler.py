@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megafim.model import model_config
-from megafim.training.build import PipelineStage, plan_stages
+from megafim.training.build import PipelineStage, build_stage, plan_stages
 from megafim.training.sampler import ResumableSampler
 
 
@@ -33,6 +33,25 @@ def test_stage_keeps_whole_model_names():
     full = set(dict(GPT(mc).named_parameters()))
     assert names0 | names1 == full and not names0 & names1
     assert "embed_tokens.weight" in names0 and "lm_head.weight" in names1 and "heads.1.mlp.up_proj.weight" in names1
+
+
+def test_build_stage_holds_the_seeded_models_weights():
+    # Built on the meta device and made one weight at a time, each stage holds exactly what the whole
+    # model built from the same seed holds under those names; another seed gives other weights.
+    from megafim.model import GPT
+
+    mc = model_config("tiny", n_layers=5, n_future=2)
+    torch.manual_seed(3)
+    whole = dict(GPT(mc).named_parameters())
+    for plan in plan_stages(mc.n_trunk_layers, mc.n_future, 2):
+        stage = build_stage(mc, plan, 3)
+        for name, param in stage.model.named_parameters():
+            assert param.device.type == "cpu" and torch.equal(param, whole[name]), name
+    other = dict(build_stage(mc, plan_stages(mc.n_trunk_layers, mc.n_future, 1)[0], 4).model.named_parameters())
+    assert not torch.equal(other["lm_head.weight"], whole["lm_head.weight"])
+    assert torch.equal(other["norm.weight"], torch.ones_like(other["norm.weight"]))
+    std = other["layers.0.mlp.down_proj.weight"].std().item()  # residual projections scaled by depth
+    assert abs(std - mc.init_std / (2 * mc.n_layers) ** 0.5) < 0.2 * std
 
 
 def test_sampler_ranks_are_disjoint_and_resume_exactly():
