@@ -45,9 +45,9 @@ def build_once(mode: str, size: str, pp: int) -> dict:
         stage = build_stage(mc, plan, 0)
     seconds = time.perf_counter() - t
     n = sum(p.numel() for p in stage.parameters())
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB
     return {"mode": mode, "size": size, "pp": pp, "stage_params": n, "stage_gib": n * 4 / 2**30,
-            "model_params": mc.num_parameters(), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "seconds": seconds}
+            "model_params": mc.num_parameters(), "peak_rss_gib": peak_gib, "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         for mode in ("whole", "meta"):
             if mode == "whole" and model_config(size).num_parameters() * 4 / 2**30 > 0.8 * memory_gib:
-                rows.append({"mode": mode, "size": size, "pp": args.pp, "skipped": "the whole model does not fit"})
+                rows.append({"mode": mode, "size": size, "pp": args.pp,
+                             "skipped": "the whole model does not fit"})
                 continue
             out = subprocess.run([sys.executable, __file__, "--child", mode, size, str(args.pp)], check=True,
                                  capture_output=True, text=True).stdout

@@ -5,7 +5,8 @@
 // encoded that the cuts cannot change. The tokenizer's pieces never hold a non-space byte followed
 // by a space, so its encoding splits at every such "word boundary" (and the C++ encoder at every pair
 // of ASCII bytes that no piece holds side by side): tokens between the first and the last boundary
-// inside a part are the original tokens, and only the text next to the part's ends is re-encoded. Characters are counted from per-token byte facts computed once.
+// inside a part are the original tokens, and only the text next to the part's ends is re-encoded.
+// Characters are counted from per-token byte facts computed once.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

@@ -84,7 +84,8 @@ def full_weights(ckpt_dir: Path) -> Callable[[str, tuple[int, ...]], torch.Tenso
 
     def weight(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name not in state:
-            raise KeyError(f"{ckpt_dir}: the checkpoint has no weights for {name} (a different model config?)")
+            raise KeyError(f"{ckpt_dir}: the checkpoint has no weights for {name} "
+                           "(a different model config?)")
         saved = state[name]
         if tuple(saved.shape) != tuple(shape):
             raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(saved.shape)} in the checkpoint, "

@@ -3,8 +3,9 @@
 Order of set-up (errors surface before any expensive or collective work):
 config checks -> tokenizer and model shape checks -> process groups -> this rank's stage, tensor-
 parallel, its weights made one full tensor at a time and sliced (initialised from the seed, or read
-from a checkpoint of another layout) -> DeepSpeed -> resume (same layout: DeepSpeed state) -> dataset (index built by rank 0, barrier, the others
-map it) -> RNG states restored last, so nothing in set-up disturbs them.
+from a checkpoint of another layout) -> DeepSpeed -> resume (same layout: DeepSpeed state) -> dataset
+(index built by rank 0, barrier, the others map it) -> RNG states restored last, so nothing in set-up
+disturbs them.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def test_build_stage_holds_the_seeded_models_weights():
         stage = build_stage(mc, plan, 3)
         for name, param in stage.model.named_parameters():
             assert param.device.type == "cpu" and torch.equal(param, whole[name]), name
-    other = dict(build_stage(mc, plan_stages(mc.n_trunk_layers, mc.n_future, 1)[0], 4).model.named_parameters())
+    whole_plan = plan_stages(mc.n_trunk_layers, mc.n_future, 1)[0]
+    other = dict(build_stage(mc, whole_plan, 4).model.named_parameters())
     assert not torch.equal(other["lm_head.weight"], whole["lm_head.weight"])
     assert torch.equal(other["norm.weight"], torch.ones_like(other["norm.weight"]))
     std = other["layers.0.mlp.down_proj.weight"].std().item()  # residual projections scaled by depth
