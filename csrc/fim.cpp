@@ -244,15 +244,6 @@ class Fim {
       }
       packed_[t] = in.valid && in.n_chars < kSlow ? static_cast<uint8_t>(in.n_chars) : kSlow;
     }
-    // With the C++ encoder, its own segment boundaries: any two ASCII bytes that no piece holds side
-    // by side (it encodes the text between them on its own, so the tokens there are unchanged).
-    for (int a = 0; a < 128; ++a)
-      for (int b = 0; b < 128; ++b) joins_[a][b] = true;
-#ifdef MEGAFIM_HAVE_BPE
-    if (encode_.bpe && encode_.bpe->splits_words())
-      for (int a = 0; a < 128; ++a)
-        for (int b = 0; b < 128; ++b) joins_[a][b] = !encode_.bpe->is_boundary(a, b);
-#endif
     for (int32_t id : {sp.eod, sp.prefix, sp.middle, sp.suffix, sp.pad})
       if (id < 0 || static_cast<size_t>(id) >= bytes_.size())
         throw std::invalid_argument("FIM special token id " + std::to_string(id) + " is outside the vocabulary");
@@ -285,7 +276,6 @@ class Fim {
   std::vector<std::string> bytes_;
   std::vector<TokenInfo> info_;
   std::vector<uint8_t> packed_;
-  bool joins_[128][128];  // false: ASCII a then b is a boundary of the encoder (see boundary)
   Specials sp_;
   Encoder encode_;
 
@@ -327,12 +317,17 @@ class Fim {
 
   int single(int64_t t) const { return info_[t].single; }
   // Whether no merge crosses from token j - 1 to token j: a space after a non-space (a word start, for
-  // any tokenizer here), or with the C++ encoder any pair of ASCII bytes it cuts between.
+  // any tokenizer here), or with the C++ encoder any pair of ASCII bytes it cuts its input between
+  // (it encodes the text between them on its own, so the tokens there are unchanged).
   template <typename T>
   bool boundary(const T* core, size_t j) const {
     const TokenInfo& a = info_[core[j - 1]];
     const TokenInfo& b = info_[core[j]];
-    return (b.first_space && !a.last_space) || (a.last < 128 && b.first < 128 && !joins_[a.last][b.first]);
+    if (b.first_space && !a.last_space) return true;
+#ifdef MEGAFIM_HAVE_BPE
+    if (encode_.bpe && encode_.bpe->splits_words()) return encode_.bpe->is_boundary(a.last, b.first);
+#endif
+    return false;
   }
 
   // Leading / trailing tokens that hold part of a character cut by the context edge (split_edges).
