@@ -334,9 +334,10 @@ def train_and_watch(cmd: list[str], save: Path, run_dir: Path, evaluate, keep: b
     """Run the trainer and evaluate each checkpoint as it appears (checkpoints become visible by an
     atomic rename, so a listed one is complete); then delete it unless ``keep`` or ``latest`` names it,
     so that a long run does not hold every optimizer state on disk at once."""
-    from megafim.training.checkpoint import latest_checkpoint, list_checkpoints
+    from megafim.training.checkpoint import latest_checkpoint, list_checkpoints, step_of
 
     evals: list[dict] = []
+    evaluated: set[int] = set()
     log_path = run_dir / "train.log"
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -344,17 +345,17 @@ def train_and_watch(cmd: list[str], save: Path, run_dir: Path, evaluate, keep: b
             while True:
                 finished = proc.poll() is not None  # read before scanning: no save can follow it
                 for ckpt in list_checkpoints(save):
-                    step = int(ckpt.name.split("_")[1])
-                    if any(e["step"] == step for e in evals):
+                    step = step_of(ckpt)
+                    if step in evaluated:
                         continue
+                    evaluated.add(step)
                     evals.append(evaluate(ckpt, step))
                     with open(run_dir / "evals.jsonl", "a", encoding="utf-8") as f:
                         f.write(json.dumps(evals[-1]) + "\n")
                 if not keep:  # also one that was the latest when it was evaluated and is no longer
-                    done = {e["step"] for e in evals}
                     latest = latest_checkpoint(save)
                     for ckpt in list_checkpoints(save):
-                        if int(ckpt.name.split("_")[1]) in done and latest is not None and latest.name != ckpt.name:
+                        if step_of(ckpt) in evaluated and latest is not None and latest.name != ckpt.name:
                             shutil.rmtree(ckpt, ignore_errors=True)
                 if finished:
                     break

@@ -55,6 +55,14 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(ckpt_dir: Path) -> int:
+    """The step of a checkpoint directory named by ``step_dir_name``."""
+    match = _STEP_DIR.match(Path(ckpt_dir).name)
+    if match is None:
+        raise ValueError(f"{ckpt_dir}: not a checkpoint directory (step_NNNNNNNN)")
+    return int(match.group(1))
+
+
 # --------------------------------------------------------------------------------------------
 # Durable file-system primitives.
 
@@ -128,7 +136,7 @@ def list_checkpoints(save_root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
 def prune(save_root: Path, keep_last: int) -> None:
