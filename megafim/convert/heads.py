@@ -11,26 +11,25 @@ import torch
 from torch import nn
 
 from megafim.model.config import ModelConfig
-from megafim.model.gpt import GPT, Block
+from megafim.model.gpt import Block, initial_value
 
 HEAD_INITS = ("random", "copy")
 
 
 class _OneHead(nn.Module):
-    """Head k alone, under the name GPT gives it, so GPT's own initialisation rule applies to it."""
+    """Head k alone, under the names GPT gives its parameters."""
 
     def __init__(self, config: ModelConfig, k: int) -> None:
         super().__init__()
-        self.config = config
         self.heads = nn.ModuleDict({str(k): Block(config)})
 
 
 def fresh_head(config: ModelConfig, k: int, seed: int) -> dict[str, torch.Tensor]:
-    """Head k's tensors by megafim name, initialised as ``GPT.reset_parameters`` does (seeded per head)."""
-    torch.manual_seed(seed + k)
-    holder = _OneHead(config, k)
-    GPT.reset_parameters(holder)  # normal(0, init_std), residual projections scaled by depth, norms ones
-    return {f"heads.{name}": t.detach() for name, t in holder.heads.state_dict(prefix="").items()}
+    """Head k's tensors by megafim name, initialised as GPT's are (``initial_value``: normal(0, init_std),
+    residual projections scaled by depth, norms ones), from ``seed + k``."""
+    with torch.device("meta"):  # names and shapes only
+        holder = _OneHead(config, k)
+    return {name: initial_value(config, name, p.shape, seed + k) for name, p in holder.named_parameters()}
 
 
 def head_initialiser(config: ModelConfig, how: str, seed: int,

@@ -92,13 +92,10 @@ class GPT(nn.Module):
 
     def reset_parameters(self) -> None:
         """Every parameter to ``initial_value`` (nothing to do on the meta device)."""
-        init_seed = getattr(self, "init_seed", None)
-        if init_seed is None:  # a holder of some of GPT's modules (convert.heads): seeded globally
-            init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
         with torch.no_grad():
             for name, param in self.named_parameters():
                 if not param.is_meta:
-                    param.copy_(initial_value(self.config, name, param.shape, init_seed))
+                    param.copy_(initial_value(self.config, name, param.shape, self.init_seed))
 
     def compile_blocks(self) -> None:
         """``torch.compile`` every transformer block in place (torchtitan's per-block recipe): the
