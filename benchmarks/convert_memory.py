@@ -15,9 +15,7 @@ machine is shared, which moves timings, not peak RSS much.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -25,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from report import machine, write_json  # benchmarks/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,7 @@ def main() -> None:
                          "above_baseline_over_largest_shard": round(extra / largest_shard, 2)})
         result = {
             "benchmark": "convert_memory",
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs)",
+            "machine": machine("shared with other jobs"),
             "command": " ".join([Path(py).name, *sys.argv]),
             "model": {"size": args.size, "n_future": args.n_future, "parameters": n_params,
                       "checkpoint_mib": round(model_mib, 1), "hf_shards": len(shards),
@@ -131,9 +131,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['step']:8} {r['peak_rss_mib']:9.0f} {r['above_baseline_mib']:11.0f} "
               f"{r['above_baseline_over_model']:8.2f} {r['above_baseline_over_largest_shard']:8.2f} {r['seconds']:7.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Means of one pass each (CPU time). docs/fim.md has the numbers; writes benchmark
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -24,7 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-import fim_dataset  # noqa: E402  (the corpus and the machine description)
+import fim_dataset  # noqa: E402  (the corpus and how the machine was shared)
+from report import machine, write_json  # noqa: E402
 from megafim.data.fim import FimConfig, FimTransform  # noqa: E402
 from megafim.data.gpt_dataset import GPTDataset, GPTDatasetSpec  # noqa: E402
 from megafim.data.tokenizer import Tokenizer  # noqa: E402
@@ -85,11 +85,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{new_us:.2f} us/word new, {cached_us:.2f} us/word cached, difference {new_us - cached_us:.2f}")
     result = {"benchmark": "fim_cold_words",
               "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-              "machine": fim_dataset.machine(), "fim_sample": fim_rows,
+              "machine": machine(fim_dataset.MACHINE_NOTE), "fim_sample": fim_rows,
               "cut_words": {"count": len(cut), "mean_bytes": mean_bytes, "new_us": new_us, "cached_us": cached_us}}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_json(args.output, result)
     return 0
 
 

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
-import platform
 import statistics
 import sys
 import sysconfig
@@ -40,6 +37,9 @@ from megafim.data.fim import FimConfig, FimTransform  # noqa: E402
 from megafim.data.gpt_dataset import GPTDataset, GPTDatasetSpec  # noqa: E402
 from megafim.data.indexed import IndexedDatasetBuilder  # noqa: E402
 from megafim.data.tokenizer import Tokenizer  # noqa: E402
+from report import machine, write_json  # noqa: E402
+
+MACHINE_NOTE = "CPU shared with other processes; medians of interleaved repeats"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,16 +142,6 @@ def time_samples(ds: GPTDataset, indices: list[int]) -> tuple[float, float]:
     return (time.perf_counter() - w0) / len(indices), (time.process_time() - c0) / len(indices)
 
 
-def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "note": "CPU shared with other processes; medians of interleaved repeats"}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-length", type=int, default=2048)
@@ -217,14 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['config']:<14}{r['cpu_us_per_sample']:>9.1f} [{r['wall_us_per_sample']:6.1f}]"
               f"{r['samples_per_cpu_s']:>10.0f}{r['vs_off']:>7.2f} [{r['wall_vs_off']:4.2f}]{extra}")
     result = {"benchmark": "fim_dataset", "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-              "machine": machine(), "seq_length": args.seq_length, "samples": n, "repeats": args.repeats,
+              "machine": machine(MACHINE_NOTE), "seq_length": args.seq_length, "samples": n, "repeats": args.repeats,
               "warmup": args.warmup, "same_samples": args.same_samples,
               "vocab_size": args.vocab_size, "tokenizer_backend": tok.backend, "rows": rows,
               "raw_cpu_seconds_per_sample": cpu,
               "raw_wall_seconds_per_sample": wall}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_json(args.output, result)
     return 0
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -31,6 +29,7 @@ from megafim.data.tokenizer import Tokenizer  # noqa: E402
 from megafim.inference.generate import generate  # noqa: E402
 from megafim.inference.loading import load_model  # noqa: E402
 from megafim.inference.sampling import SamplingConfig  # noqa: E402
+from report import machine, write_json  # noqa: E402
 from speculative_decoding import read, stdlib_files  # noqa: E402
 
 
@@ -95,7 +94,7 @@ def main() -> None:
     prompts = [t[: length // 2] for t in texts]
     result = {
         "benchmark": "hf_agreement",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (CPU, shared)",
+        "machine": machine("shared with other jobs"),
         "command": " ".join(["python", *sys.argv]),
         "checkpoint": str(loaded.source), "n_future": ours32.config.n_future,
         "parameters": ours32.config.num_parameters(), "texts": len(texts), "tokens_per_text": length,
@@ -113,9 +112,7 @@ def main() -> None:
         },
     }
     print(json.dumps(result, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

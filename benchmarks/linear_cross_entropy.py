@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megafim.ops.multi_token_loss import multi_token_loss  # noqa: E402
+from report import machine, write_json  # noqa: E402
 
 BATCH, SEQ, DIM = 8, 2048, 2048
 VOCABS = (32000, 128256)
@@ -239,18 +240,17 @@ def main() -> None:
     print(f"device: {device_name}; Liger-Kernel: {liger_version}")
     print("float64 check:", json.dumps({k: v["max_rel_error"] for k, v in correctness.items()}))
     doc = {"benchmark": "linear_cross_entropy", "command": " ".join([sys.executable, *sys.argv]),
-           "machine": {"device": device_name, "torch": torch.__version__,
-                       "cuda": torch.version.cuda, "triton": _version("triton"), "liger_kernel": liger_version},
+           "machine": machine(device=device_name, triton=_version("triton"), liger_kernel=liger_version),
            "shape": {"tokens": BATCH * SEQ, "batch": BATCH, "seq": SEQ, "dim": DIM, "dtype": "bfloat16"},
            "correctness": correctness, "liger_reference_issue": LIGER_REFERENCE}
     if not all(v["ok"] for v in correctness.values()):
-        _write(args.out, doc)
+        write_json(args.out, doc)
         print("FAIL: the float64 correctness check failed; no timings taken", file=sys.stderr)
         sys.exit(1)
     doc["results"] = run_all(args.reps, liger)
     doc["summary"] = summarize(doc["results"])
     print(json.dumps(doc["summary"], indent=1))
-    _write(args.out, doc)
+    write_json(args.out, doc)
 
 
 def _become_smoke_run() -> None:
@@ -275,12 +275,6 @@ def _version(package: str) -> str:
         return md.version(package)
     except md.PackageNotFoundError:
         return "missing"
-
-
-def _write(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2))
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -40,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from megafim.data.indexed import IndexedDataset  # noqa: E402
 from megafim.data.preprocess import resolve_inputs  # noqa: E402
+from report import machine, write_json  # noqa: E402
 
 MIRROR = "/work/.mirror/NVIDIA+Megatron-LM/repo"
 
@@ -207,12 +207,9 @@ def compare_outputs(ours: str, theirs: str, megatron_eod: int, our_eod: int) -> 
 # -- main --------------------------------------------------------------------------------------------
 
 
-def machine(load_at_start: tuple[float, float, float]) -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_at_start": list(load_at_start), "load_average_at_end": list(os.getloadavg()),
-            "note": "shared with other jobs while measuring: runs alternate between the tools, medians reported"}
+def shared_machine(load_at_start: tuple[float, float, float]) -> dict:
+    return machine("shared with other jobs while measuring: runs alternate between the tools, medians reported",
+                   load_average_at_start=list(load_at_start), load_average_at_end=list(os.getloadavg()))
 
 
 def print_table(title: str, rows: dict[str, dict]) -> None:
@@ -274,7 +271,7 @@ def main() -> None:
     print(f"output agreement: {agreement}")
 
     result = {
-        "benchmark": "preprocess", "machine": machine(load_at_start), "command": "python benchmarks/preprocess.py " +
+        "benchmark": "preprocess", "machine": shared_machine(load_at_start), "command": "python benchmarks/preprocess.py " +
         " ".join(sys.argv[1:]), "megatron_lm": {"ref": args.megatron_ref, "dir": str(mdir)},
         "corpus": {"path": str(small), "bytes": small.stat().st_size, "documents": n_docs,
                    "scaled_bytes": large.stat().st_size, "scale": args.scale},
@@ -286,9 +283,7 @@ def main() -> None:
                    "peak_rss_ratio_scaled_over_x1": scale_med["peak_rss_mib"] / med["megafim"]["peak_rss_mib"]},
         "output_agreement": agreement,
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_json(args.output, result)
 
 
 def megatron_eod_id(mdir: Path, model: Path) -> int:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from report import machine, write_json  # benchmarks/ is this script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 CORPORA = {"large": 32_000_000, "small": 1_000_000}  # documents
@@ -155,15 +155,10 @@ def main() -> None:
                     by["megatron-style"]["peak_extra_MiB_median"] / by["megafim"]["peak_extra_MiB_median"]}
     print(json.dumps(ratios, indent=1))
     result = {"benchmark": "sample_index", "command": " ".join([Path(sys.executable).name] + sys.argv),
-              "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "cpus": os.cpu_count(), "python": platform.python_version(),
-                          "note": "shared CPU: other jobs ran at the same time; medians of repeats"},
+              "machine": machine("shared CPU: other jobs ran at the same time; medians of repeats"),
               "seq_length": SEQ_LENGTH, "num_samples": args.num_samples, "repeats": args.repeats,
               "rows": rows, "ratios": ratios}
-    out = REPO / "benchmarks" / "results" / "sample_index.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_json(REPO / "benchmarks" / "results" / "sample_index.json", result)
 
 
 if __name__ == "__main__":

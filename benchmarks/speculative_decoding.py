@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,6 +40,7 @@ from megafim.inference.loading import load_model  # noqa: E402
 from megafim.inference.sampling import SamplingConfig  # noqa: E402
 from megafim.inference.speculative import speculative_generate  # noqa: E402
 from megafim.model import GPT, model_config  # noqa: E402
+from report import machine, write_json  # noqa: E402
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -176,8 +175,7 @@ def main() -> None:
     spec_min = sum(min(b) for _, b in per_prompt)
     result = {
         "benchmark": "speculative_decoding",
-        "machine": (torch.cuda.get_device_name(0) if device.type == "cuda" else
-                    f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs shared with other jobs"),
+        "machine": machine(None if device.type == "cuda" else "CPU shared with other jobs"),
         "command": " ".join(["python", *sys.argv]),
         "model": {"source": source, "n_future": model.config.n_future, "parameters": model.config.num_parameters(),
                   "dtype": args.dtype},
@@ -194,13 +192,12 @@ def main() -> None:
         "speculative_tokens_per_s_fastest": round(totals["tokens"] / spec_min, 1),
         "raw_seconds": {"greedy": [round(t, 3) for t in plain_times], "speculative": [round(t, 3) for t in spec_times]},
     }
-    print(f"{source}: {len(prompts)} prompts x {args.new_tokens} new tokens, {args.repeats} repeats, {result['machine']}")
+    where = result["machine"].get("gpu") or f"{result['machine']['cpu']}, {result['machine']['cores']} cores"
+    print(f"{source}: {len(prompts)} prompts x {args.new_tokens} new tokens, {args.repeats} repeats, {where}")
     for key in ("outputs_identical", "tokens_per_forward_pass", "acceptance_rate", "greedy_tokens_per_s",
                 "speculative_tokens_per_s", "speedup", "speedup_fastest_repeat_per_prompt"):
         print(f"  {key:26} {result[key]}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     if totals["identical"] != len(prompts):
         sys.exit("speculative_decoding: speculative output differs from greedy decoding")
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +30,7 @@ from megafim.data.tokenizer import Tokenizer  # noqa: E402
 from megafim.inference.infill import SpmInfillSession, fim_prompt, infill  # noqa: E402
 from megafim.inference.loading import load_model  # noqa: E402
 from megafim.inference.sampling import SamplingConfig  # noqa: E402
+from report import machine, write_json  # noqa: E402
 from speculative_decoding import read, stdlib_files  # noqa: E402
 
 
@@ -101,7 +100,7 @@ def main() -> None:
     med = statistics.median
     result = {
         "benchmark": "spm_reuse",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs shared with other jobs",
+        "machine": machine("shared with other jobs"),
         "command": " ".join(["python", *sys.argv]),
         "checkpoint": str(loaded.source), "files": cases, "keystrokes": len(spm_fed),
         "max_new_tokens": args.max_new_tokens,
@@ -114,8 +113,7 @@ def main() -> None:
         "seconds_per_keystroke_median": {"spm_session": round(med(spm_s), 4), "psm_infill": round(med(psm_s), 4)},
     }
     print(json.dumps(result, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

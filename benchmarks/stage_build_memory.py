@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import report  # benchmarks/ is this script's folder
+from report import machine, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from megafim.model import model_config
 
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    memory_gib = report.memory_gib()
     rows = []
     for size in args.sizes:
         for mode in ("whole", "meta"):
@@ -84,12 +85,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['peak_rss_gib']:>14.2f}{r['seconds']:>9.1f}")
     result = {"benchmark": "stage_build_memory",
               "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "memory_gib": round(memory_gib, 1), "python": platform.python_version()},
+              "machine": machine(),
               "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 

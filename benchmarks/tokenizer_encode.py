@@ -15,9 +15,7 @@ long preprocessing job does. The machine may be shared: medians of repeats, and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -33,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 import sentencepiece as spm  # noqa: E402
 
 from megafim.data.tokenizer import Tokenizer  # noqa: E402
+from report import machine, write_json  # noqa: E402
 
 
 def stdlib_texts() -> list[str]:
@@ -46,19 +45,6 @@ def stdlib_texts() -> list[str]:
         except (UnicodeDecodeError, OSError):
             continue
     return texts
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "sentencepiece": spm.__version__}
 
 
 def measure(fn, repeats: int) -> dict:
@@ -133,15 +119,13 @@ def main() -> int:
               f"{row['speedup_vs_sentencepiece']:>17.2f}")
     result = {
         "benchmark": "tokenizer_encode", "command": shlex.join([sys.executable, *sys.argv]),
-        "machine": machine(), "load_average_before": load_before, "load_average_after": load_after,
+        "machine": machine(sentencepiece=spm.__version__), "load_average_before": load_before, "load_average_after": load_after,
         "corpus": {"files": len(texts), "bytes": n_bytes}, "model": model, "vocab_size": ours.vocab_size,
         "repeats": args.repeats, "identical_ids": True, "results": rows,
         "note": "CPU shared with other jobs while measuring; medians of repeats. 'cold': a new tokenizer "
                 "(empty word cache) per repeat.",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 

@@ -21,9 +21,7 @@ Targets: megafim n_future=1 >= 1.2x hf compiled (>= 54% MFU); n_future=4 >= 0.9x
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -38,6 +36,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from report import machine, write_json  # noqa: E402
 
 PEAK_FLOPS = 989e12
 SHAPE = dict(hidden=2048, layers=24, heads=16, ffn=5632, vocab=32000, seq=2048)
@@ -145,15 +145,13 @@ def main() -> int:
     rows = {}
     doc = {"benchmark": "train_throughput", "command": " ".join(sys.argv), "shape": s,
            "micro_batch": args.micro_batch, "steps": steps, "warmup": warmup, "smoke_cpu": args.smoke_cpu,
-           "machine": {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor(),
-                       "torch": torch.__version__, "python": platform.python_version()},
+           "machine": machine(device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke run)"),
            "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def add(name: str, rates: list[float]) -> None:  # printed and saved at once: a run cut short keeps its rows
         rows[name] = summarize(rates, warmup, s)
         print(f"{name}: {rows[name]['tokens_per_s']:,.0f} tokens/s, MFU {rows[name]['mfu']:.1%}", flush=True)
-        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(args.out, doc)
 
     with tempfile.TemporaryDirectory() as tmp:
         tok, data = make_data(Path(tmp), s, 2_000_000 if args.smoke_cpu else 40_000_000)
@@ -177,8 +175,7 @@ def main() -> int:
     print(f"{'row':<30}{'tokens/s':>12}{'MFU':>8}{'vs HF best':>12}")
     for name, row in rows.items():
         print(f"{name:<30}{row['tokens_per_s']:>12,.0f}{row['mfu']:>8.1%}{row['vs_hf_best']:>12.2f}")
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, doc)
     return 0
 
 
