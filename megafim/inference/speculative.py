@@ -61,13 +61,15 @@ def speculative_generate(model: GPT, prompt: Sequence[int], max_new_tokens: int,
         candidate = draft[:width]
         logits = model.logits(candidate.view(1, -1), start_pos=start, kv_caches=cache)  # (n, 1, width, V)
         greedy = logits[0, 0].argmax(-1)  # (width,): greedy token after each candidate
+        # One device-to-host copy per pass: the comparisons below run on Python ints.
+        drafted, checked = torch.stack([candidate, greedy]).tolist()
         accepted = 1  # candidate[0] came from head 0: the greedy token already
-        while accepted < width and candidate[accepted] == greedy[accepted - 1]:
+        while accepted < width and drafted[accepted] == checked[accepted - 1]:
             accepted += 1
         stats.forward_passes += 1
         stats.drafted += width - 1
         stats.accepted += accepted - 1
-        new = candidate[:accepted].tolist()[: max_new - len(out)]
+        new = drafted[:accepted][: max_new - len(out)]
         for i, token in enumerate(new):
             if token in stops:
                 new = new[: i + 1]

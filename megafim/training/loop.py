@@ -184,12 +184,13 @@ def train_step(run: Run, batches: list[dict]) -> tuple[torch.Tensor, bool, float
         if not plan.is_last:
             return engine(x)
         loss, head_losses = engine(x, b["labels"].to(dev).long(), b["loss_mask"].to(dev).float())
+        # Counted on the device: a host-side test here would wait for every forward to finish before
+        # its backward could be queued.
         value = loss.detach().double()
-        if torch.isfinite(value):
-            sums[0] += value
-            sums[1:-1] += head_losses.detach().double()
-        else:
-            sums[-1] += 1
+        finite = torch.isfinite(value)
+        sums[0] += torch.where(finite, value, 0.0)
+        sums[1:-1] += torch.where(finite, head_losses.detach().double(), 0.0)
+        sums[-1] += (~finite).double()
         return loss
 
     def backward(output, grad):
