@@ -12,9 +12,13 @@ from megafim.inference.sampling import SamplingConfig, next_token
 from megafim.model.gpt import GPT
 
 
-def forward_next_token_logits(model: GPT, tokens: Tensor, cache: ModelKVCache) -> Tensor:
-    """Feed tokens (B, T) after what ``cache`` holds; head 0's logits (B, T, V)."""
-    return model.logits(tokens, heads=[0], start_pos=cache.length, kv_caches=cache)[0]
+def next_token_logits(model: GPT, tokens: Tensor, cache: ModelKVCache) -> Tensor:
+    """Feed tokens (B, T) after what ``cache`` holds; head 0's logits at the last position (B, V).
+
+    Only that position is unembedded: the other rows of a prompt would cost a (T, d) x (d, V) product
+    that nothing reads."""
+    hidden = model.head_hidden(tokens, heads=[0], start_pos=cache.length, kv_caches=cache)[0]  # (B, T, d)
+    return model.lm_head(hidden[:, -1])
 
 
 def check_length(model: GPT, prompt_len: int, max_new_tokens: int) -> int:
@@ -35,7 +39,7 @@ def decode_loop(model: GPT, cache: ModelKVCache, new_tokens: Tensor, sampling: S
 
     Each returned row ends with its stop id when it met one."""
     batch = new_tokens.shape[0]
-    logits = forward_next_token_logits(model, new_tokens, cache)[:, -1]  # (B, V)
+    logits = next_token_logits(model, new_tokens, cache)  # (B, V)
     out: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     for _ in range(max_new_tokens):
@@ -46,7 +50,7 @@ def decode_loop(model: GPT, cache: ModelKVCache, new_tokens: Tensor, sampling: S
                 done[row] = t in stop_ids
         if all(done) or cache.length + 1 > model.config.max_seq_len:
             break
-        logits = forward_next_token_logits(model, token.view(batch, 1), cache)[:, -1]
+        logits = next_token_logits(model, token.view(batch, 1), cache)
     return out
 
 

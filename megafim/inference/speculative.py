@@ -50,8 +50,8 @@ def speculative_generate(model: GPT, prompt: Sequence[int], max_new_tokens: int,
     # Room for the prompt, the tokens kept and one draft that may run past the end.
     cache = ModelKVCache.for_model(model, 1, min(len(prompt) + max_new + n, model.config.max_seq_len))
     capacity = next(iter(cache.values())).k.shape[1]
-    logits = model.logits(torch.tensor([list(prompt)], device=device), kv_caches=cache)  # (n, 1, T, V)
-    draft = logits[:, 0, -1].argmax(-1)  # (n,): draft[k] is the guess for the (k+1)-th next token
+    hidden = model.head_hidden(torch.tensor([list(prompt)], device=device), kv_caches=cache)  # (n, 1, T, d)
+    draft = model.lm_head(hidden[:, 0, -1]).argmax(-1)  # (n,): draft[k] guesses the (k+1)-th next token
     out: list[int] = []
     stats = SpeculativeStats()
     stops = set(stop_ids)
@@ -59,8 +59,8 @@ def speculative_generate(model: GPT, prompt: Sequence[int], max_new_tokens: int,
         start = cache.length
         width = min(n, capacity - start)  # near the end of the context, draft fewer tokens
         candidate = draft[:width]
-        logits = model.logits(candidate.view(1, -1), start_pos=start, kv_caches=cache)  # (n, 1, width, V)
-        greedy = logits[0, 0].argmax(-1)  # (width,): greedy token after each candidate
+        hidden = model.head_hidden(candidate.view(1, -1), start_pos=start, kv_caches=cache)  # (n, 1, width, d)
+        greedy = model.lm_head(hidden[0, 0]).argmax(-1)  # (width,): greedy token after each candidate
         # One device-to-host copy per pass: the comparisons below run on Python ints.
         drafted, checked = torch.stack([candidate, greedy]).tolist()
         accepted = 1  # candidate[0] came from head 0: the greedy token already
@@ -78,6 +78,9 @@ def speculative_generate(model: GPT, prompt: Sequence[int], max_new_tokens: int,
         if (new and new[-1] in stops) or len(out) >= max_new or start + accepted >= capacity:
             break
         cache.truncate(start + accepted)
-        draft = logits[:, 0, accepted - 1].argmax(-1)
+        # The next drafts: head 0's greedy token after the last accepted one, and heads 1..n-1 at that
+        # position. Only that position of the extra heads is unembedded (n - 1 rows, not n x width).
+        extra = model.lm_head(hidden[1:, 0, accepted - 1]).argmax(-1)
+        draft = torch.cat([greedy[accepted - 1:accepted], extra])
     stats.tokens = len(out)
     return out, stats
