@@ -127,8 +127,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/speculative_decoding.json")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.checkpoint:
         loaded = load_model(args.checkpoint, device=device)
@@ -177,6 +180,7 @@ def main() -> None:
         "benchmark": "speculative_decoding",
         "machine": machine(None if device.type == "cuda" else "CPU shared with other jobs"),
         "command": " ".join(["python", *sys.argv]),
+        "threads": torch.get_num_threads(),
         "model": {"source": source, "n_future": model.config.n_future, "parameters": model.config.num_parameters(),
                   "dtype": args.dtype},
         "prompts": len(prompts), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
