@@ -39,7 +39,7 @@ run gpu_tests 35 $PY -m pytest -q -m gpu tests
 # Benchmarks, each writing its JSON into $OUT_DIR.
 run linear_cross_entropy 35 $PY benchmarks/linear_cross_entropy.py --out "$OUT_DIR/linear_cross_entropy.json"
 run train_step_memory 70 $PY benchmarks/train_step_memory.py --out "$OUT_DIR/train_step_memory.json"
-run train_throughput 240 $PY benchmarks/train_throughput.py --out "$OUT_DIR/train_throughput.json"
+run train_throughput 240 $PY benchmarks/train_throughput.py --profile --out "$OUT_DIR/train_throughput.json"
 run speculative_decoding 90 $PY benchmarks/speculative_decoding.py --train-steps 300 --size 125M --seq 256 --batch 16 --prompts 8 --new-tokens 96 --repeats 2 --out "$OUT_DIR/speculative_decoding.json"
 
 $PY - "$OUT_DIR" <<'PYEOF'

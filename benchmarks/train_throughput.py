@@ -13,6 +13,10 @@ Shape (the issue's): Llama 1.3B (hidden 2048, 24 layers, 16 heads, FFN 5632), vo
 - ``megafim n_future=4 compiled``: the same total layers (a 21-layer trunk + 4 one-layer heads); with
   ``--skip-compiled``, ``megafim n_future=4`` eager, compared with the eager n_future=1 row.
 
+With ``--profile`` (as ``gpu_all.sh`` runs it), each megafim n_future=1 row trains two more steps under
+torch.profiler (``--profile-step-start``) after the timed ones, and its 25 costliest operators go into the
+row (``profile_top_ops``): where the trainer's time goes, next to the rate.
+
 tokens/s is the median over the timed steps (the first steps warm up). MFU = (6 x non-embedding
 parameters incl. the unembedding + 12 x layers x hidden x seq) x tokens/s / 989e12 (H100/H200 bf16).
 Targets: megafim n_future=1 >= 1.2x hf compiled (>= 54% MFU); n_future=4 >= 0.9x of n_future=1.
@@ -21,6 +25,7 @@ Targets: megafim n_future=1 >= 1.2x hf compiled (>= 54% MFU); n_future=4 >= 0.9x
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -101,24 +106,31 @@ def make_data(work: Path, s: dict, max_bytes: int) -> tuple[str, str]:
 
 
 def megafim_tokens_per_s(s: dict, steps: int, micro_batch: int, n_future: int, tok: str, data: str,
-                         compiled: bool) -> list[float]:
+                         compiled: bool, profile_dir: Path | None = None) -> tuple[list[float], list[dict]]:
+    """tokens/s of each step, and with ``profile_dir`` the top operators of two more steps recorded by
+    torch.profiler after the timed ones (``--profile-step-start``; they are not in the rates)."""
     overrides = {"hidden_size": s["hidden"], "n_layers": s["layers"] - (n_future - 1), "n_heads": s["heads"],
                  "n_kv_heads": s["heads"], "ffn_hidden_size": s["ffn"], "max_seq_len": s["seq"]}
     cmd = [sys.executable, "-m", "megafim.train", "--config", str(ROOT / "examples/configs/1.3B.yaml"),
            "--data-path", data, "--tokenizer-model", tok, "--seq-length", str(s["seq"]),
            "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch),
-           "--train-iters", str(steps), "--n-future", str(n_future), "--fim-rate", "0",
+           "--train-iters", str(steps + 2 * bool(profile_dir)), "--n-future", str(n_future), "--fim-rate", "0",
            "--tensor-model-parallel-size", "1", "--zero-stage", "1", "--lr-warmup-iters", "1",
            "--set", "logging.log_interval=1", "--set", "logging.tensorboard=false",
            "--set", "logging.progress_bar=\"off\"", "--set", "checkpoint.save_on_signal=false",
            "--set", f"model.compile={str(compiled).lower()}"]
     for key, value in overrides.items():
         cmd += ["--set", f"model.overrides.{key}={value}"]
+    if profile_dir:
+        cmd += ["--profile-step-start", str(steps + 1), "--profile-step-end", str(steps + 2),
+                "--set", f"logging.profile_dir={profile_dir}"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"megafim.train failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return [float(m.replace(",", "")) for m in re.findall(r"tok/s ([\d,]+)", result.stdout)]
+    rates = [float(m.replace(",", "")) for m in re.findall(r"tok/s ([\d,]+)", result.stdout)][:steps]
+    ops = json.loads((profile_dir / "rank0" / "ops.json").read_text())["ops"][:25] if profile_dir else []
+    return rates, ops
 
 
 def summarize(rates: list[float], warmup: int, s: dict) -> dict:
@@ -133,6 +145,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--skip-compiled", action="store_true", help="leave out the torch.compile rows")
+    p.add_argument("--profile", action="store_true",
+                   help="megafim n_future=1 rows: also profile two steps after the timed ones (top ops into the JSON)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/train_throughput.json")
     p.add_argument("--smoke-cpu", action="store_true", help="tiny shapes on the CPU: checks the script, no numbers")
     args = p.parse_args()
@@ -148,8 +162,11 @@ def main() -> int:
            "machine": machine(device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke run)"),
            "rows": rows}
 
-    def add(name: str, rates: list[float]) -> None:  # printed and saved at once: a run cut short keeps its rows
+    def add(name: str, measured: tuple[list[float], list[dict]]) -> None:  # saved at once: a cut run keeps its rows
+        rates, ops = measured
         rows[name] = summarize(rates, warmup, s)
+        if ops:
+            rows[name]["profile_top_ops"] = ops
         print(f"{name}: {rows[name]['tokens_per_s']:,.0f} tokens/s, MFU {rows[name]['mfu']:.1%}", flush=True)
         write_json(args.out, doc)
 
@@ -159,13 +176,22 @@ def main() -> int:
         # is compared with n_future=1 run the same way (compiled, unless --skip-compiled).
         compiled = not args.skip_compiled
         mega = "megafim n_future={}" + " compiled" * compiled
-        jobs = [("megafim n_future=1", lambda: megafim_tokens_per_s(s, steps, args.micro_batch, 1, tok, data, False))]
+
+        def megafim(n_future: int, compile_blocks: bool):
+            profile = Path(tmp) / f"profile_n{n_future}_{'compiled' if compile_blocks else 'eager'}"
+            return lambda: megafim_tokens_per_s(s, steps, args.micro_batch, n_future, tok, data, compile_blocks,
+                                                profile if args.profile and n_future == 1 else None)
+
+        def hf(compile_model: bool):
+            return lambda: (hf_tokens_per_s(s, steps, args.micro_batch, compile_model, device), [])
+
+        jobs = [("megafim n_future=1", megafim(1, False))]
         if compiled:
-            jobs.append((mega.format(1), lambda: megafim_tokens_per_s(s, steps, args.micro_batch, 1, tok, data, True)))
+            jobs.append((mega.format(1), megafim(1, True)))
             if not args.smoke_cpu:  # inductor on the CPU: minutes, and no number to compare with
-                jobs.append(("hf compiled", lambda: hf_tokens_per_s(s, steps, args.micro_batch, True, device)))
-        jobs.append((mega.format(4), lambda: megafim_tokens_per_s(s, steps, args.micro_batch, 4, tok, data, compiled)))
-        jobs.append(("hf eager", lambda: hf_tokens_per_s(s, steps, args.micro_batch, False, device)))
+                jobs.append(("hf compiled", hf(True)))
+        jobs.append((mega.format(4), megafim(4, compiled)))
+        jobs.append(("hf eager", hf(False)))
         for name, measure in jobs:
             add(name, measure())
     base = rows.get("hf compiled", rows["hf eager"])["tokens_per_s"]

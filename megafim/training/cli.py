@@ -36,6 +36,9 @@ MEGATRON_FLAGS: dict[str, tuple[str, type, str]] = {
     "--load": ("checkpoint.load", str, "resume from this checkpoint directory"),
     "--save-interval": ("checkpoint.save_interval", int, "save every N steps"),
     "--deepspeed-config": ("deepspeed_config", str, "DeepSpeed JSON merged over the generated one"),
+    "--profile-step-start": ("logging.profile_step_start", int, "first step recorded by torch.profiler"),
+    "--profile-step-end": ("logging.profile_step_end", int, "last step recorded by torch.profiler"),
+    "--profile-ranks": ("logging.profile_ranks", int, "global ranks that profile"),
 }
 
 
@@ -48,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override any config field; the value is parsed as YAML; repeatable")
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     for flag, (path, tp, help_text) in MEGATRON_FLAGS.items():
-        nargs = "+" if flag == "--data-path" else None
+        nargs = "+" if flag in ("--data-path", "--profile-ranks") else None
         parser.add_argument(flag, dest="megatron:" + path, type=tp, nargs=nargs, default=None,
                             metavar=tp.__name__.upper(), help=f"{help_text} ({path})")
     parser.add_argument("--activation-checkpointing", dest="megatron:model.activation_checkpointing",

@@ -138,6 +138,14 @@ class LoggingSection:
     """Stop the run (with a checkpoint) after this many consecutive NaN/inf losses; each is skipped."""
     peak_tflops: float = 0.0
     """The accelerator's peak TFLOP/s for MFU; 0 guesses (989 for H100 bf16), on CPU MFU is not shown."""
+    profile_step_start: int = 0
+    """Record steps profile_step_start..profile_step_end (1-based) with torch.profiler; 0: no profiling."""
+    profile_step_end: int = 0
+    """The last profiled step (0: profile_step_start alone)."""
+    profile_ranks: list = field(default_factory=lambda: [0])
+    """The global ranks that profile."""
+    profile_dir: str = ""
+    """Where each profiled rank writes its trace and op table (default ``<checkpoint.save>/profile``)."""
 
 
 @dataclass
@@ -262,6 +270,21 @@ def grad_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     return cfg.batch.global_batch_size // per_step
 
 
+def _check_profiling(cfg: TrainConfig) -> None:
+    lg = cfg.logging
+    _positive(lg.profile_step_start, "logging.profile_step_start", allow_zero=True)
+    if not lg.profile_step_start:
+        return
+    if lg.profile_step_end and lg.profile_step_end < lg.profile_step_start:
+        raise ConfigError(f"logging.profile_step_end {lg.profile_step_end} is before logging.profile_step_start "
+                          f"{lg.profile_step_start}")
+    if not (lg.profile_dir or cfg.checkpoint.save):
+        raise ConfigError("logging.profile_step_start is set but neither logging.profile_dir nor checkpoint.save "
+                          "says where the profile goes")
+    if not lg.profile_ranks or not all(isinstance(r, int) and r >= 0 for r in lg.profile_ranks):
+        raise ConfigError(f"logging.profile_ranks must list global ranks (integers >= 0), got {lg.profile_ranks}")
+
+
 def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> None:
     """Check ``cfg`` for ``world_size`` ranks; ``model_config`` (a resolved ``ModelConfig``) adds
     the shape checks (heads vs tp, layers vs pp). Raises ``ConfigError`` naming the field."""
@@ -292,6 +315,7 @@ def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> Non
     _choice(p.backend, "parallel.backend", ("auto", "nccl", "gloo"))
     _choice(s.precision, "schedule.precision", ("auto", "bf16", "fp32"))
     _choice(cfg.logging.progress_bar, "logging.progress_bar", ("auto", "on", "off"))
+    _check_profiling(cfg)
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
     if cfg.model.compile and p.zero_stage == 3:

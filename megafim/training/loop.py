@@ -33,6 +33,7 @@ from megafim.training.distributed import WorldInfo, init_distributed, shutdown
 from megafim.training.metrics import MetricsLogger, StepMetrics, default_peak_flops, model_flops_per_token
 from megafim.training.optim import build_optimizer
 from megafim.training.pipeline import StageComm, run_1f1b
+from megafim.training.profiling import StepProfiler
 from megafim.training.sampler import MicroBatches, ResumableSampler
 from megafim.training.signals import StopRequest
 
@@ -284,12 +285,20 @@ def train(cfg: TrainConfig) -> int:
     flops_per_token = _flops_per_token(run.mc, cfg.data.seq_length)
     peak = cfg.logging.peak_tflops * 1e12 or default_peak_flops()
     code, saved_at = EXIT_OK, state.step  # a resume that has nothing left to train saves nothing
+    lg = cfg.logging
+    profiler = StepProfiler(lg.profile_step_start, lg.profile_step_end,
+                            lg.profile_dir or f"{cfg.checkpoint.save}/profile", run.dims.rank, lg.profile_ranks)
     try:
         while state.step < cfg.schedule.train_iters:
             t0 = time.perf_counter()
             lr = lr_at(cfg, state.step)
             run.optimizer.set_lr(lr)
-            stats, skipped, grad_norm = train_step(run, [next(micro) for _ in range(run.gas)])
+            with profiler.wrap(state.step + 1):
+                stats, skipped, grad_norm = train_step(run, [next(micro) for _ in range(run.gas)])
+            if profiler.written:
+                run.log.info(f"profile: steps {profiler.start}-{profiler.end} of rank {run.dims.rank} written to "
+                             f"{profiler.written} (trace.json, ops.txt, ops.json)")
+                profiler.written = None
             state.step += 1
             state.consumed_samples += cfg.batch.global_batch_size
             state.epoch = sampler.epoch(state.consumed_samples)
@@ -321,6 +330,7 @@ def train(cfg: TrainConfig) -> int:
         if code == EXIT_OK and saved_at != state.step:
             _save(run, "end of training")
     finally:
+        profiler.finish()
         stop.restore()
         run.log.close()
     shutdown()

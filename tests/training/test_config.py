@@ -88,6 +88,23 @@ def test_validation_before_any_process_group():
         validate(cfg, world_size=1)
 
 
+def test_profiling_flags_and_checks():
+    cfg, _ = config_from_args(["--profile-step-start", "3", "--profile-step-end", "4", "--profile-ranks", "0", "2",
+                               "--save", "s"])
+    lg = cfg.logging
+    assert (lg.profile_step_start, lg.profile_step_end, lg.profile_ranks) == (3, 4, [0, 2])
+    validate(cfg, world_size=1)
+    lg.profile_step_end = 2
+    with pytest.raises(ConfigError, match="logging.profile_step_end 2 is before"):
+        validate(cfg, world_size=1)
+    lg.profile_step_end, cfg.checkpoint.save = 0, ""
+    with pytest.raises(ConfigError, match="logging.profile_dir nor checkpoint.save"):
+        validate(cfg, world_size=1)
+    lg.profile_dir, lg.profile_ranks = "p", [-1]
+    with pytest.raises(ConfigError, match="logging.profile_ranks"):
+        validate(cfg, world_size=1)
+
+
 def test_model_shape_checks_name_the_field():
     class Shape:  # a resolved model shape, as ModelConfig carries it
         n_heads, n_kv_heads, ffn_hidden_size, vocab_size, n_layers = 6, 6, 64, 128, 3

@@ -85,6 +85,26 @@ def test_zero0_reports_the_gradient_norm_zero1_reports(tiny_data, tmp_path):
         norms[stage] = [r["grad_norm"] for r in metrics(save)]
     assert norms["0"] == pytest.approx(norms["1"], rel=1e-5)
 
+def test_profiled_steps_write_trace_and_op_tables_and_train_the_same(tiny_data, tmp_path):
+    """--profile-step-start/-end on both ranks of tp=2: each writes a Chrome trace with the profiled
+    steps as spans and an op table; the losses equal those of the same run without profiling."""
+    args = base_args(tiny_data) + ["--train-iters", "3", "--tensor-model-parallel-size", "2"]
+    check(launch(2, args + ["--save", str(tmp_path / "plain")], tmp_path))
+    save = tmp_path / "profiled"
+    proc = launch(2, args + ["--save", str(save), "--profile-step-start", "2", "--profile-step-end", "3",
+                             "--profile-ranks", "0", "1"], tmp_path)
+    check(proc)
+    assert "profile: steps 2-3 of rank 0 written to" in proc.stdout
+    for rank in (0, 1):
+        out = save / "profile" / f"rank{rank}"
+        spans = {e.get("name") for e in json.loads((out / "trace.json").read_text())["traceEvents"]}
+        assert {"step 2", "step 3"} <= spans and "step 1" not in spans
+        ops = json.loads((out / "ops.json").read_text())
+        assert ops["steps"] == [2, 3] and any("mm" in op["name"] or "linear" in op["name"] for op in ops["ops"])
+        assert "Self CPU" in (out / "ops.txt").read_text()
+    assert [r["loss"] for r in metrics(save)] == [r["loss"] for r in metrics(tmp_path / "plain")]
+
+
 def test_compiled_blocks_train_like_eager(tiny_data, tmp_path):
     """model.compile = true (torch.compile per block) gives the eager run's losses, to rounding."""
     args = base_args(tiny_data) + ["--train-iters", "3", "--zero-stage", "1"]
