@@ -115,7 +115,7 @@ def megafim_tokens_per_s(s: dict, steps: int, micro_batch: int, n_future: int, t
            "--data-path", data, "--tokenizer-model", tok, "--seq-length", str(s["seq"]),
            "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch),
            "--train-iters", str(steps + 2 * bool(profile_dir)), "--n-future", str(n_future), "--fim-rate", "0",
-           "--tensor-model-parallel-size", "1", "--zero-stage", "1", "--lr-warmup-iters", "1",
+           "--tensor-model-parallel-size", "1", "--zero-stage", "1", "--lr-warmup-iters", "1", "--eval-interval", "0",
            "--set", "logging.log_interval=1", "--set", "logging.tensorboard=false",
            "--set", "logging.progress_bar=\"off\"", "--set", "checkpoint.save_on_signal=false",
            "--set", f"model.compile={str(compiled).lower()}"]

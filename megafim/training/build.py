@@ -145,8 +145,9 @@ def build_stage(mc: ModelConfig, plan: StagePlan, seed: int, dims: ParallelDims 
     return stage
 
 
-def build_train_dataset(cfg: TrainConfig, tokenizer, num_samples: int, is_builder: bool):
-    """The training split (blended when several paths), sized for ``num_samples`` samples."""
+def build_train_valid_datasets(cfg: TrainConfig, tokenizer, num_train: int, num_valid: int, is_builder: bool):
+    """(training split, validation split or None when ``num_valid`` is 0), each blended when there are
+    several paths and sized for that many samples."""
     from megafim.data.config import DataConfig
     from megafim.data.fim import FimConfig
     from megafim.data.builder import build_datasets
@@ -163,10 +164,13 @@ def build_train_dataset(cfg: TrainConfig, tokenizer, num_samples: int, is_builde
         data_cfg.check_files()
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"data.data_path: {exc}") from None
-    datasets = build_datasets(data_cfg, (num_samples, 0, 0), tokenizer=tokenizer, is_builder=is_builder)
+    datasets = build_datasets(data_cfg, (num_train, num_valid, 0), tokenizer=tokenizer, is_builder=is_builder)
     if datasets["train"] is None:
         raise ConfigError(f"data.split {d.split!r} leaves no training documents in {d.data_path}")
-    return datasets["train"]
+    if num_valid and datasets["valid"] is None:
+        raise ConfigError(f"data.split {d.split!r} leaves no validation documents in {d.data_path} "
+                          "(schedule.eval_interval needs some)")
+    return datasets["train"], datasets["valid"]
 
 
 def _is_number(text: str) -> bool:

@@ -26,6 +26,8 @@ MEGATRON_FLAGS: dict[str, tuple[str, type, str]] = {
     "--min-lr": ("optimizer.min_lr", float, "final learning rate of the cosine decay"),
     "--lr-warmup-iters": ("schedule.warmup_iters", int, "linear warmup steps"),
     "--seed": ("schedule.seed", int, "random seed"),
+    "--eval-interval": ("schedule.eval_interval", int, "validation loss every N steps (0: never)"),
+    "--eval-iters": ("schedule.eval_iters", int, "global batches per validation"),
     "--tensor-model-parallel-size": ("parallel.tensor", int, "tensor-parallel degree"),
     "--pipeline-model-parallel-size": ("parallel.pipeline", int, "pipeline-parallel degree"),
     "--zero-stage": ("parallel.zero_stage", int, "DeepSpeed ZeRO stage 0-3"),

@@ -110,6 +110,11 @@ class ScheduleSection:
     """Seed for weights, data order and FIM (the same seed gives the same run)."""
     precision: str = "auto"
     """``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
+    eval_interval: int = 0
+    """Compute the validation loss every this many steps and at the end; 0: never."""
+    eval_iters: int = 10
+    """Global batches per validation: the first ``eval_iters x global_batch_size`` samples of the
+    validation split, the same ones every time, so the values are comparable across steps."""
 
 
 @dataclass
@@ -316,6 +321,18 @@ def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> Non
     _choice(s.precision, "schedule.precision", ("auto", "bf16", "fp32"))
     _choice(cfg.logging.progress_bar, "logging.progress_bar", ("auto", "on", "off"))
     _check_profiling(cfg)
+    _positive(s.eval_interval, "schedule.eval_interval", allow_zero=True)
+    _positive(s.eval_iters, "schedule.eval_iters")
+    if s.eval_interval:
+        from megafim.data.config import parse_split
+
+        try:
+            has_valid = parse_split(cfg.data.split)[1] > 0
+        except ValueError as exc:
+            raise ConfigError(f"data.split: {exc}") from None
+        if not has_valid:
+            raise ConfigError(f"schedule.eval_interval = {s.eval_interval} needs validation documents, but "
+                              f"data.split {cfg.data.split!r} gives them no share (e.g. \"98,2,0\")")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
     if cfg.model.compile and p.zero_stage == 3:

@@ -24,13 +24,14 @@ from megafim.model import ModelConfig
 from megafim.parallel import DeepSpeedMPU, ParallelDims
 from megafim.training import checkpoint as ck
 from megafim.training import checkpoint_io
-from megafim.training.build import (PipelineStage, StagePlan, build_stage, build_train_dataset, plan_stages,
+from megafim.training.build import (PipelineStage, StagePlan, build_stage, build_train_valid_datasets, plan_stages,
                                     resolve_model_config)
 from megafim.training.cli import dump_yaml
 from megafim.training.config import ConfigError, TrainConfig, grad_accumulation_steps, lr_at, validate
 from megafim.training.deepspeed_config import effective_deepspeed_config, format_for_log, resolve_precision
 from megafim.training.distributed import WorldInfo, init_distributed, shutdown
-from megafim.training.metrics import MetricsLogger, StepMetrics, default_peak_flops, model_flops_per_token
+from megafim.training.metrics import (MetricsLogger, StepMetrics, default_peak_flops, model_flops_per_token,
+                                      validation_line)
 from megafim.training.optim import build_optimizer
 from megafim.training.pipeline import StageComm, run_1f1b
 from megafim.training.profiling import StepProfiler
@@ -98,8 +99,9 @@ def _resume_point(cfg: TrainConfig, dims: ParallelDims):
     return ckpt, state, same
 
 
-def setup(cfg: TrainConfig) -> tuple[Run, object]:
-    """Build everything for this rank; returns the run and the training dataset."""
+def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
+    """Build everything for this rank; returns the run, the training dataset and the validation
+    dataset (None unless ``schedule.eval_interval`` is set)."""
     import deepspeed
 
     info = WorldInfo.from_env()
@@ -141,21 +143,23 @@ def setup(cfg: TrainConfig) -> tuple[Run, object]:
         state = ck.TrainerState(step=saved.step, consumed_samples=saved.consumed_samples, epoch=saved.epoch,
                                 layout=state.layout)
         log.info(f"resume: from {ckpt} at step {state.step}, {state.consumed_samples} samples consumed")
-    dataset = _dataset(cfg, tokenizer, dims)
+    dataset, valid = _datasets(cfg, tokenizer, dims)
     if ckpt is not None and same_layout and not ck.load_rng(ckpt, dims.rank):
         log.info(f"resume: {ckpt} has no RNG state for rank {dims.rank}; continuing with the seeded state")
     dtype = torch.bfloat16 if resolve_precision(cfg) == "bf16" else torch.float32
     comm = _stage_comm(dims, plan, (cfg.batch.micro_batch_size, cfg.data.seq_length, mc.hidden_size), dtype, device)
-    return Run(cfg, mc, dims, device, plan, stage, engine, optimizer, comm, gas, state, log), dataset
+    return Run(cfg, mc, dims, device, plan, stage, engine, optimizer, comm, gas, state, log), dataset, valid
 
 
-def _dataset(cfg: TrainConfig, tokenizer, dims: ParallelDims):
-    """Rank 0 builds (and caches) the sample index, then the others map the finished cache."""
-    n = cfg.schedule.train_iters * cfg.batch.global_batch_size
+def _datasets(cfg: TrainConfig, tokenizer, dims: ParallelDims):
+    """(train, valid or None). Rank 0 builds (and caches) the sample indices, then the others map the
+    finished caches."""
+    n_train = cfg.schedule.train_iters * cfg.batch.global_batch_size
+    n_valid = cfg.schedule.eval_iters * cfg.batch.global_batch_size if cfg.schedule.eval_interval else 0
     if dims.rank == 0:
-        build_train_dataset(cfg, tokenizer, n, is_builder=True)
+        build_train_valid_datasets(cfg, tokenizer, n_train, n_valid, is_builder=True)
     dist.barrier()
-    return build_train_dataset(cfg, tokenizer, n, is_builder=dims.rank == 0)
+    return build_train_valid_datasets(cfg, tokenizer, n_train, n_valid, is_builder=dims.rank == 0)
 
 
 def _stage_comm(dims: ParallelDims, plan: StagePlan, shape, dtype, device) -> StageComm:
@@ -225,6 +229,37 @@ def train_step(run: Run, batches: list[dict]) -> tuple[torch.Tensor, bool, float
     return sums.cpu(), skipped, own_norm if own_norm is not None else _grad_norm(engine)
 
 
+@torch.no_grad()
+def evaluate(run: Run, valid) -> torch.Tensor:
+    """The validation loss: the first ``eval_iters`` global batches of the validation split (the same
+    every time), forward only, micro-batch by micro-batch through the pipeline stages. Returns
+    [loss, head losses...] averaged over all those micro-batches, identical on every rank."""
+    engine, plan, dev, comm = run.engine, run.plan, run.device, run.comm
+    batches = MicroBatches(valid, ResumableSampler(len(valid), run.cfg.batch.micro_batch_size,
+                                                   run.dims.dp_rank, run.dims.dp))
+    n_micro = run.cfg.schedule.eval_iters * run.gas
+    sums = torch.zeros(run.mc.n_future + 1, dtype=torch.float64, device=dev)
+    engine.eval()
+    try:
+        for _ in range(n_micro):
+            b = next(batches)
+            received = comm.recv_forward()
+            x = b["tokens"].to(dev) if plan.is_first else received
+            if not plan.is_last:
+                comm.send_forward(engine(x))
+                continue
+            loss, head_losses = engine(x, b["labels"].to(dev).long(), b["loss_mask"].to(dev).float())
+            sums[0] += loss.double()
+            sums[1:] += head_losses.double()
+        comm.wait_sends()
+    finally:
+        engine.train()
+    if not (plan.is_last and run.dims.tp_rank == 0):  # one contribution per loss, as in train_step
+        sums.zero_()
+    dist.all_reduce(sums)
+    return (sums / (run.dims.dp * n_micro)).cpu()
+
+
 def _grad_norm(engine) -> float:
     norm = engine.get_global_grad_norm()
     if norm is None:
@@ -275,7 +310,7 @@ def _save(run: Run, reason: str) -> None:
 
 def train(cfg: TrainConfig) -> int:
     """Train under torchrun (or as one process). Returns the exit code."""
-    run, dataset = setup(cfg)
+    run, dataset, valid = setup(cfg)
     cfg, state = run.cfg, run.state
     sampler = ResumableSampler(len(dataset), cfg.batch.micro_batch_size, run.dims.dp_rank, run.dims.dp,
                                state.consumed_samples)
@@ -305,12 +340,21 @@ def train(cfg: TrainConfig) -> int:
             state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
             dt = time.perf_counter() - t0
             tps = tokens_per_step / dt
+            validation = None
+            every = cfg.schedule.eval_interval
+            if every and (state.step % every == 0 or state.step == cfg.schedule.train_iters):
+                t_eval = time.perf_counter()
+                validation = evaluate(run, valid)
+                eval_s = time.perf_counter() - t_eval
             run.log.log(StepMetrics(
                 step=state.step, loss=float(stats[0]), head_losses=[float(x) for x in stats[1:-1]], lr=lr,
                 grad_norm=grad_norm, tokens_per_s=tps,
                 mfu=flops_per_token * tps / (peak * run.dims.world_size) if peak else None,
                 memory_gib=round(_memory_gib(), 3), step_time_s=dt, consumed_samples=state.consumed_samples,
-                skipped=skipped))
+                skipped=skipped, valid_loss=None if validation is None else float(validation[0]),
+                valid_head_losses=None if validation is None else [float(x) for x in validation[1:]]))
+            if validation is not None:
+                run.log.info(validation_line(state.step, validation, eval_s))
             if state.nonfinite_in_a_row >= cfg.logging.max_nonfinite_in_a_row:
                 run.log.info(f"stopping: {state.nonfinite_in_a_row} non-finite losses in a row "
                              f"(logging.max_nonfinite_in_a_row)")

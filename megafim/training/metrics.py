@@ -43,6 +43,10 @@ class StepMetrics:
     """Training samples consumed so far."""
     skipped: bool = False
     """True when the loss was NaN/inf and the update was skipped."""
+    valid_loss: float | None = None
+    """Validation loss after this step, on the steps that evaluate (``schedule.eval_interval``)."""
+    valid_head_losses: list | None = None
+    """Each head's validation loss, with ``valid_loss``."""
 
     def as_json(self) -> dict:
         out = {"step": self.step, "loss": _num(self.loss)}
@@ -51,6 +55,10 @@ class StepMetrics:
         out.update(lr=self.lr, grad_norm=_num(self.grad_norm), tokens_per_s=round(self.tokens_per_s, 2),
                    mfu=self.mfu, memory_gib=self.memory_gib, step_time_s=round(self.step_time_s, 4),
                    consumed_samples=self.consumed_samples, skipped=self.skipped)
+        if self.valid_loss is not None:
+            out["valid_loss"] = _num(self.valid_loss)
+            for i, h in enumerate(self.valid_head_losses or []):
+                out[f"valid_loss_head_{i + 1}"] = _num(h)
         return out
 
 
@@ -127,7 +135,8 @@ class MetricsLogger:
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(f"train/{key}", value, m.step)
+                    tag = f"valid/{key[len('valid_'):]}" if key.startswith("valid_") else f"train/{key}"
+                    self.tb.add_scalar(tag, value, m.step)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{m.loss:.4f}", lr=f"{m.lr:.2e}", tok_s=f"{m.tokens_per_s:.0f}")
@@ -147,6 +156,14 @@ class MetricsLogger:
             if handle is not None:
                 handle.close()
         self.jsonl = self.tb = self.bar = None
+
+
+def validation_line(step: int, losses, seconds: float) -> str:
+    """``losses``: [total, head 1, ..., head n]; the perplexity is head 1's (next-token) one."""
+    heads = " ".join(f"{float(h):.4f}" for h in losses[1:])
+    ppl = math.exp(min(float(losses[1]), 50.0))
+    return (f"validation at step {step} | loss {float(losses[0]):.4f} | heads [{heads}] | "
+            f"next-token ppl {ppl:.2f} | {seconds:.1f} s")
 
 
 def console_line(m: StepMetrics) -> str:

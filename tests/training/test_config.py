@@ -88,6 +88,18 @@ def test_validation_before_any_process_group():
         validate(cfg, world_size=1)
 
 
+def test_validation_flags_and_checks():
+    cfg, _ = config_from_args(["--eval-interval", "50", "--eval-iters", "4"])
+    assert (cfg.schedule.eval_interval, cfg.schedule.eval_iters) == (50, 4)
+    validate(cfg, world_size=1)
+    cfg.data.split = "100,0,0"
+    with pytest.raises(ConfigError, match=r"schedule.eval_interval = 50 needs validation documents.*data.split"):
+        validate(cfg, world_size=1)
+    cfg.data.split, cfg.schedule.eval_iters = "98,2,0", 0
+    with pytest.raises(ConfigError, match="schedule.eval_iters"):
+        validate(cfg, world_size=1)
+
+
 def test_profiling_flags_and_checks():
     cfg, _ = config_from_args(["--profile-step-start", "3", "--profile-step-end", "4", "--profile-ranks", "0", "2",
                                "--save", "s"])

@@ -85,6 +85,29 @@ def test_zero0_reports_the_gradient_norm_zero1_reports(tiny_data, tmp_path):
         norms[stage] = [r["grad_norm"] for r in metrics(save)]
     assert norms["0"] == pytest.approx(norms["1"], rel=1e-5)
 
+def test_validation_every_n_steps_leaves_training_alone_and_agrees_under_pipeline(tiny_data, tmp_path):
+    """--eval-interval 2 over 3 steps evaluates after steps 2 and 3 (the end), into metrics.jsonl and the
+    console; the training losses are those of a run without validation, and a pp = 2 run (the forward-
+    only pass through both stages) gets the same validation losses."""
+    args = base_args(tiny_data) + ["--train-iters", "3", "--zero-stage", "1"]
+    check(launch(1, args + ["--save", str(tmp_path / "plain")], tmp_path))
+    runs = {}
+    for pp in (1, 2):
+        save = tmp_path / f"pp{pp}"
+        proc = launch(pp, args + ["--save", str(save), "--eval-interval", "2", "--eval-iters", "2",
+                                  "--pipeline-model-parallel-size", str(pp)], tmp_path)
+        check(proc)
+        assert "validation at step 2 | loss" in proc.stdout and "validation at step 3 | loss" in proc.stdout
+        runs[pp] = metrics(save)
+    assert [r["loss"] for r in runs[1]] == [r["loss"] for r in metrics(tmp_path / "plain")]
+    assert [r["step"] for r in runs[1] if "valid_loss" in r] == [2, 3]
+    for one, two in zip(runs[1], runs[2], strict=True):
+        for key in ("valid_loss", "valid_loss_head_1", "valid_loss_head_2"):
+            assert (key in one) == (key in two) == (one["step"] != 1)
+            if key in one:
+                assert two[key] == pytest.approx(one[key], rel=1e-5)
+
+
 def test_profiled_steps_write_trace_and_op_tables_and_train_the_same(tiny_data, tmp_path):
     """--profile-step-start/-end on both ranks of tp=2: each writes a Chrome trace with the profiled
     steps as spans and an op table; the losses equal those of the same run without profiling."""
