@@ -107,9 +107,14 @@ def main() -> None:
     ckpt = out / "checkpoints"
     run(["-m", "megafim.train", "--config", "examples/configs/tiny.yaml", "--data-path", str(train_data),
          "--tokenizer-model", tokenizer, "--seq-length", str(args.seq_length), "--train-iters",
-         str(args.train_iters), "--save", str(ckpt), "--save-interval", str(args.train_iters)])
-    losses = [json.loads(line)["loss"] for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
-    print(f"loss (sum over the heads): {losses[0]:.2f} at the first logged step -> {losses[-1]:.2f} at the last")
+         str(args.train_iters), "--save", str(ckpt), "--save-interval", str(args.train_iters),
+         "--eval-interval", str(max(1, args.train_iters // 3)), "--eval-iters", "4"])
+    steps = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    print(f"loss (sum over the heads): {steps[0]['loss']:.2f} at the first logged step -> {steps[-1]['loss']:.2f} "
+          "at the last")
+    valid = [(m["step"], m["valid_loss"]) for m in steps if "valid_loss" in m]
+    print("validation loss (2% of the training files, held out by data.split): "
+          + " -> ".join(f"{loss:.2f} at step {step}" for step, loss in valid))
 
     banner("6/8 evaluate on held-out files: AR, FIM and middle-only loss per head")
     held_data = data_dir / "heldout_text_document"

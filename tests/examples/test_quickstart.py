@@ -25,6 +25,8 @@ def test_quickstart_runs_every_stage(tmp_path):
         assert (out / "data" / f"{name}_text_document.idx").is_file()
     metrics = [json.loads(line) for line in (out / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
     assert metrics and metrics[-1]["step"] == 12
+    assert [m["step"] for m in metrics if "valid_loss" in m] == [4, 8, 12]
+    assert "validation loss (2% of the training files" in result.stdout
     assert (out / "checkpoints" / "latest").is_file()
     assert (out / "hf" / "config.json").is_file() and (out / "hf" / "tokenizer.json").is_file()
     assert "middle_ar" in result.stdout  # the evaluation table
