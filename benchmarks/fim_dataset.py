@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['config']:<14}{r['cpu_us_per_sample']:>9.1f} [{r['wall_us_per_sample']:6.1f}]"
               f"{r['samples_per_cpu_s']:>10.0f}{r['vs_off']:>7.2f} [{r['wall_vs_off']:4.2f}]{extra}")
     result = {"benchmark": "fim_dataset", "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-              "machine": machine(MACHINE_NOTE), "seq_length": args.seq_length, "samples": n, "repeats": args.repeats,
+              "machine": machine(MACHINE_NOTE), "seq_length": args.seq_length, "samples": n,
+              "repeats": args.repeats,
               "warmup": args.warmup, "same_samples": args.same_samples,
               "vocab_size": args.vocab_size, "tokenizer_backend": tok.backend, "rows": rows,
               "raw_cpu_seconds_per_sample": cpu,

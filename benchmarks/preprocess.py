@@ -271,7 +271,8 @@ def main() -> None:
     print(f"output agreement: {agreement}")
 
     result = {
-        "benchmark": "preprocess", "machine": shared_machine(load_at_start), "command": "python benchmarks/preprocess.py " +
+        "benchmark": "preprocess", "machine": shared_machine(load_at_start),
+        "command": "python benchmarks/preprocess.py " +
         " ".join(sys.argv[1:]), "megatron_lm": {"ref": args.megatron_ref, "dir": str(mdir)},
         "corpus": {"path": str(small), "bytes": small.stat().st_size, "documents": n_docs,
                    "scaled_bytes": large.stat().st_size, "scale": args.scale},

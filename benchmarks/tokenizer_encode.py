@@ -119,7 +119,8 @@ def main() -> int:
               f"{row['speedup_vs_sentencepiece']:>17.2f}")
     result = {
         "benchmark": "tokenizer_encode", "command": shlex.join([sys.executable, *sys.argv]),
-        "machine": machine(sentencepiece=spm.__version__), "load_average_before": load_before, "load_average_after": load_after,
+        "machine": machine(sentencepiece=spm.__version__),
+        "load_average_before": load_before, "load_average_after": load_after,
         "corpus": {"files": len(texts), "bytes": n_bytes}, "model": model, "vocab_size": ours.vocab_size,
         "repeats": args.repeats, "identical_ids": True, "results": rows,
         "note": "CPU shared with other jobs while measuring; medians of repeats. 'cold': a new tokenizer "

@@ -115,7 +115,8 @@ def megafim_tokens_per_s(s: dict, steps: int, micro_batch: int, n_future: int, t
            "--data-path", data, "--tokenizer-model", tok, "--seq-length", str(s["seq"]),
            "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch),
            "--train-iters", str(steps + 2 * bool(profile_dir)), "--n-future", str(n_future), "--fim-rate", "0",
-           "--tensor-model-parallel-size", "1", "--zero-stage", "1", "--lr-warmup-iters", "1", "--eval-interval", "0",
+           "--tensor-model-parallel-size", "1", "--zero-stage", "1", "--lr-warmup-iters", "1",
+           "--eval-interval", "0",
            "--set", "logging.log_interval=1", "--set", "logging.tensorboard=false",
            "--set", "logging.progress_bar=\"off\"", "--set", "checkpoint.save_on_signal=false",
            "--set", f"model.compile={str(compiled).lower()}"]
@@ -146,7 +147,8 @@ def main() -> int:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--skip-compiled", action="store_true", help="leave out the torch.compile rows")
     p.add_argument("--profile", action="store_true",
-                   help="megafim n_future=1 rows: also profile two steps after the timed ones (top ops into the JSON)")
+                   help="megafim n_future=1 rows: also profile two steps after the timed ones "
+                        "(top ops into the JSON)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/train_throughput.json")
     p.add_argument("--smoke-cpu", action="store_true", help="tiny shapes on the CPU: checks the script, no numbers")
     args = p.parse_args()
@@ -162,7 +164,8 @@ def main() -> int:
            "machine": machine(device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke run)"),
            "rows": rows}
 
-    def add(name: str, measured: tuple[list[float], list[dict]]) -> None:  # saved at once: a cut run keeps its rows
+    # Each row is printed and saved at once: a run cut short keeps the rows it measured.
+    def add(name: str, measured: tuple[list[float], list[dict]]) -> None:
         rates, ops = measured
         rows[name] = summarize(rates, warmup, s)
         if ops:

@@ -281,13 +281,14 @@ def _check_profiling(cfg: TrainConfig) -> None:
     if not lg.profile_step_start:
         return
     if lg.profile_step_end and lg.profile_step_end < lg.profile_step_start:
-        raise ConfigError(f"logging.profile_step_end {lg.profile_step_end} is before logging.profile_step_start "
-                          f"{lg.profile_step_start}")
+        raise ConfigError(f"logging.profile_step_end {lg.profile_step_end} is before "
+                          f"logging.profile_step_start {lg.profile_step_start}")
     if not (lg.profile_dir or cfg.checkpoint.save):
-        raise ConfigError("logging.profile_step_start is set but neither logging.profile_dir nor checkpoint.save "
-                          "says where the profile goes")
+        raise ConfigError("logging.profile_step_start is set but neither logging.profile_dir nor "
+                          "checkpoint.save says where the profile goes")
     if not lg.profile_ranks or not all(isinstance(r, int) and r >= 0 for r in lg.profile_ranks):
-        raise ConfigError(f"logging.profile_ranks must list global ranks (integers >= 0), got {lg.profile_ranks}")
+        raise ConfigError(f"logging.profile_ranks must list global ranks (integers >= 0), got "
+                          f"{lg.profile_ranks}")
 
 
 def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> None:

@@ -1,4 +1,4 @@
-"""The training loop: set-up, one optimizer step (1F1B over the micro-batches), saves, stop rules.
+"""The training loop: set-up, one optimizer step (1F1B over the micro-batches), validation, saves, stop rules.
 
 Order of set-up (errors surface before any expensive or collective work):
 config checks -> tokenizer and model shape checks -> process groups -> this rank's stage, tensor-
@@ -24,8 +24,8 @@ from megafim.model import ModelConfig
 from megafim.parallel import DeepSpeedMPU, ParallelDims
 from megafim.training import checkpoint as ck
 from megafim.training import checkpoint_io
-from megafim.training.build import (PipelineStage, StagePlan, build_stage, build_train_valid_datasets, plan_stages,
-                                    resolve_model_config)
+from megafim.training.build import (PipelineStage, StagePlan, build_stage, build_train_valid_datasets,
+                                    plan_stages, resolve_model_config)
 from megafim.training.cli import dump_yaml
 from megafim.training.config import ConfigError, TrainConfig, grad_accumulation_steps, lr_at, validate
 from megafim.training.deepspeed_config import effective_deepspeed_config, format_for_log, resolve_precision
@@ -321,8 +321,8 @@ def train(cfg: TrainConfig) -> int:
     peak = cfg.logging.peak_tflops * 1e12 or default_peak_flops()
     code, saved_at = EXIT_OK, state.step  # a resume that has nothing left to train saves nothing
     lg = cfg.logging
-    profiler = StepProfiler(lg.profile_step_start, lg.profile_step_end,
-                            lg.profile_dir or f"{cfg.checkpoint.save}/profile", run.dims.rank, lg.profile_ranks)
+    profiler = StepProfiler(lg.profile_step_start, lg.profile_step_end, lg.profile_dir or
+                            f"{cfg.checkpoint.save}/profile", run.dims.rank, lg.profile_ranks)
     try:
         while state.step < cfg.schedule.train_iters:
             t0 = time.perf_counter()
@@ -331,8 +331,8 @@ def train(cfg: TrainConfig) -> int:
             with profiler.wrap(state.step + 1):
                 stats, skipped, grad_norm = train_step(run, [next(micro) for _ in range(run.gas)])
             if profiler.written:
-                run.log.info(f"profile: steps {profiler.start}-{profiler.end} of rank {run.dims.rank} written to "
-                             f"{profiler.written} (trace.json, ops.txt, ops.json)")
+                run.log.info(f"profile: steps {profiler.start}-{profiler.end} of rank {run.dims.rank} written "
+                             f"to {profiler.written} (trace.json, ops.txt, ops.json)")
                 profiler.written = None
             state.step += 1
             state.consumed_samples += cfg.batch.global_batch_size

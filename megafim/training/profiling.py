@@ -33,7 +33,9 @@ class StepProfiler:
     def wrap(self, step: int):
         """Run step ``step`` (1-based) inside the profiler when it falls in the range."""
         if self.enabled and step == self.start:
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            activities = [ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(ProfilerActivity.CUDA)
             self._prof = profile(activities=activities)
             self._prof.start()
         if self._prof is None:
