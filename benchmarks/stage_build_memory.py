@@ -21,8 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-import report  # benchmarks/ is this script's folder
-from report import machine, write_json
+from report import machine, memory_gib, write_json  # benchmarks/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -64,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from megafim.model import model_config
 
-    memory_gib = report.memory_gib()
+    total_gib = memory_gib()
     rows = []
     for size in args.sizes:
         for mode in ("whole", "meta"):
-            if mode == "whole" and model_config(size).num_parameters() * 4 / 2**30 > 0.8 * memory_gib:
+            if mode == "whole" and model_config(size).num_parameters() * 4 / 2**30 > 0.8 * total_gib:
                 rows.append({"mode": mode, "size": size, "pp": args.pp,
                              "skipped": "the whole model does not fit"})
                 continue
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':<7}{'build':<7}{'stage params':>14}{'stage GiB':>11}{'peak RSS GiB':>14}{'seconds':>9}")
     for r in rows:
         if "skipped" in r:
-            print(f"{r['size']:<7}{r['mode']:<7}  skipped: {r['skipped']} ({memory_gib:.0f} GiB here)")
+            print(f"{r['size']:<7}{r['mode']:<7}  skipped: {r['skipped']} ({total_gib:.0f} GiB here)")
             continue
         print(f"{r['size']:<7}{r['mode']:<7}{r['stage_params'] / 1e6:>13.0f}M{r['stage_gib']:>11.2f}"
               f"{r['peak_rss_gib']:>14.2f}{r['seconds']:>9.1f}")

@@ -184,11 +184,10 @@ def train_step(run: Run, batches: list[dict]) -> tuple[torch.Tensor, bool, float
     sums = torch.zeros(n_heads + 2, dtype=torch.float64, device=dev)  # loss, heads..., non-finite
 
     def forward(i: int, received):
-        b = batches[i]
-        x = b["tokens"].to(dev) if plan.is_first else received
+        output = _stage_forward(run, batches[i], received)
         if not plan.is_last:
-            return engine(x)
-        loss, head_losses = engine(x, b["labels"].to(dev).long(), b["loss_mask"].to(dev).float())
+            return output
+        loss, head_losses = output
         # Counted on the device: a host-side test here would wait for every forward to finish before
         # its backward could be queued.
         value = loss.detach().double()
@@ -209,10 +208,7 @@ def train_step(run: Run, batches: list[dict]) -> tuple[torch.Tensor, bool, float
             engine.step()
 
     run_1f1b(run.comm, gas, forward, backward, after_backward)
-    # Only one rank per loss (last stage, tensor rank 0) contributes; averaged over dp x micro-batches.
-    if not (plan.is_last and run.dims.tp_rank == 0):
-        sums.zero_()
-    dist.all_reduce(sums)
+    _sum_over_ranks(run, sums)  # averaged over dp x micro-batches below
     nonfinite = bool(sums[-1] > 0)
     if nonfinite:
         run.optimizer.skip_next_step()
@@ -234,30 +230,44 @@ def evaluate(run: Run, valid) -> torch.Tensor:
     """The validation loss: the first ``eval_iters`` global batches of the validation split (the same
     every time), forward only, micro-batch by micro-batch through the pipeline stages. Returns
     [loss, head losses...] averaged over all those micro-batches, identical on every rank."""
-    engine, plan, dev, comm = run.engine, run.plan, run.device, run.comm
+    comm = run.comm
     batches = MicroBatches(valid, ResumableSampler(len(valid), run.cfg.batch.micro_batch_size,
                                                    run.dims.dp_rank, run.dims.dp))
     n_micro = run.cfg.schedule.eval_iters * run.gas
-    sums = torch.zeros(run.mc.n_future + 1, dtype=torch.float64, device=dev)
-    engine.eval()
+    sums = torch.zeros(run.mc.n_future + 1, dtype=torch.float64, device=run.device)
+    run.engine.eval()
     try:
         for _ in range(n_micro):
-            b = next(batches)
-            received = comm.recv_forward()
-            x = b["tokens"].to(dev) if plan.is_first else received
-            if not plan.is_last:
-                comm.send_forward(engine(x))
+            output = _stage_forward(run, next(batches), comm.recv_forward())
+            if not run.plan.is_last:
+                comm.send_forward(output)
                 continue
-            loss, head_losses = engine(x, b["labels"].to(dev).long(), b["loss_mask"].to(dev).float())
+            loss, head_losses = output
             sums[0] += loss.double()
             sums[1:] += head_losses.double()
         comm.wait_sends()
     finally:
-        engine.train()
-    if not (plan.is_last and run.dims.tp_rank == 0):  # one contribution per loss, as in train_step
+        run.engine.train()
+    _sum_over_ranks(run, sums)
+    return (sums / (run.dims.dp * n_micro)).cpu()
+
+
+def _stage_forward(run: Run, batch: dict, received: torch.Tensor | None):
+    """This stage's forward of one micro-batch: the first stage reads the tokens, the others the
+    previous stage's activation; the last returns (loss, head losses), the others their output."""
+    dev = run.device
+    x = batch["tokens"].to(dev) if run.plan.is_first else received
+    if not run.plan.is_last:
+        return run.engine(x)
+    return run.engine(x, batch["labels"].to(dev).long(), batch["loss_mask"].to(dev).float())
+
+
+def _sum_over_ranks(run: Run, sums: torch.Tensor) -> None:
+    """All-reduce loss sums in place so that each loss counts once: only the last stage's tensor rank 0
+    contributes (the other tensor ranks computed the same losses, the other stages none)."""
+    if not (run.plan.is_last and run.dims.tp_rank == 0):
         sums.zero_()
     dist.all_reduce(sums)
-    return (sums / (run.dims.dp * n_micro)).cpu()
 
 
 def _grad_norm(engine) -> float:
@@ -321,8 +331,9 @@ def train(cfg: TrainConfig) -> int:
     peak = cfg.logging.peak_tflops * 1e12 or default_peak_flops()
     code, saved_at = EXIT_OK, state.step  # a resume that has nothing left to train saves nothing
     lg = cfg.logging
-    profiler = StepProfiler(lg.profile_step_start, lg.profile_step_end, lg.profile_dir or
-                            f"{cfg.checkpoint.save}/profile", run.dims.rank, lg.profile_ranks)
+    profiler = StepProfiler(lg.profile_step_start, lg.profile_step_end,
+                            lg.profile_dir or f"{cfg.checkpoint.save}/profile", run.dims.rank, lg.profile_ranks,
+                            report=run.log.info)
     try:
         while state.step < cfg.schedule.train_iters:
             t0 = time.perf_counter()
@@ -330,10 +341,6 @@ def train(cfg: TrainConfig) -> int:
             run.optimizer.set_lr(lr)
             with profiler.wrap(state.step + 1):
                 stats, skipped, grad_norm = train_step(run, [next(micro) for _ in range(run.gas)])
-            if profiler.written:
-                run.log.info(f"profile: steps {profiler.start}-{profiler.end} of rank {run.dims.rank} written "
-                             f"to {profiler.written} (trace.json, ops.txt, ops.json)")
-                profiler.written = None
             state.step += 1
             state.consumed_samples += cfg.batch.global_batch_size
             state.epoch = sampler.epoch(state.consumed_samples)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,12 +23,15 @@ TOP_OPS = 60
 class StepProfiler:
     """``wrap(step)`` around each step; it starts and stops the profiler at the configured steps."""
 
-    def __init__(self, start: int, end: int, out_dir: str | Path, rank: int, ranks: list[int]) -> None:
+    def __init__(self, start: int, end: int, out_dir: str | Path, rank: int, ranks: list[int],
+                 report: Callable[[str], None] = print) -> None:
+        """``report`` gets one line saying where the files went (the trainer's logger)."""
         self.start, self.end = start, max(end, start)
+        self.rank = rank
         self.out = Path(out_dir) / f"rank{rank}"
         self.enabled = start > 0 and rank in ranks
+        self.report = report
         self._prof: profile | None = None
-        self.written: Path | None = None
 
     @contextlib.contextmanager
     def wrap(self, step: int):
@@ -66,4 +70,5 @@ class StepProfiler:
         doc = {"steps": [self.start, self.end], "sorted_by": "self_device_us" if on_device else "self_cpu_us",
                "ops": rows[:TOP_OPS]}
         (self.out / "ops.json").write_text(json.dumps(doc, indent=1) + "\n")
-        self.written = self.out
+        self.report(f"profile: steps {self.start}-{self.end} of rank {self.rank} written to {self.out} "
+                    "(trace.json, ops.txt, ops.json)")
