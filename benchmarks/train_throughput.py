@@ -121,7 +121,7 @@ def megafim_tokens_per_s(s: dict, steps: int, micro_batch: int, n_future: int, t
            "--set", "logging.progress_bar=\"off\"", "--set", "checkpoint.save_on_signal=false",
            "--set", f"model.compile={str(compiled).lower()}"]
     for key, value in overrides.items():
-        cmd += ["--set", f"model.overrides.{key}={value}"]
+        cmd += ["--set", f"model.{key}={value}"]
     if profile_dir:
         cmd += ["--profile-step-start", str(steps + 1), "--profile-step-end", str(steps + 2),
                 "--set", f"logging.profile_dir={profile_dir}"]

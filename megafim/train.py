@@ -17,6 +17,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg, args = config_from_args(argv)
+        if args.help_config:
+            from megafim.training.cli import config_reference
+
+            print(config_reference(markdown=args.markdown), end="")
+            return 0
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
@@ -24,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return train(cfg)
     except ConfigError as exc:
-        print(f"megafim.train: error: {exc}", file=sys.stderr)
+        # Every rank finds the same error; under torchrun only rank 0 prints it, and every rank exits 2.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"megafim.train: error: {exc}", file=sys.stderr)
         return 2
 
 

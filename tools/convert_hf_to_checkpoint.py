@@ -46,8 +46,8 @@ def main(argv=None) -> int:
         tokenizer = args.tokenizer_model or (str(args.load / HF_TOKENIZER_FILE)
                                              if (args.load / HF_TOKENIZER_FILE).is_file() else None)
         train_cfg = TrainConfig()
-        train_cfg.model.n_future = config.n_future
-        train_cfg.model.overrides = {k: v for k, v in dataclasses.asdict(config).items() if k != "n_future"}
+        for name, value in dataclasses.asdict(config).items():  # every ModelConfig field is a model.* setting
+            setattr(train_cfg.model, name, value)
         if tokenizer:
             train_cfg.data.tokenizer_model = str(Path(tokenizer).resolve())
         tmp = ckpt.begin(args.save, 0)

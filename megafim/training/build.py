@@ -11,7 +11,7 @@ same weights (``GPT``'s ``initial_value``).
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from dataclasses import dataclass
@@ -19,37 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from megafim.model import GPT, ModelConfig, model_config
+from megafim.data.config import DataConfig
+from megafim.model import GPT, ModelConfig
 from megafim.model.gpt import initial_value
 from megafim.parallel.dims import ParallelDims
 from megafim.parallel.tensor_parallel import apply_tensor_parallel
-from megafim.training.config import ConfigError, TrainConfig
-
-# The vocabulary is padded to a multiple of this, independent of tp, so that the model shape (and the
-# checkpoint) is the same for every tensor-parallel degree that divides it (Megatron pads by 128 x tp).
-VOCAB_MULTIPLE = 128
-
-
-def resolve_model_config(cfg: TrainConfig, tokenizer_vocab: int | None) -> ModelConfig:
-    """The named size, then ``model.overrides``, n_future, checkpointing, the sequence length and the
-    tokenizer's (padded) vocabulary, unless the overrides set ``vocab_size`` themselves."""
-    overrides = dict(cfg.model.overrides)
-    overrides["n_future"] = cfg.model.n_future
-    overrides["activation_checkpointing"] = cfg.model.activation_checkpointing
-    if tokenizer_vocab is not None and "vocab_size" not in overrides:
-        overrides["vocab_size"] = math.ceil(tokenizer_vocab / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    base = model_config(cfg.model.size)
-    if "max_seq_len" not in overrides and base.max_seq_len < cfg.data.seq_length:
-        overrides["max_seq_len"] = cfg.data.seq_length
-    try:
-        mc = model_config(cfg.model.size, **overrides)
-    except ValueError as exc:
-        raise ConfigError(f"model: {exc}") from None
-    if tokenizer_vocab is not None and mc.vocab_size < tokenizer_vocab:
-        raise ConfigError(f"model.overrides.vocab_size = {mc.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer_vocab} tokens ({cfg.data.tokenizer_model})")
-    return mc
-
+from megafim.training.config import ConfigError, TrainConfig, build_data_config
 
 @dataclass(frozen=True)
 class StagePlan:
@@ -145,26 +120,28 @@ def build_stage(mc: ModelConfig, plan: StagePlan, seed: int, dims: ParallelDims 
     return stage
 
 
+def checked_data_config(cfg: TrainConfig) -> DataConfig:
+    """The run's ``DataConfig`` with its index-cache folder, after checking that every dataset's
+    ``.bin`` and ``.idx`` exist (cheap: the trainer calls it before building anything)."""
+    data_cfg = build_data_config(cfg)
+    # Default cache: beside the first dataset, so every run on it (and every rank) shares the index.
+    cache_dir = cfg.data.cache_dir or str(Path(data_cfg.data_paths[0]).parent / "index-cache")
+    data_cfg = dataclasses.replace(data_cfg, cache_dir=cache_dir)
+    try:
+        data_cfg.check_files()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"data.data_path: {exc}") from None
+    return data_cfg
+
+
 def build_train_valid_datasets(cfg: TrainConfig, tokenizer, num_train: int, num_valid: int, is_builder: bool):
     """(training split, validation split or None when ``num_valid`` is 0), each blended when there are
     several paths and sized for that many samples."""
-    from megafim.data.config import DataConfig
-    from megafim.data.fim import FimConfig
     from megafim.data.builder import build_datasets
 
-    d = cfg.data
-    prefixes = [p for p in map(str, d.data_path) if not _is_number(p)]
-    # Default cache: beside the first dataset, so every run on it (and every rank) shares the index.
-    cache_dir = d.cache_dir or str(Path(prefixes[0]).parent / "index-cache") if prefixes else None
-    fim = FimConfig(rate=d.fim.rate, spm_rate=d.fim.spm_rate, level=d.fim.level) if d.fim.rate > 0 else None
-    try:
-        data_cfg = DataConfig.from_megatron_args(
-            [str(p) for p in d.data_path], split=d.split, seq_length=d.seq_length, seed=cfg.schedule.seed,
-            cache_dir=cache_dir, fim=fim)
-        data_cfg.check_files()
-    except (ValueError, FileNotFoundError) as exc:
-        raise ConfigError(f"data.data_path: {exc}") from None
+    data_cfg = checked_data_config(cfg)
     datasets = build_datasets(data_cfg, (num_train, num_valid, 0), tokenizer=tokenizer, is_builder=is_builder)
+    d = cfg.data
     if datasets["train"] is None:
         raise ConfigError(f"data.split {d.split!r} leaves no training documents in {d.data_path}")
     if num_valid and datasets["valid"] is None:
@@ -172,10 +149,3 @@ def build_train_valid_datasets(cfg: TrainConfig, tokenizer, num_train: int, num_
                           "(schedule.eval_interval needs some)")
     return datasets["train"], datasets["valid"]
 
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True

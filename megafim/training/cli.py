@@ -1,8 +1,11 @@
 """Command line -> ``TrainConfig``: defaults, then ``--config FILE``, then overrides.
 
 Overrides come in two spellings, applied in the order given:
-- ``--set section.field=value`` for any field (the value is parsed as YAML: ``--set model.overrides.n_layers=4``);
+- ``--set section.field=value`` for any field (the value is parsed as YAML: ``--set model.n_layers=4``);
 - Megatron-style flags for the common settings (``--lr 3e-4``, ``--tensor-model-parallel-size 2``, ...).
+
+``--help-config`` lists every setting with its type, default, flag and meaning, generated from the
+config dataclasses (``docs/config_reference.md`` is the same list: ``--help-config --markdown``).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from megafim.training.config import ConfigError, TrainConfig, from_dict, merge_dicts, to_dict
+from megafim.training.config import (ConfigError, TrainConfig, fold_model_overrides, from_dict, merge_dicts,
+                                     to_dict)
+from megafim.training.field_docs import reference_markdown, reference_text
 
 # Megatron-LM flag -> (config path, type). The help text is the field's meaning.
 MEGATRON_FLAGS: dict[str, tuple[str, type, str]] = {
@@ -52,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B=VALUE",
                         help="override any config field; the value is parsed as YAML; repeatable")
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every setting (type, default, flag, meaning) and exit")
+    parser.add_argument("--markdown", action="store_true", help="with --help-config: as docs/config_reference.md")
     for flag, (path, tp, help_text) in MEGATRON_FLAGS.items():
         nargs = "+" if flag in ("--data-path", "--profile-ranks") else None
         parser.add_argument(flag, dest="megatron:" + path, type=tp, nargs=nargs, default=None,
@@ -63,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _set_path(tree: dict, path: str, value, source: str) -> None:
-    """Set ``tree[a][b][c] = value`` for ``path = 'a.b.c'``; the leaf may be new only under overrides."""
+    """Set ``tree[a][b][c] = value`` for ``path = 'a.b.c'`` (an existing field)."""
+    if path.startswith("model.overrides."):  # the older spelling of model.<ModelConfig field>
+        path = "model." + path[len("model.overrides."):]
     keys = path.split(".")
     node = tree
     for i, key in enumerate(keys[:-1]):
@@ -71,7 +81,7 @@ def _set_path(tree: dict, path: str, value, source: str) -> None:
             raise ConfigError(f"{source}: {'.'.join(keys[:i + 1])} is not a section (in {path!r})")
         node = node[key]
     leaf = keys[-1]
-    if leaf not in node and keys[-2:-1] != ["overrides"]:
+    if leaf not in node:
         raise ConfigError(f"{source}: unknown field {path} (known here: {', '.join(sorted(node))})")
     node[leaf] = value
 
@@ -112,6 +122,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, argpar
     tree = to_dict(TrainConfig())
     if args.config is not None:
         file_tree = load_yaml(args.config)
+        if isinstance(file_tree.get("model"), dict) and isinstance(file_tree["model"].get("overrides"), dict):
+            file_tree["model"] = fold_model_overrides(file_tree["model"])
         # Type-check the file alone first so that errors name the file.
         from_dict(TrainConfig, merge_dicts(tree, file_tree), where=f"{args.config}: ")
         tree = merge_dicts(tree, file_tree)
@@ -127,3 +139,15 @@ def config_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, argpar
 def dump_yaml(cfg: TrainConfig) -> str:
     """The effective config as YAML (saved beside every checkpoint, loadable with ``--config``)."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flag_names() -> dict[str, str]:
+    """``{setting: its command-line flag}`` for the settings that have one."""
+    names = {path: flag for flag, (path, _, _) in MEGATRON_FLAGS.items()}
+    names["model.activation_checkpointing"] = "--activation-checkpointing"
+    return names
+
+
+def config_reference(markdown: bool = False) -> str:
+    """Every setting with its type, default, flag and meaning (``--help-config``)."""
+    return (reference_markdown if markdown else reference_text)(TrainConfig, flag_names())

@@ -14,24 +14,61 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from megafim.data.config import DataConfig
+from megafim.data.fim import FimConfig
+from megafim.model.config import ModelConfig
+from megafim.training.field_docs import field_docs
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the field (and the file, when one was read)."""
 
 
-@dataclass
-class ModelSection:
-    size: str = "tiny"
-    """Named model size from ``megafim.model``'s registry (e.g. ``tiny``, ``125M``, ``1.3B``, ``7B``)."""
-    n_future: int = 1
-    """Number of future-token heads; head i predicts token t+i. 1 is ordinary next-token training."""
-    activation_checkpointing: bool = False
-    """Recompute each layer's activations in the backward pass instead of storing them."""
-    compile: bool = False
-    """``torch.compile`` each transformer block (trunk and heads); the fused loss stays eager. Not
-    with ZeRO-3, whose parameter hooks run inside the blocks."""
-    overrides: dict = field(default_factory=dict)
-    """Any other ``ModelConfig`` field, e.g. ``{n_layers: 4, hidden_size: 128}``; applied over the size."""
+def _section(name: str, doc: str, spec: list[tuple[str, Any, Any]]) -> type:
+    """A mutable dataclass ``name`` with fields ``(name, type, dataclasses.field(...))``."""
+    return dataclasses.make_dataclass(name, spec, namespace={"__module__": __name__, "__doc__": doc})
+
+
+def _setting(default: Any, doc: str, **metadata: Any) -> Any:
+    return field(default=default, metadata={"doc": doc, **metadata})
+
+
+def _mirrored(domain: type, names: tuple[str, ...], defaults: dict[str, Any] | None = None,
+              optional: bool = False) -> list[tuple[str, Any, Any]]:
+    """Fields of the domain config ``domain`` as trainer settings: the same name, type and docstring
+    (read from ``domain``, so that each setting is defined once). ``optional`` makes every one
+    ``None``-able with default None ("not set here")."""
+    hints, docs = typing.get_type_hints(domain, localns=globals()), field_docs(domain)
+    known = {f.name: f for f in dataclasses.fields(domain)}
+    spec = []
+    for name in names:
+        tp, f = hints[name], known[name]
+        if optional:
+            spec.append((name, typing.Optional[tp], _setting(None, docs.get(name, ""))))
+        else:
+            default = (defaults or {}).get(name, f.default)
+            spec.append((name, tp, _setting(default, docs.get(name, ""))))
+    return spec
+
+
+MODEL_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+# ``model:``: a named size and ``compile``, then every ModelConfig field as an optional override of the
+# size (null keeps the size's value). A new model option is a trainer setting as soon as it is a
+# ModelConfig field; ModelConfig alone validates the values.
+ModelSection = _section("ModelSection", "The model: a named size, overridden field by field.", [
+    ("size", str, _setting("tiny", "Named model size from ``megafim.model``'s registry (``tiny``, "
+                                   "``125M``, ``350M``, ``1.3B``, ``7B``); the other fields override it.")),
+    ("compile", bool, _setting(False, "``torch.compile`` each transformer block (trunk and heads); the "
+                                      "fused loss stays eager. Not with ZeRO-3, whose parameter hooks run "
+                                      "inside the blocks.")),
+    *_mirrored(ModelConfig, MODEL_CONFIG_FIELDS, optional=True),
+])
+
+
+def model_overrides(section: Any) -> dict[str, Any]:
+    """The ModelConfig fields that ``section`` sets (not None)."""
+    return {name: getattr(section, name) for name in MODEL_CONFIG_FIELDS if getattr(section, name) is not None}
 
 
 @dataclass
@@ -40,36 +77,26 @@ class ParallelSection:
     """Tensor-parallel degree (ranks that split each layer's matrices)."""
     pipeline: int = 1
     """Pipeline-parallel degree (stages that each hold a slice of the layers)."""
-    zero_stage: int = 1
-    """DeepSpeed ZeRO stage 0-3 over the data-parallel group."""
-    backend: str = "auto"
+    zero_stage: int = field(default=1, metadata={"choices": (0, 1, 2, 3)})
+    """DeepSpeed ZeRO stage over the data-parallel group."""
+    backend: str = field(default="auto", metadata={"choices": ("auto", "nccl", "gloo")})
     """torch.distributed backend: ``auto`` (nccl with CUDA, else gloo), ``nccl`` or ``gloo``."""
 
 
-@dataclass
-class FimSection:
-    rate: float = 0.5
-    """Probability that a document (or context piece) is FIM-transformed."""
-    spm_rate: float = 0.5
-    """Probability that a transformed piece uses the SPM format rather than PSM."""
-    level: str = "context"
-    """``context`` (transform pieces of each packed context, the paper's default) or ``document``."""
-
-
-@dataclass
-class DataSection:
-    data_path: list = field(default_factory=list)
-    """Dataset prefixes (``<prefix>.bin/.idx``), optionally Megatron-style weighted: ``[0.7, a, 0.3, b]``."""
-    tokenizer_model: str = ""
-    """The sentencepiece ``.model`` file that the data was tokenized with."""
-    seq_length: int = 64
-    """Tokens per training sample (the model's context length)."""
-    split: str = "98,2,0"
-    """Train/validation/test split of the documents, as relative weights."""
-    cache_dir: str = ""
-    """Where the sample-index cache goes; empty means next to the first dataset."""
-    fim: FimSection = field(default_factory=FimSection)
-    """Fill-in-the-middle transform settings."""
+# ``data:``: the trainer's own data settings, then DataConfig's sample settings, then the FIM transform
+# (a FimConfig itself). ``build_data_config`` turns it into the DataConfig the datasets are built from.
+DataSection = _section("DataSection", "Datasets, tokenizer, sequence length, FIM.", [
+    ("data_path", list, field(default_factory=list, metadata={"doc": (
+        "Dataset prefixes (``<prefix>.bin/.idx``; the ``.bin`` or ``.idx`` path itself is accepted), "
+        "optionally Megatron-style weighted: ``[0.7, a, 0.3, b]``.")})),
+    ("tokenizer_model", str, _setting("", "The tokenizer the data was tokenized with (a sentencepiece "
+                                          "``.model`` file).")),
+    ("cache_dir", str, _setting("", "Where the sample-index cache goes; empty means an ``index-cache`` "
+                                    "folder next to the first dataset, shared by every run and rank.")),
+    *_mirrored(DataConfig, ("seq_length", "split", "fingerprint", "verify_cache"),
+               defaults={"seq_length": 64, "split": "98,2,0"}),
+    ("fim", FimConfig, field(default_factory=FimConfig, metadata={"doc": "Fill-in-the-middle transform."})),
+])
 
 
 @dataclass
@@ -108,7 +135,7 @@ class ScheduleSection:
     """Steps over which the cosine decays to ``min_lr``; 0 means ``train_iters``."""
     seed: int = 1234
     """Seed for weights, data order and FIM (the same seed gives the same run)."""
-    precision: str = "auto"
+    precision: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp32")})
     """``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
     eval_interval: int = 0
     """Compute the validation loss every this many steps and at the end; 0: never."""
@@ -137,8 +164,8 @@ class LoggingSection:
     """Print a console line every this many steps (metrics.jsonl gets every step)."""
     tensorboard: bool = True
     """Write TensorBoard event files under ``<save>/tensorboard``."""
-    progress_bar: str = "auto"
-    """``auto`` (when stdout is a terminal), ``on`` or ``off``."""
+    progress_bar: str = field(default="auto", metadata={"choices": ("auto", "on", "off")})
+    """``auto`` (when stdout is a terminal), ``on`` or ``off`` (YAML's booleans on/off/true/false work)."""
     max_nonfinite_in_a_row: int = 5
     """Stop the run (with a checkpoint) after this many consecutive NaN/inf losses; each is skipped."""
     peak_tflops: float = 0.0
@@ -179,47 +206,82 @@ class TrainConfig:
 # Building a config from plain dicts (YAML) with errors that name the field.
 
 
-def _check_type(value: Any, tp: Any, name: str, where: str) -> Any:
+def _check_type(value: Any, tp: Any, name: str, where: str, choices: tuple | None = None) -> Any:
     """Coerce ``value`` to the annotated type ``tp`` when lossless, else raise naming ``name``."""
-    origin = typing.get_origin(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0] if len(inner) == 1 else typing.Union[tuple(inner)], name, where,
+                           choices)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, name + ".", where)
+    if tp is str and isinstance(value, bool) and choices and {"on", "off"} <= set(choices):
+        value = "on" if value else "off"  # YAML 1.1 reads on/off/yes/no as booleans
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if tp in (int, float, str, bool):
-        if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-            return value
-        raise ConfigError(f"{where}{name}: expected {tp.__name__}, got {value!r}")
-    if tp is list or origin is list:
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}{name}: expected {tp.__name__}, got {value!r}")
+    elif tp is list or origin is list:
         if isinstance(value, str):  # one path given as a string
-            return value.split()
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        raise ConfigError(f"{where}{name}: expected a list, got {value!r}")
-    if tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        raise ConfigError(f"{where}{name}: expected a mapping, got {value!r}")
-    if origin in (typing.Union, types.UnionType):
-        return value
+            value = value.split()
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}{name}: expected a list, got {value!r}")
+        value = list(value)
+    elif tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}{name}: expected a mapping, got {value!r}")
+        value = dict(value)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where}{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
     return value
+
+
+# The domain configs validate their own fields and name them ``FimConfig.rate``...; in the trainer's
+# messages those are the settings ``data.fim.rate``...
+_DOMAIN_PREFIXES = {"ModelConfig.": "model.", "DataConfig.": "data.", "FimConfig.": "data.fim."}
+
+
+def domain_error(exc: Exception, where: str = "") -> ConfigError:
+    """A domain config's ValueError as a ConfigError that names the trainer setting."""
+    message = str(exc)
+    for old, new in _DOMAIN_PREFIXES.items():
+        message = message.replace(old, new)
+    return ConfigError(where + message)
 
 
 def from_dict(cls: type, data: dict, prefix: str = "", where: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ``ConfigError``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    if cls is ModelSection and isinstance(data.get("overrides"), dict):
+        data = fold_model_overrides(data)
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}unknown field {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, value or {}, f"{prefix}{name}.", where)
-        else:
-            kwargs[name] = _check_type(value, tp, prefix + name, where)
-    return cls(**kwargs)
+        raise ConfigError(f"{where}unknown field {prefix}{unknown[0]} (known: {', '.join(sorted(fields))})")
+    kwargs = {name: _check_type(value, hints[name], prefix + name, where, fields[name].metadata.get("choices"))
+              for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a frozen domain config (FimConfig) validating itself
+        raise domain_error(exc, where) from None
+
+
+def fold_model_overrides(model: dict) -> dict:
+    """Older configs put ModelConfig fields under ``model.overrides``; they are ``model.<field>`` now."""
+    out = {k: v for k, v in model.items() if k != "overrides"}
+    for name, value in model["overrides"].items():
+        if name not in MODEL_CONFIG_FIELDS:
+            raise ConfigError(f"unknown field model.overrides.{name} (ModelConfig fields: "
+                              f"{', '.join(MODEL_CONFIG_FIELDS)})")
+        if out.get(name) is not None and out[name] != value:
+            raise ConfigError(f"model.{name} = {out[name]!r} and model.overrides.{name} = {value!r} disagree")
+        out[name] = value
+    return out
 
 
 def to_dict(cfg: Any) -> dict:
@@ -231,10 +293,8 @@ def merge_dicts(base: dict, over: dict) -> dict:
     """Recursively overlay ``over`` onto ``base`` (new dict); mappings merge, anything else replaces."""
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "overrides":
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge_dicts(out[key], value)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = {**out[key], **value}
         else:
             out[key] = value
     return out
@@ -249,19 +309,25 @@ def _positive(value: float, name: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def _choice(value: str, name: str, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+def _check_choices(cfg: Any, prefix: str = "") -> None:
+    """Every field whose metadata lists ``choices`` holds one of them (also after changes in code)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(f"{prefix}{f.name} must be one of {', '.join(map(str, f.metadata['choices']))}, "
+                              f"got {value!r}")
 
 
 def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
-    """World size / (tp x pp), raising when it does not divide."""
-    mp = cfg.parallel.tensor * cfg.parallel.pipeline
-    if world_size % mp:
-        raise ConfigError(
-            f"parallel.tensor x parallel.pipeline = {cfg.parallel.tensor} x {cfg.parallel.pipeline} = {mp} "
-            f"does not divide the world size {world_size}")
-    return world_size // mp
+    """World size / (tp x pp), raising when it does not divide (``ParallelDims``' own check)."""
+    from megafim.parallel.dims import ParallelSizeError, check_sizes
+
+    try:
+        return check_sizes(cfg.parallel.tensor, cfg.parallel.pipeline, None, world_size)
+    except ParallelSizeError as exc:
+        raise ConfigError(f"parallel: {exc}") from None
 
 
 def grad_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
@@ -291,15 +357,78 @@ def _check_profiling(cfg: TrainConfig) -> None:
                           f"{lg.profile_ranks}")
 
 
+# --------------------------------------------------------------------------------------------
+# The domain configs the trainer's sections build: each validates its own fields.
+
+# The vocabulary is padded to a multiple of this, independent of tp, so that the model shape (and the
+# checkpoint) is the same for every tensor-parallel degree that divides it (Megatron pads by 128 x tp).
+VOCAB_MULTIPLE = 128
+
+
+def resolve_model_config(cfg: TrainConfig, tokenizer_vocab: int | None,
+                         notes: list[str] | None = None) -> ModelConfig:
+    """The named size with the ``model.*`` fields set over it, and the tokenizer's vocabulary padded to
+    ``VOCAB_MULTIPLE`` unless ``model.vocab_size`` is set. ``max_seq_len`` is raised to
+    ``data.seq_length`` when it is not set (a line goes to ``notes``), and refused when it is set
+    smaller. Errors name the ``model.*`` setting."""
+    from megafim.model.registry import MODEL_SIZES
+
+    if cfg.model.size not in MODEL_SIZES:
+        raise ConfigError(f"model.size: unknown size {cfg.model.size!r}; known sizes: {', '.join(MODEL_SIZES)}")
+    overrides = model_overrides(cfg.model)
+    if tokenizer_vocab is not None and "vocab_size" not in overrides:
+        overrides["vocab_size"] = math.ceil(tokenizer_vocab / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    base = MODEL_SIZES[cfg.model.size]
+    seq = cfg.data.seq_length
+    if "max_seq_len" in overrides and overrides["max_seq_len"] < seq:
+        raise ConfigError(f"data.seq_length {seq} exceeds model.max_seq_len {overrides['max_seq_len']} "
+                          "(raise model.max_seq_len, or leave it unset to follow data.seq_length)")
+    if "max_seq_len" not in overrides and isinstance(seq, int) and base.max_seq_len < seq:
+        overrides["max_seq_len"] = seq
+        if notes is not None:
+            notes.append(f"model.max_seq_len raised from size {cfg.model.size}'s {base.max_seq_len} to "
+                         f"data.seq_length {seq}")
+    try:
+        mc = base.replace(**overrides)
+    except ValueError as exc:
+        raise domain_error(exc) from None
+    if tokenizer_vocab is not None and mc.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size = {mc.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer_vocab} tokens ({cfg.data.tokenizer_model})")
+    return mc
+
+
+# Stands in for the dataset paths when only the other data settings are checked (``validate`` runs
+# before the paths are required); never read as a path.
+_UNSET_PATH = "<data.data_path not set>"
+
+
+def build_data_config(cfg: TrainConfig, cache_dir: str | None = None) -> DataConfig:
+    """The ``DataConfig`` of the ``data`` section (the seed is ``schedule.seed``; FIM is off at rate 0)."""
+    d = cfg.data
+    try:
+        return DataConfig.from_megatron_args(
+            [str(p) for p in d.data_path] or [_UNSET_PATH], split=d.split, seq_length=d.seq_length,
+            seed=cfg.schedule.seed, cache_dir=cache_dir, fingerprint=d.fingerprint,
+            verify_cache=d.verify_cache, fim=d.fim if d.fim.rate > 0 else None)
+    except ValueError as exc:
+        message = str(exc)
+        if message.startswith(("data path", "DataConfig.data_paths", "DataConfig.weights")):
+            raise ConfigError(f"data.data_path: {message}") from None
+        raise domain_error(exc) from None
+
+
 def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> None:
-    """Check ``cfg`` for ``world_size`` ranks; ``model_config`` (a resolved ``ModelConfig``) adds
-    the shape checks (heads vs tp, layers vs pp). Raises ``ConfigError`` naming the field."""
+    """Check ``cfg`` for ``world_size`` ranks before any process group exists; raises ``ConfigError``
+    naming the field. The model and data settings are checked by building their domain configs (with
+    the vocabulary unknown until the tokenizer is read); ``model_config`` (the resolved ``ModelConfig``)
+    adds the shape checks against the parallel degrees."""
     p, b, s, o = cfg.parallel, cfg.batch, cfg.schedule, cfg.optimizer
+    _check_choices(cfg)
     for name, value in [("parallel.tensor", p.tensor), ("parallel.pipeline", p.pipeline),
                         ("batch.micro_batch_size", b.micro_batch_size),
                         ("batch.global_batch_size", b.global_batch_size),
-                        ("schedule.train_iters", s.train_iters), ("data.seq_length", cfg.data.seq_length),
-                        ("model.n_future", cfg.model.n_future)]:
+                        ("schedule.train_iters", s.train_iters)]:
         _positive(value, name)
     for name, value in [("schedule.warmup_iters", s.warmup_iters), ("schedule.decay_iters", s.decay_iters),
                         ("optimizer.min_lr", o.min_lr), ("optimizer.weight_decay", o.weight_decay),
@@ -314,59 +443,42 @@ def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> Non
     for name, value in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)]:
         if not 0 <= value < 1:
             raise ConfigError(f"{name} must be in [0, 1), got {value}")
-    for name, value in [("data.fim.rate", cfg.data.fim.rate), ("data.fim.spm_rate", cfg.data.fim.spm_rate)]:
-        if not 0 <= value <= 1:
-            raise ConfigError(f"{name} must be in [0, 1], got {value}")
-    _choice(cfg.data.fim.level, "data.fim.level", ("context", "document"))
-    _choice(p.backend, "parallel.backend", ("auto", "nccl", "gloo"))
-    _choice(s.precision, "schedule.precision", ("auto", "bf16", "fp32"))
-    _choice(cfg.logging.progress_bar, "logging.progress_bar", ("auto", "on", "off"))
+    data = build_data_config(cfg)
     _check_profiling(cfg)
     _positive(s.eval_interval, "schedule.eval_interval", allow_zero=True)
     _positive(s.eval_iters, "schedule.eval_iters")
-    if s.eval_interval:
-        from megafim.data.config import parse_split
-
-        try:
-            has_valid = parse_split(cfg.data.split)[1] > 0
-        except ValueError as exc:
-            raise ConfigError(f"data.split: {exc}") from None
-        if not has_valid:
-            raise ConfigError(f"schedule.eval_interval = {s.eval_interval} needs validation documents, but "
-                              f"data.split {cfg.data.split!r} gives them no share (e.g. \"98,2,0\")")
-    if p.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    if s.eval_interval and data.split_weights[1] == 0:
+        raise ConfigError(f"schedule.eval_interval = {s.eval_interval} needs validation documents, but "
+                          f"data.split {cfg.data.split!r} gives them no share (e.g. \"98,2,0\")")
     if cfg.model.compile and p.zero_stage == 3:
         raise ConfigError("model.compile = true with parallel.zero_stage = 3 is not supported: ZeRO-3 "
                           "gathers parameters in hooks inside the compiled blocks; use ZeRO 0-2")
     grad_accumulation_steps(cfg, world_size)
-    if model_config is not None:
-        validate_model_shape(cfg, model_config)
+    validate_model_shape(cfg, model_config if model_config is not None else resolve_model_config(cfg, None))
 
 
-def validate_model_shape(cfg: TrainConfig, mc: Any) -> None:
-    """Divisibility of the resolved model shape by the tensor- and pipeline-parallel degrees."""
+def validate_model_shape(cfg: TrainConfig, mc: ModelConfig) -> None:
+    """The resolved model shape against the tensor- and pipeline-parallel degrees."""
+    from megafim.parallel.dims import ParallelSizeError
+    from megafim.parallel.tensor_parallel import check_tensor_parallel_sizes
+
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
-    checks = [("n_heads", getattr(mc, "n_heads", None)), ("n_kv_heads", getattr(mc, "n_kv_heads", None)),
-              ("ffn_hidden_size", getattr(mc, "ffn_hidden_size", None)),
-              ("vocab_size", getattr(mc, "vocab_size", None))]
-    for name, value in checks:
-        if value and value % tp:
-            raise ConfigError(f"model {name} = {value} is not divisible by parallel.tensor = {tp}")
+    try:
+        check_tensor_parallel_sizes(mc, tp)
+    except ParallelSizeError as exc:
+        raise ConfigError(f"{domain_error(exc)} (parallel.tensor)") from None
     n_trunk = trunk_layers(mc)
-    if n_trunk is not None and pp > 1 and n_trunk < pp - 1:
+    if pp > 1 and n_trunk < pp - 1:
         raise ConfigError(
             f"parallel.pipeline = {pp} stages need at least {pp - 1} trunk layers for the first "
-            f"{pp - 1} stages; the model has {n_trunk} (model n_layers counts the trunk plus head 1)")
-    if getattr(mc, "max_seq_length", None) and cfg.data.seq_length > mc.max_seq_length:
-        raise ConfigError(f"data.seq_length {cfg.data.seq_length} exceeds the model's max_seq_length "
-                          f"{mc.max_seq_length}")
+            f"{pp - 1} stages; the model has {n_trunk} (model.n_layers counts the trunk plus head 1)")
+    if cfg.data.seq_length > mc.max_seq_len:
+        raise ConfigError(f"data.seq_length {cfg.data.seq_length} exceeds model.max_seq_len {mc.max_seq_len}")
 
 
-def trunk_layers(mc: Any) -> int | None:
+def trunk_layers(mc: ModelConfig) -> int:
     """Trunk layers of a resolved model config (``n_layers`` counts the trunk plus the first head)."""
-    n_layers = getattr(mc, "n_layers", None)
-    return None if n_layers is None else n_layers - 1
+    return mc.n_layers - 1
 
 
 def decay_iters(cfg: TrainConfig) -> int:

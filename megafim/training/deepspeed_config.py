@@ -1,8 +1,9 @@
 """The DeepSpeed config, generated from ours, with a user's JSON merged over it.
 
 The optimizer and the learning-rate schedule are ours (a torch AdamW and ``config.lr_at``), passed to
-``deepspeed.initialize`` as objects: DeepSpeed's fused Adam JIT-builds a C++ op on the CPU (~90 s,
-ENVIRONMENT.md) and we want one schedule formula shared by the trainer, the logs and the tests.
+``deepspeed.initialize`` as objects: DeepSpeed's fused Adam JIT-builds a C++ op on the CPU (~90 s on a
+fresh machine; docs/training.md) and we want one schedule formula shared by the trainer, the logs and
+the tests.
 """
 
 from __future__ import annotations
@@ -90,5 +91,17 @@ def effective_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     return merged
 
 
-def format_for_log(ds: dict) -> str:
-    return "DeepSpeed config:\n" + json.dumps(ds, indent=2, sort_keys=True)
+def write_and_describe(ds: dict, save_dir: str) -> str:
+    """Write the effective DeepSpeed config to ``<save_dir>/deepspeed_config.json`` (when saving) and
+    return the one log line that says what it is and where it went."""
+    zero = ds.get("zero_optimization", {}).get("stage", 0)
+    precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") \
+        else "fp32"
+    line = (f"DeepSpeed: ZeRO-{zero}, {precision}, micro-batch {ds['train_micro_batch_size_per_gpu']}, "
+            f"{ds['gradient_accumulation_steps']} accumulation steps, clip {ds.get('gradient_clipping', 0)}")
+    if not save_dir:
+        return line
+    path = Path(save_dir) / "deepspeed_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ds, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return f"{line} (full config: {path})"

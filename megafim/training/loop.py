@@ -25,10 +25,11 @@ from megafim.parallel import DeepSpeedMPU, ParallelDims
 from megafim.training import checkpoint as ck
 from megafim.training import checkpoint_io
 from megafim.training.build import (PipelineStage, StagePlan, build_stage, build_train_valid_datasets,
-                                    plan_stages, resolve_model_config)
+                                    checked_data_config, plan_stages)
 from megafim.training.cli import dump_yaml
-from megafim.training.config import ConfigError, TrainConfig, grad_accumulation_steps, lr_at, validate
-from megafim.training.deepspeed_config import effective_deepspeed_config, format_for_log, resolve_precision
+from megafim.training.config import (ConfigError, TrainConfig, grad_accumulation_steps, lr_at,
+                                     resolve_model_config, validate)
+from megafim.training.deepspeed_config import effective_deepspeed_config, resolve_precision, write_and_describe
 from megafim.training.distributed import WorldInfo, init_distributed, shutdown
 from megafim.training.metrics import (MetricsLogger, StepMetrics, default_peak_flops, model_flops_per_token,
                                       validation_line)
@@ -60,12 +61,14 @@ class Run:
 
 
 def check_before_groups(cfg: TrainConfig, world_size: int):
-    """All checks that need no process group; returns (tokenizer, model config)."""
+    """All checks that need no process group, cheapest first; returns (tokenizer, model config, notes
+    for the log)."""
     validate(cfg, world_size)
     if not cfg.data.tokenizer_model:
         raise ConfigError("data.tokenizer_model is required (--tokenizer-model FILE.model)")
     if not cfg.data.data_path:
         raise ConfigError("data.data_path is required (--data-path PREFIX [PREFIX ...])")
+    checked_data_config(cfg)  # a wrong path fails here, before the model and DeepSpeed are built
     if cfg.parallel.pipeline > 1 and cfg.parallel.zero_stage == 3:
         raise ConfigError("parallel.zero_stage = 3 with parallel.pipeline > 1 is not supported: ZeRO-3 checks "
                           "that every rank ran the same modules, which pipeline stages never do. Use ZeRO 0-2 "
@@ -76,9 +79,26 @@ def check_before_groups(cfg: TrainConfig, world_size: int):
         tokenizer = Tokenizer.from_file(cfg.data.tokenizer_model)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"data.tokenizer_model: cannot load {cfg.data.tokenizer_model}: {exc}") from None
-    mc = resolve_model_config(cfg, tokenizer.vocab_size)
+    notes: list[str] = []
+    mc = resolve_model_config(cfg, tokenizer.vocab_size, notes)
     validate(cfg, world_size, mc)
-    return tokenizer, mc
+    return tokenizer, mc, notes
+
+
+class _KnownDeepSpeedWarnings(logging.Filter):
+    """Drops DeepSpeed's "untested optimizer" warning: our torch AdamW is what the generated config
+    allows on purpose (``zero_allow_untested_optimizer``), and its gradients are tested under ZeRO 0-3
+    (tests/ops/test_deepspeed_zero.py). Every other warning passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()
+
+
+def _quiet_deepspeed() -> None:
+    ds_logger = logging.getLogger("DeepSpeed")
+    ds_logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _KnownDeepSpeedWarnings) for f in ds_logger.filters):
+        ds_logger.addFilter(_KnownDeepSpeedWarnings())
 
 
 def _seed_everything(seed: int) -> None:
@@ -105,9 +125,9 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
     import deepspeed
 
     info = WorldInfo.from_env()
-    tokenizer, mc = check_before_groups(cfg, info.world_size)
+    tokenizer, mc, notes = check_before_groups(cfg, info.world_size)
     device = init_distributed(info, cfg.parallel.backend)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    _quiet_deepspeed()
     dims = ParallelDims.build(tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline)
     gas = grad_accumulation_steps(cfg, info.world_size)
     ds_config = effective_deepspeed_config(cfg, info.world_size)
@@ -118,7 +138,9 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
     log.info(f"megafim: {info.world_size} ranks = tp {dims.tp} x pp {dims.pp} x dp {dims.dp}, ZeRO-"
              f"{cfg.parallel.zero_stage}, {resolve_precision(cfg)}, {gas} micro-batches/step, device {device}")
     log.info(f"model: {mc}")
-    log.info(format_for_log(ds_config))
+    for note in notes:
+        log.info(note)
+    log.info(write_and_describe(ds_config, cfg.checkpoint.save if dims.rank == 0 else ""))
 
     _seed_everything(cfg.schedule.seed)
     plan = plan_stages(mc.n_trunk_layers, mc.n_future, dims.pp)[dims.pp_rank]

@@ -14,7 +14,7 @@ def base_args(tiny_data, **overrides) -> list[str]:
     data, tok = tiny_data
     args = ["--config", str(REPO / "examples/configs/tiny.yaml"), "--data-path", data, "--tokenizer-model", tok,
             "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--n-future", "2",
-            "--lr", "1e-2", "--set", "model.overrides.n_layers=3", "--set", "schedule.warmup_iters=0",
+            "--lr", "1e-2", "--set", "model.n_layers=3", "--set", "schedule.warmup_iters=0",
             "--set", "logging.tensorboard=false", "--set", "logging.log_interval=1",
             "--set", "checkpoint.keep_last=0"]
     for key, value in overrides.items():

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from megafim.training.cli import config_from_args, dump_yaml
-from megafim.training.config import ConfigError, TrainConfig, grad_accumulation_steps, lr_at, validate
+from megafim.model import ModelConfig
+from megafim.training.config import (ConfigError, TrainConfig, build_data_config, grad_accumulation_steps,
+                                     lr_at, model_overrides, resolve_model_config, validate)
 from megafim.training.deepspeed_config import effective_deepspeed_config
 
 
@@ -42,9 +44,9 @@ def test_megatron_flags_map_to_fields():
 
 
 def test_set_parses_yaml_values_and_model_overrides():
-    cfg, _ = config_from_args(["--set", "model.overrides.n_layers=3", "--set", "data.data_path=[x, y]",
-                               "--set", "logging.tensorboard=false"])
-    assert cfg.model.overrides == {"n_layers": 3}
+    cfg, _ = config_from_args(["--set", "model.n_layers=3", "--set", "data.data_path=[x, y]",
+                               "--set", "logging.tensorboard=false", "--set", "model.overrides.n_heads=4"])
+    assert model_overrides(cfg.model) == {"n_layers": 3, "n_heads": 4}  # the older spelling still works
     assert cfg.data.data_path == ["x", "y"]
     assert cfg.logging.tensorboard is False
 
@@ -76,7 +78,7 @@ def test_validation_before_any_process_group():
     with pytest.raises(ConfigError, match="batch.global_batch_size"):
         validate(cfg, world_size=3)
     cfg.parallel.tensor = 2
-    with pytest.raises(ConfigError, match="parallel.tensor x parallel.pipeline"):
+    with pytest.raises(ConfigError, match=r"parallel: world size 3 is not divisible by tensor \(2\)"):
         validate(cfg, world_size=3)
     cfg = TrainConfig()
     cfg.optimizer.min_lr = 1.0
@@ -118,17 +120,15 @@ def test_profiling_flags_and_checks():
 
 
 def test_model_shape_checks_name_the_field():
-    class Shape:  # a resolved model shape, as ModelConfig carries it
-        n_heads, n_kv_heads, ffn_hidden_size, vocab_size, n_layers = 6, 6, 64, 128, 3
-
+    shape = ModelConfig(hidden_size=72, n_heads=6, n_kv_heads=6, ffn_hidden_size=64, vocab_size=128, n_layers=3)
     cfg = TrainConfig()
     cfg.parallel.tensor = 4
-    with pytest.raises(ConfigError, match="n_heads = 6 is not divisible by parallel.tensor = 4"):
-        validate(cfg, world_size=4, model_config=Shape())
+    with pytest.raises(ConfigError, match=r"model.n_heads = 6 is not divisible by the tensor-parallel size 4 \(parallel.tensor\)"):
+        validate(cfg, world_size=4, model_config=shape)
     cfg.parallel.tensor, cfg.parallel.pipeline = 1, 4
     cfg.batch.global_batch_size = 2
     with pytest.raises(ConfigError, match="parallel.pipeline = 4"):
-        validate(cfg, world_size=4, model_config=Shape())
+        validate(cfg, world_size=4, model_config=shape)
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -143,7 +143,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_effective_config_round_trips_through_yaml(tmp_path):
-    cfg, _ = config_from_args(["--lr", "0.01", "--set", "model.overrides.n_layers=3"])
+    cfg, _ = config_from_args(["--lr", "0.01", "--set", "model.n_layers=3", "--set", "data.fim.level=document"])
     path = _write(tmp_path, dump_yaml(cfg), "saved.yaml")
     again, _ = config_from_args(["--config", str(path)])
     assert again == cfg
@@ -170,10 +170,97 @@ def test_deepspeed_config_generated_and_merged(tmp_path):
 
 @pytest.mark.parametrize("name, world_size", [("tiny", 1), ("125M", 8), ("1.3B", 8), ("7B", 32)])
 def test_example_configs_validate(name, world_size):
-    from megafim.training.build import resolve_model_config
-
     repo = Path(__file__).resolve().parents[2]
     cfg, _ = config_from_args(["--config", str(repo / f"examples/configs/{name}.yaml")])
     mc = resolve_model_config(cfg, tokenizer_vocab=32000)
     validate(cfg, world_size, mc)
     assert mc.n_future == cfg.model.n_future and mc.max_seq_len >= cfg.data.seq_length
+
+
+# --- one definition of each setting: the domain configs validate, the trainer names the field ----------
+
+
+def test_model_size_typo_is_one_config_error():
+    cfg, _ = config_from_args(["--set", "model.size=tinyy"])
+    with pytest.raises(ConfigError, match=r"model.size: unknown size 'tinyy'; known sizes: tiny"):
+        validate(cfg, world_size=1)
+
+
+def test_model_field_errors_name_the_setting():
+    cfg, _ = config_from_args(["--set", "model.n_kv_heads=3"])
+    with pytest.raises(ConfigError, match=r"^model.n_kv_heads = 3 must divide n_heads"):
+        validate(cfg, world_size=1)
+
+
+def test_sequence_length_against_max_seq_len():
+    cfg, _ = config_from_args(["--seq-length", "512", "--set", "model.max_seq_len=128"])
+    with pytest.raises(ConfigError, match="data.seq_length 512 exceeds model.max_seq_len 128"):
+        validate(cfg, world_size=1)
+    cfg.model.max_seq_len = None  # unset: the size's limit follows data.seq_length, and says so
+    notes = []
+    assert resolve_model_config(cfg, None, notes).max_seq_len == 512
+    assert notes == ["model.max_seq_len raised from size tiny's 256 to data.seq_length 512"]
+    validate(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("raw, expected", [("on", "on"), ("off", "off"), ("true", "on"), ("auto", "auto")])
+def test_progress_bar_accepts_yaml_booleans(raw, expected):
+    cfg, _ = config_from_args(["--set", f"logging.progress_bar={raw}"])
+    assert cfg.logging.progress_bar == expected
+
+
+def test_choices_are_checked_from_the_field_metadata():
+    with pytest.raises(ConfigError, match="logging.progress_bar must be one of auto, on, off, got 'sometimes'"):
+        config_from_args(["--set", "logging.progress_bar=sometimes"])
+    with pytest.raises(ConfigError, match="parallel.zero_stage must be one of 0, 1, 2, 3, got 5"):
+        config_from_args(["--zero-stage", "5"])
+
+
+def test_fim_section_is_the_fim_config(tmp_path):
+    cfg, _ = config_from_args(["--set", "data.fim.mask_sentinels=true", "--fim-rate", "0.9",
+                               "--data-path", "a", "--seed", "5"])
+    data = build_data_config(cfg)
+    assert data.fim == cfg.data.fim and data.fim.mask_sentinels and data.fim.rate == 0.9 and data.seed == 5
+    with pytest.raises(ConfigError, match=r"data.fim.rate must be a number in \[0, 1\], got 1.5"):
+        config_from_args(["--fim-rate", "1.5"])
+    with pytest.raises(ConfigError, match=r"data.fim.level must be one of"):
+        config_from_args(["--set", "data.fim.level=token"])
+    cfg, _ = config_from_args(["--fim-rate", "0", "--data-path", "a"])
+    assert build_data_config(cfg).fim is None
+
+
+def test_data_settings_are_data_config_settings():
+    cfg, _ = config_from_args(["--data-path", "0.3", "a", "0.7", "b", "--set", "data.fingerprint=content",
+                               "--set", "data.verify_cache=false", "--seq-length", "16"])
+    data = build_data_config(cfg)
+    assert (data.data_paths, data.weights, data.seq_length) == (("a", "b"), (0.3, 0.7), 16)
+    assert (data.fingerprint, data.verify_cache) == ("content", False)
+    cfg.data.split = "1,2,3,4"
+    with pytest.raises(ConfigError, match="split '1,2,3,4'"):
+        validate(cfg, world_size=1)
+    cfg.data.split, cfg.data.data_path = "98,2,0", ["0.5", "a", "b"]
+    with pytest.raises(ConfigError, match="data.data_path: data path"):
+        validate(cfg, world_size=1)
+
+
+def test_older_model_overrides_in_a_file_fold_into_the_model_section(tmp_path):
+    path = _write(tmp_path, "model:\n  n_future: 2\n  overrides:\n    n_layers: 3\n")
+    cfg, _ = config_from_args(["--config", str(path)])
+    assert model_overrides(cfg.model) == {"n_future": 2, "n_layers": 3}
+    clash = _write(tmp_path, "model:\n  n_layers: 4\n  overrides:\n    n_layers: 3\n", "clash.yaml")
+    with pytest.raises(ConfigError, match="model.n_layers = 4 and model.overrides.n_layers = 3 disagree"):
+        config_from_args(["--config", str(clash)])
+
+
+def test_every_setting_is_documented_and_the_reference_page_is_current():
+    from megafim.training.cli import config_reference
+    from megafim.training.field_docs import reference_rows
+
+    rows = reference_rows(TrainConfig)
+    assert {name for name, *_ in rows} >= {"model.n_future", "data.fim.mask_sentinels", "data.verify_cache"}
+    undocumented = [name for name, _, _, meaning in rows if not meaning.strip()]
+    assert not undocumented, f"settings without a docstring: {undocumented}"
+    repo = Path(__file__).resolve().parents[2]
+    page = (repo / "docs/config_reference.md").read_text()
+    assert page == config_reference(markdown=True), \
+        "docs/config_reference.md is stale: python -m megafim.train --help-config --markdown > docs/config_reference.md"

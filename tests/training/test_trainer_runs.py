@@ -25,14 +25,33 @@ def test_config_error_exits_2_with_one_line(tiny_data, tmp_path):
     assert "batch.global_batch_size 6 is not divisible" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_config_error_under_torchrun_is_printed_once(tiny_data, tmp_path):
+    proc = launch(2, base_args(tiny_data) + ["--set", "model.size=tinyy"], tmp_path, timeout=180)
+    assert proc.returncode != 0
+    assert proc.stderr.count("megafim.train: error: model.size: unknown size 'tinyy'") == 1, proc.stderr
+    # torchrun's own ChildFailedError summary follows; ours is the one line above it.
+
+
+def test_wrong_data_path_fails_before_the_model_is_built(tiny_data, tmp_path):
+    save = tmp_path / "run"
+    proc = launch(1, base_args(tiny_data) + ["--data-path", str(tmp_path / "missing_text_document"),
+                                             "--save", str(save)], tmp_path, timeout=120)
+    check(proc, code=2)
+    assert proc.stderr.count("\n") == 1 and "data.data_path" in proc.stderr, proc.stderr
+    assert not save.exists()  # nothing written: no empty metrics.jsonl
+
+
 @pytest.mark.parametrize("extra, world_size, message", [
     (["--tensor-model-parallel-size", "3"], 1, "does not divide the world size 1"),
-    (["--tensor-model-parallel-size", "3"], 3, "n_heads = 8 is not divisible by parallel.tensor = 3"),
+    (["--tensor-model-parallel-size", "3"], 3, "model.n_heads = 8 is not divisible by the tensor-parallel size 3"),
     (["--pipeline-model-parallel-size", "2", "--zero-stage", "3"], 2,
      "parallel.zero_stage = 3 with parallel.pipeline > 1"),
     (["--pipeline-model-parallel-size", "4"], 4, "parallel.pipeline = 4 stages need at least 3 trunk layers"),
     (["--zero-stage", "3", "--set", "model.compile=true"], 1, "model.compile = true with parallel.zero_stage = 3"),
     (["--tokenizer-model", "/nonexistent.model"], 1, "data.tokenizer_model"),
+    (["--set", "model.size=tinyy"], 1, "model.size: unknown size 'tinyy'"),
+    (["--seq-length", "512", "--set", "model.max_seq_len=128"], 1, "data.seq_length 512 exceeds model.max_seq_len 128"),
+    (["--data-path", "/nonexistent/data_text_document"], 1, "data.data_path: "),
 ])
 def test_checks_before_any_process_group(tiny_data, extra, world_size, message):
     from megafim.training.cli import config_from_args
