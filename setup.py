@@ -35,6 +35,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megafim", "megafim.*"]),
+    # HumanEval-infilling data (MIT, OpenAI) with its license: the benchmark runs from a wheel.
+    package_data={"megafim.eval": ["data/human-eval-infilling/*"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     # torch is deliberately unpinned: install the build for your platform first (README).

@@ -96,11 +96,8 @@ def test_infill_and_evaluate_clis(checkpoint, tmp_path):
 
 def test_humaneval_generates_from_a_megafim_checkpoint(checkpoint, tmp_path):
     save, _, _ = checkpoint
-    data = REPO.parent / "shared" / "data" / "human-eval-infilling"
-    if not data.is_dir():
-        pytest.skip(f"{data} is absent")
-    out = tmp_path / "samples.jsonl"
-    report = json.loads(run("-m", "megafim.eval.humaneval_infilling", "--load", save, "--data-dir", data,
+    out = tmp_path / "samples.jsonl"  # the benchmark data installed with megafim
+    report = json.loads(run("-m", "megafim.eval.humaneval_infilling", "--load", save,
                             "--limit", "2", "--num-samples", "2", "--max-new-tokens", "6", "--k", "1",
                             "--output", out, "--workers", "2", "--json"))
     assert len(out.read_text().splitlines()) == 4  # 2 tasks x 2 samples, scored (a random model fails them)
