@@ -356,7 +356,6 @@ def _runner_main() -> None:
 
     request = _read_head()
     config = request["config"]
-    _prctl(_PR_SET_DUMPABLE, 0)  # nobody of our uid may read our memory or descriptors
     try:
         uid, test_uid = _pick_uids(config)
         workdir = _make_workdir(uid)
@@ -377,6 +376,9 @@ def _runner_main() -> None:
     os.close(devnull)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     isolation = _isolate(config)
+    # Nobody of our uid may read our memory or descriptors. Only now: a non-dumpable process
+    # cannot write its own uid_map, which entering a user namespace needs. C does not exist yet.
+    _prctl(_PR_SET_DUMPABLE, 0)
     isolation["uid"] = uid if uid is not None else os.getuid()
     reaper_pid = os.fork()
     if reaper_pid == 0:

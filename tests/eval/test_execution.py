@@ -2,6 +2,8 @@
 forged from the code's process, and misbehaving code cannot break the harness or other results."""
 
 import glob
+import json
+import shlex
 import os
 import secrets
 import shutil
@@ -369,3 +371,34 @@ def test_memory_limit_is_the_configured_one():
     code = "x = bytearray(300 << 20)\nx[-1] = 1\n" + GOOD
     assert _run(code, SandboxConfig(timeout_s=10.0, memory_mb=200)) == "failed: MemoryError"
     assert _run(code, SandboxConfig(timeout_s=10.0, memory_mb=1024)) == "passed"
+
+
+def _as_nobody(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", " ".join(args)],
+                          capture_output=True, text=True, timeout=120, cwd="/")
+
+
+@pytest.mark.skipif(not IS_ROOT or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root (to become nobody) and a system Python nobody can run")
+def test_a_harness_that_is_not_root_gets_the_same_protection():
+    # The harness side is standard library only, so a system Python runs it as nobody.
+    if _as_nobody(["unshare", "-U", "true"]).returncode != 0:
+        pytest.skip("this kernel gives unprivileged users no user namespaces")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = _code(f"""
+        import json, sys
+        sys.path.insert(0, {repo!r})
+        from megafim.eval.execution import Check, SandboxConfig, isolation_report, run_check
+        config = SandboxConfig(timeout_s=10.0)
+        forged = {FORGERIES["write a pass to every descriptor"]!r}
+        print(json.dumps([isolation_report(config)] + [
+            run_check(Check(code, "f", {SQUARE_TEST!r}), config).result
+            for code in ({GOOD!r}, forged)]))
+    """)
+    out = _as_nobody(["/usr/bin/python3", "-c", shlex.quote(script)])
+    assert out.returncode == 0, out.stderr
+    isolation, good, forged = json.loads(out.stdout)
+    assert isolation["uid"] == 65534
+    assert all(isolation[k] for k in ("pid_namespace", "network_namespace", "private_proc",
+                                      "private_tmp")), isolation
+    assert good == "passed" and forged.startswith("failed: ")
