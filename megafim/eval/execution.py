@@ -1,75 +1,63 @@
-"""Run untrusted, model-generated Python programs in a disposable sandbox.
+"""Run untrusted, model-generated code against a trusted test, in a disposable sandbox.
 
-WARNING: the programs come from a language model and may do anything Python can do. This module
-contains them as well as an unprivileged Linux process can (see docs/evaluation.md), but it is not a
-security boundary against a determined attacker: it has no filesystem isolation beyond permissions
-and no cgroup. Run evaluations inside a container or VM you can throw away.
+WARNING: the code comes from a language model and may do anything Python can do. This module
+contains it as well as an unprivileged Linux process can (see docs/evaluation.md), but it is not a
+security boundary against a determined attacker: no filesystem isolation beyond permissions and a
+private /tmp, no cgroup. Run evaluations inside a container or VM you can throw away.
 
-Each program runs like this (three processes, so that the code's parent is disposable):
-
-    harness thread --(subprocess, new session)--> runner A   (``python -I execution.py``)
-        A: fresh temporary directory; unshare(NEWNET | NEWPID) where permitted; fork
-        B: reaper (PID 1 of the new PID namespace, else a child subreaper); dies with A; fork
-        C: new session, stdio to /dev/null, unprivileged uid when root, resource limits,
-           ``exec`` of the program; writes one JSON line to a pipe only A reads
-
-A kills everything when the result arrives, when B ends, or at the wall-clock timeout, removes the
-directory and prints one JSON line for the harness. Whatever the code does (``exit()``,
-``os._exit``, killing its parent, fork bombs, hanging, writing files, printing megabytes) it can only
-change its own result. The runner side of this file imports nothing outside the standard library,
-because it runs as a script in a bare ``python -I``.
+A ``Check`` is split in two on purpose: the untrusted ``code`` runs in one process, the trusted
+``test`` (``def check(candidate): ...``) in another, which calls the code's ``entry_point`` with
+plain values through a pipe and alone writes the verdict (``megafim/eval/sandbox_runner.py``). So
+the code cannot forge a pass: whatever it runs, patches, writes or reads in its own process, the
+test's assertions are evaluated where it cannot reach.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
-# subprocess and concurrent.futures are imported where used: the runner (this file as a script,
-# once per program) starts faster without them.
+# subprocess and concurrent.futures are imported where used, so importing this module is cheap.
 
-NOBODY_UID = 65534
-_RUNNER_PATH = os.path.abspath(__file__)
-# Linux clone flags (sched.h) and prctl options (prctl.h); used through ctypes because the os module
-# exposes unshare only from Python 3.12.
-_CLONE_NEWNET = 0x40000000
-_CLONE_NEWPID = 0x20000000
-_PR_SET_PDEATHSIG = 1
-_PR_SET_DUMPABLE = 4
-_PR_SET_CHILD_SUBREAPER = 36
+_RUNNER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_runner.py")
 
 
 @dataclass(frozen=True)
 class SandboxConfig:
-    """Limits for one program. The defaults suit HumanEval-sized tests."""
+    """Limits for one check. The defaults suit HumanEval-sized tests."""
 
     timeout_s: float = 5.0
-    """Wall-clock limit per program, seconds; past it the result is ``timed out``."""
+    """Wall-clock limit per check, seconds; past it the result is ``timed out``."""
     memory_mb: int = 1024
-    """Address-space limit (RLIMIT_AS) of the code process, MiB."""
+    """Address-space limit (RLIMIT_AS) of the code process and of the test process, MiB."""
     max_file_mb: int = 16
     """Largest file the code may write (RLIMIT_FSIZE), MiB."""
+    max_disk_mb: int = 64
+    """Total size of the private tmpfs that holds the code's working directory, /tmp, /var/tmp
+    and /dev/shm (with ``private_mounts``), MiB; it disappears with the check."""
     max_procs: int = 16
     """Processes and threads the code may own (RLIMIT_NPROC): bounds fork bombs."""
     max_open_files: int = 64
     """Open file descriptors (RLIMIT_NOFILE)."""
     isolate_network: bool = True
     """Run in a new network namespace (no interfaces up) where the OS permits it."""
+    private_mounts: bool = True
+    """A private mount namespace where the OS permits it: a /proc showing only the sandbox's own
+    processes, and the capped tmpfs of ``max_disk_mb``."""
     drop_privileges: bool = True
     """When started as root, run the code as a per-task unprivileged uid (``nobody`` as fallback)."""
     uid_base: int = 1_900_000
-    """Per-task uid = uid_base + runner pid, so concurrent tasks cannot signal each other."""
+    """Per-task uid = uid_base + runner pid (the test process: + 2**22), so concurrent tasks
+    cannot signal each other."""
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
             raise ValueError(f"SandboxConfig.timeout_s must be > 0, got {self.timeout_s}")
-        for name in ("memory_mb", "max_file_mb", "max_procs", "max_open_files"):
+        for name in ("memory_mb", "max_file_mb", "max_disk_mb", "max_procs", "max_open_files"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"SandboxConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_open_files < 16:
@@ -84,95 +72,133 @@ class SandboxConfig:
 
 
 @dataclass(frozen=True)
+class Check:
+    """One sample to judge: ``code`` is untrusted; ``test`` and ``context`` are trusted text."""
+
+    code: str
+    """The program under test (e.g. prompt + completion + suffix); must define ``entry_point``."""
+    entry_point: str
+    """The function the test calls (``check(candidate)`` receives a proxy of it)."""
+    test: str
+    """Defines ``check(candidate)``; raising fails the sample."""
+    context: str = ""
+    """Definitions the test may use besides the candidate (e.g. the reference program, whose
+    helper functions some HumanEval tests call); run only in the test process."""
+
+
+@dataclass(frozen=True)
 class ExecutionResult:
     """``result`` is ``passed``, ``timed out`` or ``failed: <reason>`` (an exception type name,
-    ``exited before the tests finished (code N)`` or ``killed by signal NAME``)."""
+    ``exited before the tests finished (code N)``, ``killed by signal NAME``, ...)."""
 
     passed: bool
     result: str
 
 
 class SandboxError(RuntimeError):
-    """The sandbox itself failed (not the program): the evaluation cannot be trusted."""
+    """The sandbox itself failed (not the code): the evaluation cannot be trusted."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Harness side
-# ----------------------------------------------------------------------------------------------
+def run_check(check: Check, config: SandboxConfig = SandboxConfig()) -> ExecutionResult:
+    """Run one check in a fresh sandbox and return its verdict."""
+    return _parse_report(*_run_runner(check, config, report=False))[0]
 
 
-def run_program(program: str, config: SandboxConfig = SandboxConfig()) -> ExecutionResult:
-    """Run one program in a fresh sandbox and return how it ended."""
-    import subprocess
-
-    request = _request(program, config)
-    proc = subprocess.Popen(
-        [sys.executable, "-I", _RUNNER_PATH],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # our signals and terminal never reach it, nor its ours
-        env=_runner_env(),
-    )
-    try:
-        # The runner enforces the timeout itself; this backstop only catches a stuck runner.
-        out, err = proc.communicate(request, timeout=config.timeout_s + 30)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc.pid)
-        proc.communicate()
-        return ExecutionResult(False, "timed out")
-    line = out.decode("utf-8", "replace").strip().splitlines()
-    if proc.returncode != 0 or not line:
-        reason = _describe_status(proc.returncode)
-        tail = err.decode("utf-8", "replace").strip()[-2000:]
-        if proc.returncode is not None and proc.returncode < 0:
-            # Only the code (same uid, no namespaces) can kill the runner: count it against the code.
-            return ExecutionResult(False, f"failed: sandbox runner {reason}")
-        raise SandboxError(f"sandbox runner failed ({reason}): {tail}")
-    report = json.loads(line[-1])
-    if report["status"] == "error":
-        raise SandboxError(f"sandbox set-up failed: {report['detail']}")
-    return ExecutionResult(report["status"] == "passed", _result_text(report))
-
-
-def run_programs(
-    programs: Sequence[str],
+def run_checks(
+    checks: Sequence[Check],
     config: SandboxConfig = SandboxConfig(),
     workers: int = 0,
     on_result: Callable[[int, ExecutionResult], None] | None = None,
 ) -> list[ExecutionResult]:
-    """Run many programs, ``workers`` at a time (0: one per CPU), results in input order."""
+    """Run many checks, ``workers`` at a time (0: one per CPU), results in input order. A check
+    whose sandbox failed gets ``error: ...`` (not passed) and the others go on; after all of them,
+    ``SandboxError`` is raised if any did, so the caller can keep the results first."""
     from concurrent.futures import ThreadPoolExecutor
 
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     workers = workers or os.cpu_count() or 1
-    results: list[ExecutionResult | None] = [None] * len(programs)
+    results: list[ExecutionResult | None] = [None] * len(checks)
 
     def one(i: int) -> None:
-        results[i] = run_program(programs[i], config)
+        try:
+            results[i] = run_check(checks[i], config)
+        except SandboxError as exc:
+            results[i] = ExecutionResult(False, f"error: {exc}")
         if on_result is not None:
             on_result(i, results[i])
 
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        for future in [pool.submit(one, i) for i in range(len(programs))]:
-            future.result()  # re-raises a SandboxError from any worker
-    finally:  # on an error, drop the programs not started yet instead of running them all
-        pool.shutdown(wait=True, cancel_futures=True)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(one, i) for i in range(len(checks))]:
+            future.result()
     return results  # type: ignore[return-value]
 
 
+def sandbox_errors(results: Sequence[ExecutionResult]) -> list[str]:
+    """The ``error: ...`` results of ``run_checks`` (sandbox failures, not the code's)."""
+    return [r.result for r in results if r.result.startswith("error: ")]
+
+
 def isolation_report(config: SandboxConfig = SandboxConfig()) -> dict:
-    """What isolation the sandbox achieves on this machine (runs one trivial program)."""
+    """What isolation the sandbox achieves on this machine (runs one trivial check)."""
+    check = Check("def f():\n    return 1\n", "f", "def check(c):\n    assert c() == 1\n")
+    result, report = _parse_report(*_run_runner(check, config, report=True))
+    if not result.passed:
+        raise SandboxError(f"the sandbox fails a trivial check: {result.result}")
+    return report["isolation"]
+
+
+def isolation_notes(isolation: dict) -> list[str]:
+    """One line for each protection this machine did not give (for the log)."""
+    notes = {
+        "pid_namespace": "no PID namespace: the code can see and signal processes of its uid",
+        "network_namespace": "no network namespace: the code can open network connections",
+        "private_proc": "no private /proc: the code can read other processes' command lines",
+        "private_tmp": "no private tmpfs: files the code writes outside its working directory "
+                       "(e.g. /tmp) stay, and only RLIMIT_FSIZE caps their size",
+    }
+    return [f"sandbox note: {text}" for key, text in notes.items() if not isolation.get(key)]
+
+
+def _run_runner(check: Check, config: SandboxConfig, report: bool) -> tuple[int | None, bytes,
+                                                                              bytes]:
     import subprocess
 
-    request = _request("pass", config, report=True)
-    out = subprocess.run(
-        [sys.executable, "-I", _RUNNER_PATH], input=request, capture_output=True, check=True,
-        timeout=config.timeout_s + 30, start_new_session=True, env=_runner_env(),
-    ).stdout
-    return json.loads(out.decode().strip().splitlines()[-1])["isolation"]
+    proc = subprocess.Popen(
+        [sys.executable, "-I", _RUNNER_PATH],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True,  # our signals and terminal never reach it, nor its ours
+        env=_runner_env(),
+    )
+    try:
+        # The runner enforces the timeout itself; this backstop only catches a stuck runner.
+        out, err = proc.communicate(_request(check, config, report), timeout=config.timeout_s + 30)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        proc.communicate()
+        return None, b'{"status": "timed out"}', b""
+    return proc.returncode, out, err
+
+
+def _parse_report(returncode: int | None, out: bytes, err: bytes) -> tuple[ExecutionResult, dict]:
+    """The runner's one JSON line. Anything else fails the sample with a reason (a killed runner)
+    or, when the runner itself broke, raises SandboxError."""
+    lines = out.decode("utf-8", "replace").strip().splitlines()
+    try:
+        report = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        report = None
+    if not isinstance(report, dict) or report.get("status") not in (
+            "passed", "failed", "timed out", "error"):
+        if returncode is not None and returncode < 0:
+            return ExecutionResult(False, f"failed: sandbox runner {_describe(returncode)}"), {}
+        tail = err.decode("utf-8", "replace").strip()[-2000:]
+        raise SandboxError(f"sandbox runner gave no verdict ({_describe(returncode)}): {tail}")
+    if report["status"] == "error":
+        raise SandboxError(f"sandbox set-up failed: {report.get('detail')}")
+    if report["status"] == "failed":
+        return ExecutionResult(False, f"failed: {report.get('detail')}"), report
+    return ExecutionResult(report["status"] == "passed", report["status"]), report
 
 
 def _runner_env() -> dict[str, str]:
@@ -183,15 +209,13 @@ def _runner_env() -> dict[str, str]:
     return env
 
 
-def _request(program: str, config: SandboxConfig, report: bool = False) -> bytes:
+def _request(check: Check, config: SandboxConfig, report: bool) -> bytes:
+    """The runner's stdin: the part every process may see, then the test (read by T only)."""
     settings = dict(asdict(config), cpu_s=config.cpu_s)
-    return json.dumps({"program": program, "config": settings, "report": report}).encode()
-
-
-def _result_text(report: dict) -> str:
-    if report["status"] in ("passed", "timed out"):
-        return report["status"]
-    return f"failed: {report['detail']}"
+    head = json.dumps({"code": check.code, "entry_point": check.entry_point,
+                       "config": settings, "report": report}).encode()
+    tail = json.dumps({"test": check.test, "context": check.context}).encode()
+    return b"%d\n" % len(head) + head + tail
 
 
 def _kill_group(pgid: int) -> None:
@@ -201,329 +225,10 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _describe_status(returncode: int | None) -> str:
+def _describe(returncode: int | None) -> str:
     if returncode is None or returncode >= 0:
         return f"exited with code {returncode}"
     try:
         return f"killed by signal {signal.Signals(-returncode).name}"
     except ValueError:
         return f"killed by signal {-returncode}"
-
-
-# ----------------------------------------------------------------------------------------------
-# Runner side: everything below runs in ``python -I execution.py`` (A) and its children (B, C).
-# ----------------------------------------------------------------------------------------------
-
-
-def _libc():
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _prctl(option: int, arg: int) -> bool:
-    try:
-        return _libc().prctl(option, arg, 0, 0, 0) == 0
-    except (OSError, AttributeError):  # not Linux
-        return False
-
-
-def _unshare(flags: int) -> bool:
-    try:
-        return _libc().unshare(flags) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def _isolate(config: dict) -> dict:
-    """Enter new namespaces in A (children inherit them): PID always tried, network if asked."""
-    is_root = os.geteuid() == 0
-    want = _CLONE_NEWPID | (_CLONE_NEWNET if config["isolate_network"] else 0)
-    entered = 0
-    if is_root:
-        entered = want if _unshare(want) else (_CLONE_NEWPID if _unshare(_CLONE_NEWPID) else 0)
-    else:
-        entered = want if _enter_user_namespace(want) else 0
-    return {
-        "pid_namespace": bool(entered & _CLONE_NEWPID),
-        "network_namespace": bool(entered & _CLONE_NEWNET),
-    }
-
-
-def _enter_user_namespace(flags: int) -> bool:
-    """Unprivileged users can often create namespaces inside a new user namespace; the user keeps
-    its own uid there (mapped to itself), so it gains no privilege outside. Tried first in a
-    throw-away child: a user namespace whose uid map cannot be written would leave us unmapped."""
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0 if _enter_user_namespace_here(flags) else 1)
-    if os.waitpid(pid, 0)[1] != 0:
-        return False
-    return _enter_user_namespace_here(flags)
-
-
-def _enter_user_namespace_here(flags: int) -> bool:
-    uid, gid = os.geteuid(), os.getegid()
-    if not _unshare(0x10000000 | flags):  # CLONE_NEWUSER
-        return False
-    try:
-        for path, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
-                           ("gid_map", f"{gid} {gid} 1")):
-            with open(f"/proc/self/{path}", "w") as f:
-                f.write(text)
-    except OSError:
-        return False
-    return True
-
-
-def _pick_uid(config: dict) -> int | None:
-    """The uid C runs as: None keeps ours (not root, or privileges not dropped)."""
-    if os.geteuid() != 0 or not config["drop_privileges"]:
-        return None
-    for uid in (config["uid_base"] + os.getpid(), NOBODY_UID):
-        pid = os.fork()  # try the switch in a throw-away child: a uid outside the map fails
-        if pid == 0:
-            try:
-                os.setgid(uid)
-                os.setuid(uid)
-                os._exit(0)
-            except BaseException:
-                os._exit(1)
-        if os.waitpid(pid, 0)[1] == 0:
-            return uid
-    raise OSError("running as root but cannot switch to an unprivileged uid")
-
-
-def _make_workdir(uid: int | None) -> str:
-    """A fresh directory the code owns, under a parent every uid can traverse."""
-    import tempfile
-
-    parents = [tempfile.gettempdir(), "/tmp", "/var/tmp", "/dev/shm"]
-    for parent in parents:
-        if uid is None or _world_traversable(parent):
-            path = tempfile.mkdtemp(prefix="megafim-exec-", dir=parent)
-            if uid is not None:
-                os.chown(path, uid, uid)
-            return path
-    raise OSError(f"no world-traversable temporary directory among {parents}")
-
-
-def _world_traversable(path: str) -> bool:
-    path = os.path.realpath(path)
-    while True:
-        try:
-            if not os.stat(path).st_mode & 0o001:
-                return False
-        except OSError:
-            return False
-        if path == os.path.dirname(path):
-            return True
-        path = os.path.dirname(path)
-
-
-def _keep_sys_path_readable() -> None:
-    """Let the unprivileged uid import from a Python installed under a private directory (e.g.
-    pyenv in /root, mode 0700): open each such sys.path directory while still root and replace it
-    with /proc/self/fd/N, a link that resolves without checking the private ancestors."""
-    moved = {}
-    for i, entry in enumerate(sys.path):
-        if os.path.isdir(entry) and not (_world_traversable(entry) and _other_readable(entry)):
-            fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)  # inherited by the code's forks too
-            moved[entry.rstrip("/") + "/"] = sys.path[i] = f"/proc/self/fd/{fd}/"
-    # Packages imported already (encodings, ...) find their submodules through __path__.
-    for module in list(sys.modules.values()):
-        paths = getattr(module, "__path__", None)
-        if isinstance(paths, list):
-            for j, path in enumerate(paths):
-                for old, new in moved.items():
-                    if path.startswith(old):
-                        paths[j] = new + path[len(old):]
-    sys.path_importer_cache.clear()
-
-
-def _other_readable(path: str) -> bool:
-    return bool(os.stat(path).st_mode & 0o004)
-
-
-def _set_limits(config: dict, uid: int | None) -> None:
-    import resource
-
-    mib = 1024 * 1024
-    nproc = config["max_procs"]
-    if uid is None:  # the limit counts every process of our uid, not only the sandbox's
-        nproc += _count_processes_of(os.getuid())
-    limits = [
-        (resource.RLIMIT_AS, config["memory_mb"] * mib),
-        (resource.RLIMIT_FSIZE, config["max_file_mb"] * mib),
-        (resource.RLIMIT_NPROC, nproc),
-        (resource.RLIMIT_NOFILE, config["max_open_files"]),
-        (resource.RLIMIT_CORE, 0),
-    ]
-    for which, value in limits:  # soft == hard, so the code cannot raise them again
-        resource.setrlimit(which, (value, value))
-    # Soft limit: SIGXCPU (fatal); hard limit one second later: SIGKILL.
-    resource.setrlimit(resource.RLIMIT_CPU, (config["cpu_s"], config["cpu_s"] + 1))
-
-
-def _count_processes_of(uid: int) -> int:
-    count = 0
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit():
-            try:
-                count += os.stat(f"/proc/{entry}").st_uid == uid
-            except OSError:
-                pass
-    return count
-
-
-def _children() -> list[int]:
-    """Direct children of this process (orphans re-parented to a subreaper included)."""
-    pid = os.getpid()
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
-def _kill_children() -> None:
-    """SIGKILL and reap every child until none is left (new orphans keep arriving while a fork
-    bomb dies, which RLIMIT_NPROC keeps finite)."""
-    while True:
-        kids = _children()
-        for kid in kids:
-            try:
-                os.kill(kid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            pid, _ = os.waitpid(-1, 0 if kids else os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0 and not kids:
-            return
-
-
-def _code_process(program: str, config: dict, result_fd: int, workdir: str, uid: int | None):
-    """C: drop everything, run the program, report on the pipe. Never returns."""
-    write, exit_, getpid, dumps = os.write, os._exit, os.getpid, json.dumps  # the code may patch os
-    try:
-        os.setsid()  # own session and process group: kill(0, ...) cannot reach the runner
-        os.chdir(workdir)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        os.closerange(3, result_fd)
-        os.closerange(result_fd + 1, 65536)
-        if uid is not None:
-            _keep_sys_path_readable()
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            _prctl(_PR_SET_DUMPABLE, 1)  # a uid change clears it, which hides /proc/self/fd
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # after setuid: a credential change clears it
-        _set_limits(config, uid)
-        os.environ.clear()
-        os.environ.update(PATH="/usr/bin:/bin", HOME=workdir, TMPDIR=workdir, LC_ALL="C.UTF-8")
-        me = getpid()
-    except BaseException as exc:
-        write(result_fd, (dumps({"status": "error", "detail": repr(exc)}) + "\n").encode())
-        exit_(1)
-    try:
-        exec(compile(program, "<generated>", "exec"), {"__name__": "__sandbox__"})
-        report = {"status": "passed"}
-    except BaseException as exc:  # SystemExit and KeyboardInterrupt are failures too
-        report = {"status": "failed", "detail": type(exc).__name__}
-    if getpid() == me:  # a child the code forked runs to here too: only C reports
-        write(result_fd, (dumps(report) + "\n").encode())
-    exit_(0)
-
-
-def _reaper(program: str, config: dict, result_fd: int, workdir: str, uid: int | None,
-            in_pid_namespace: bool):
-    """B: start C, wait for it, report how it ended if it did not say, kill what is left."""
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # A dies -> B dies -> (PID namespace) all die
-    if not in_pid_namespace:
-        _prctl(_PR_SET_CHILD_SUBREAPER, 1)  # orphans come to B, so B can kill them
-    code_pid = os.fork()
-    if code_pid == 0:
-        _code_process(program, config, result_fd, workdir, uid)
-    while True:  # PID 1 (or a subreaper) also reaps the orphans
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            os._exit(0)
-        if pid == code_pid:
-            break
-    if os.WIFSIGNALED(status):
-        try:
-            name = signal.Signals(os.WTERMSIG(status)).name
-        except ValueError:  # real-time signals have no name
-            name = str(os.WTERMSIG(status))
-        detail = f"killed by signal {name}"
-    else:
-        detail = f"exited before the tests finished (code {os.WEXITSTATUS(status)})"
-    # If C reported, its line is already in the pipe ahead of this one; A reads the first line.
-    os.write(result_fd, (json.dumps({"status": "failed", "detail": detail}) + "\n").encode())
-    _kill_children()
-    os._exit(0)
-
-
-def _supervise(read_fd: int, timeout_s: float) -> dict:
-    """A: wait for the first result line, the reaper's end, or the deadline."""
-    deadline = time.monotonic() + timeout_s
-    buffer = b""
-    while b"\n" not in buffer:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return {"status": "timed out"}
-        ready, _, _ = select.select([read_fd], [], [], remaining)
-        if not ready:
-            continue
-        chunk = os.read(read_fd, 65536)
-        if not chunk:  # B always reports before it ends: only the code can have killed it
-            return {"status": "failed", "detail": "sandbox reaper killed before it reported"}
-        buffer += chunk
-    try:
-        return json.loads(buffer.split(b"\n", 1)[0])
-    except ValueError:  # only code writing into the result pipe can garble it
-        return {"status": "failed", "detail": "garbled result"}
-
-
-def _runner_main() -> None:
-    """A: read the request on stdin, run it, print one JSON line."""
-    import shutil
-
-    request = json.loads(sys.stdin.buffer.read())
-    config = request["config"]
-    try:
-        uid = _pick_uid(config)
-        workdir = _make_workdir(uid)
-    except OSError as exc:
-        print(json.dumps({"status": "error", "detail": repr(exc)}), flush=True)
-        return
-    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    isolation = _isolate(config)
-    isolation["uid"] = uid if uid is not None else os.getuid()
-    read_fd, write_fd = os.pipe()
-    reaper_pid = os.fork()
-    if reaper_pid == 0:
-        os.close(read_fd)
-        _reaper(request["program"], config, write_fd, workdir, uid, isolation["pid_namespace"])
-    os.close(write_fd)
-    try:
-        report = _supervise(read_fd, config["timeout_s"])
-    finally:
-        try:
-            os.kill(reaper_pid, signal.SIGKILL)  # as PID 1 of its namespace, it takes all along
-        except ProcessLookupError:
-            pass
-        _kill_children()
-        shutil.rmtree(workdir, ignore_errors=True)
-    if request.get("report"):
-        report["isolation"] = isolation
-    print(json.dumps(report), flush=True)
-
-
-if __name__ == "__main__":
-    _runner_main()

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from megafim.eval.execution import (ExecutionResult, SandboxConfig, isolation_report,
-                                    run_programs)
+from megafim.eval.execution import (Check, ExecutionResult, SandboxConfig, SandboxError,
+                                    isolation_notes, isolation_report, run_checks,
+                                    sandbox_errors)
 from megafim.eval.pass_at_k import mean_pass_at_k
 
 DATA_DIR_ENV = "HUMAN_EVAL_INFILLING_DIR"
@@ -31,8 +32,9 @@ BENCHMARKS = {
 }
 _PROBLEM_FIELDS = ("task_id", "prompt", "suffix", "canonical_solution", "test", "entry_point")
 WARNING = ("WARNING: this executes code written by a language model. It runs in a sandbox with "
-           "resource limits, a separate network namespace and an unprivileged uid where the OS "
-           "allows, but that is not a security boundary: run it in a disposable container or VM.")
+           "resource limits, separate namespaces, a private /tmp and an unprivileged uid where the "
+           "OS allows, but that is not a security boundary: run it in a disposable container or "
+           "VM.")
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,12 @@ class Problem:
     test: str
     entry_point: str
 
-    def program(self, completion: str) -> str:
-        """The program whose clean exit means the completion passes."""
-        return (self.prompt + completion + self.suffix + "\n" + self.test + "\n"
-                + f"check({self.entry_point})\n")
+    def check(self, completion: str) -> Check:
+        """The completion passes when ``check(entry_point)`` of the test returns. The test runs
+        apart from the code, with the reference program for the helpers some tests call."""
+        return Check(code=self.prompt + completion + self.suffix, entry_point=self.entry_point,
+                     test=self.test,
+                     context=self.prompt + self.canonical_solution + self.suffix)
 
 
 @dataclass(frozen=True)
@@ -83,14 +87,16 @@ class Report:
         return out
 
 
+PACKAGED_DATA_DIR = Path(__file__).resolve().parent / "data" / "human-eval-infilling"
+"""The benchmark files installed with megafim (MIT, OpenAI; LICENSE beside them)."""
+
+
 def resolve_data_dir(data_dir: str | None) -> Path:
-    """The flag wins, then $HUMAN_EVAL_INFILLING_DIR; nothing is downloaded."""
+    """The flag wins, then $HUMAN_EVAL_INFILLING_DIR, then the data installed with megafim;
+    nothing is downloaded."""
     chosen = data_dir or os.environ.get(DATA_DIR_ENV)
     if not chosen:
-        raise FileNotFoundError(
-            f"no benchmark data: pass --data-dir DIR or set {DATA_DIR_ENV}; the files "
-            f"({', '.join(BENCHMARKS.values())}) are in the data/ folder of "
-            "https://github.com/openai/human-eval-infilling")
+        return PACKAGED_DATA_DIR
     path = Path(chosen)
     if not path.is_dir():
         raise FileNotFoundError(f"benchmark data directory {path} does not exist")
@@ -175,19 +181,23 @@ def evaluate_samples(
     progress: bool = False,
 ) -> Report:
     """Run every sample's program, write per-sample results (input order) and score pass@k."""
-    programs = [problems[s.task_id].program(s.completion) for s in samples]
+    checks = [problems[s.task_id].check(s.completion) for s in samples]
     done = [0]
 
     def tick(_: int, __: ExecutionResult) -> None:
         done[0] += 1  # called from worker threads; an approximate count is fine for progress
-        if progress and (done[0] % 50 == 0 or done[0] == len(programs)):
-            print(f"executed {done[0]}/{len(programs)}", file=sys.stderr, flush=True)
+        if progress and (done[0] % 50 == 0 or done[0] == len(checks)):
+            print(f"executed {done[0]}/{len(checks)}", file=sys.stderr, flush=True)
 
-    results = run_programs(programs, config, workers=workers, on_result=tick)
+    results = run_checks(checks, config, workers=workers, on_result=tick)
     write_jsonl(results_path, (
         {"task_id": s.task_id, "completion": s.completion, "passed": r.passed, "result": r.result}
         for s, r in zip(samples, results)
     ))
+    errors = sandbox_errors(results)
+    if errors:  # after the results are written: they show which samples could not be run
+        raise SandboxError(f"{len(errors)} samples could not be run (see {results_path}): "
+                           f"{errors[0]}")
     counts: dict[str, list[int]] = {}
     for sample, result in zip(samples, results):
         n_c = counts.setdefault(sample.task_id, [0, 0])
@@ -250,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="HumanEval infilling benchmarks: pass@k of generated middles.\n\n" + WARNING,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--benchmark", default="random-span-light", choices=sorted(BENCHMARKS))
-    p.add_argument("--data-dir", help=f"folder with the benchmark files (default: ${DATA_DIR_ENV})")
+    p.add_argument("--data-dir", help=f"folder with the benchmark files (default: "
+                   f"${DATA_DIR_ENV}, else the copy installed with megafim)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="score this JSONL of {task_id, completion}; no generation")
     src.add_argument("--hf-model", help="generate with this Hugging Face causal LM directory")
@@ -314,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = SandboxConfig(timeout_s=args.timeout, memory_mb=args.memory_mb)
     isolation = isolation_report(config)
     print(f"sandbox: {isolation}", file=sys.stderr)
+    for note in isolation_notes(isolation):
+        print(note, file=sys.stderr)
     report = evaluate_samples(
         args.benchmark, problems, samples, args.k,
         results_path=args.results or results_path_for(samples_path),

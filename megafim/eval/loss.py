@@ -16,6 +16,7 @@ positions ahead with the same masks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -107,8 +108,12 @@ def _batches(dataset: GPTDataset, batch_size: int):
 
 
 def evaluate_losses(model: GPT, tokenizer: Tokenizer, data_path: str, *, seq_length: int,
-                    num_samples: int | None = None, batch_size: int = 4, seed: int = 1234) -> LossReport:
-    """Every loss in ``KINDS`` over the first ``num_samples`` contexts of ``data_path`` (all by default)."""
+                    num_samples: int | None = None, batch_size: int = 4, seed: int = 1234,
+                    progress: Callable[[int, int], None] | None = None) -> LossReport:
+    """Every loss in ``KINDS`` over the first ``num_samples`` contexts of ``data_path`` (all by default).
+
+    ``progress(done, total)`` is called after each batch; the work is three passes (AR, PSM, SPM)
+    over the contexts, so ``total`` is three times their number."""
     model.eval()
     device = model.embed_tokens.weight.device
     spec = GPTDatasetSpec(data_path, seq_length, seed, num_samples=None, split_name="eval", shuffle=False)
@@ -123,9 +128,13 @@ def evaluate_losses(model: GPT, tokenizer: Tokenizer, data_path: str, *, seq_len
         "fim_psm": GPTDataset(spec, fim=FimTransform(FimConfig(rate=1.0, spm_rate=0.0), tokenizer)),
         "fim_spm": GPTDataset(spec, fim=FimTransform(FimConfig(rate=1.0, spm_rate=1.0), tokenizer)),
     }
+    done = 0
     for name, dataset in datasets.items():
         subset = torch.utils.data.Subset(dataset, range(count))
         for batch in _batches(subset, batch_size):
+            done += len(batch["tokens"])
+            if progress is not None:
+                progress(done, len(datasets) * count)
             tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
             mask = batch["loss_mask"].to(device)
             report.losses[name].add(*score(model, tokens, labels, mask))

@@ -1,6 +1,7 @@
 """The conversion tools and the infill / evaluate CLIs, run as a user runs them."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -93,14 +94,39 @@ def test_infill_and_evaluate_clis(checkpoint, tmp_path):
                           prefix], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "no such file" in bad.stderr
 
+    # The default scores at most DEFAULT_NUM_SAMPLES contexts (this set has fewer), 0 all of them; no bar
+    # when stderr is not a terminal, a tqdm bar when it is.
+    default = json.loads(run("-m", "megafim.evaluate", "--load", save, "--data-path", prefix, "--seq-length", "48",
+                             "--json"))
+    every = json.loads(run("-m", "megafim.evaluate", "--load", save, "--data-path", prefix, "--seq-length", "48",
+                           "--num-samples", "0", "--json"))
+    assert 4 < default["samples"] == every["samples"] <= 256
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm needs a width
+    cmd = [sys.executable, "-m", "megafim.evaluate", "--load", save, "--data-path", prefix, "--seq-length", "48",
+           "--num-samples", "4"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    shown = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=follower, text=True, env=env)
+    bar = b""
+    while select.select([leader], [], [], 1.0)[0]:
+        bar += os.read(leader, 1 << 16)
+    os.close(follower)
+    os.close(leader)
+    bar = bar.decode(errors="replace")
+    assert shown.returncode == 0 and "evaluate:" in bar and "/12 " in bar  # 3 passes x 4 contexts
+    quiet = subprocess.run(cmd + ["--no-progress"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert quiet.returncode == 0 and "evaluate:" not in quiet.stderr and "ctx" not in quiet.stderr
+
 
 def test_humaneval_generates_from_a_megafim_checkpoint(checkpoint, tmp_path):
     save, _, _ = checkpoint
-    data = REPO.parent / "shared" / "data" / "human-eval-infilling"
-    if not data.is_dir():
-        pytest.skip(f"{data} is absent")
-    out = tmp_path / "samples.jsonl"
-    report = json.loads(run("-m", "megafim.eval.humaneval_infilling", "--load", save, "--data-dir", data,
+    out = tmp_path / "samples.jsonl"  # the benchmark data installed with megafim
+    report = json.loads(run("-m", "megafim.eval.humaneval_infilling", "--load", save,
                             "--limit", "2", "--num-samples", "2", "--max-new-tokens", "6", "--k", "1",
                             "--output", out, "--workers", "2", "--json"))
     assert len(out.read_text().splitlines()) == 4  # 2 tasks x 2 samples, scored (a random model fails them)

@@ -16,10 +16,7 @@ from megafim.eval.execution import SandboxConfig
 from megafim.eval.pass_at_k import mean_pass_at_k, pass_at_k
 
 REPO = Path(__file__).resolve().parents[2]
-DATA_DIR = REPO.parent / "shared" / "data" / "human-eval-infilling"
-needs_data = pytest.mark.skipif(
-    not (DATA_DIR / he.BENCHMARKS["random-span-light"]).is_file(),
-    reason=f"HumanEval infilling data not found at {DATA_DIR} (shared/ must sit beside the repo)")
+DATA_DIR = he.PACKAGED_DATA_DIR  # installed with megafim: no folder outside the repository
 CONFIG = SandboxConfig(timeout_s=10.0)  # generous: CI shares two busy cores
 
 
@@ -61,7 +58,6 @@ def test_pass_at_k_rejects_bad_counts_and_skips_k_above_n():
 # ---------------------------------------------------------------------------------------------
 
 
-@needs_data
 def test_every_benchmark_loads_with_its_task_count():
     counts = {"single-line": 1033, "multi-line": 5815, "random-span": 1640,
               "random-span-light": 164}
@@ -69,28 +65,41 @@ def test_every_benchmark_loads_with_its_task_count():
         problems = he.load_problems(name, DATA_DIR)
         assert len(problems) == count
         task = next(iter(problems.values()))
-        assert task.program("X").startswith(task.prompt + "X" + task.suffix)
-        assert task.program("X").endswith(f"check({task.entry_point})\n")
+        check = task.check("X")
+        assert check.code == task.prompt + "X" + task.suffix
+        assert check.entry_point == task.entry_point and check.test == task.test
+        assert "X" not in check.context.replace(task.prompt + task.canonical_solution, "")
+
+
+def test_packaged_data_has_its_license_and_an_explicit_dir_wins(tmp_path, monkeypatch):
+    monkeypatch.delenv(he.DATA_DIR_ENV, raising=False)
+    assert "MIT" in (DATA_DIR / "LICENSE").read_text() and "OpenAI" in (DATA_DIR / "LICENSE").read_text()
+    assert len(he.load_problems("random-span-light")) == 164  # the packaged copy by default
+    one = next(iter(he.load_problems("random-span-light").values()))
+    import gzip
+    with gzip.open(tmp_path / he.BENCHMARKS["random-span-light"], "wt") as f:
+        f.write(json.dumps({k: getattr(one, k) for k in he._PROBLEM_FIELDS}) + "\n")
+    assert list(he.load_problems("random-span-light", tmp_path)) == [one.task_id]
+    monkeypatch.setenv(he.DATA_DIR_ENV, str(tmp_path))
+    assert len(he.load_problems("random-span-light")) == 1
 
 
 def test_data_dir_errors_are_clear(tmp_path, monkeypatch):
     monkeypatch.delenv(he.DATA_DIR_ENV, raising=False)
-    with pytest.raises(FileNotFoundError, match=he.DATA_DIR_ENV):
-        he.load_problems("random-span-light")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        he.load_problems("random-span-light", tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="HumanEval-RandomSpanInfillingLight"):
         he.load_problems("random-span-light", tmp_path)
     with pytest.raises(ValueError, match="unknown benchmark"):
         he.load_problems("nope", tmp_path)
 
 
-@needs_data
 def test_env_var_names_the_data_dir(monkeypatch):
     monkeypatch.setenv(he.DATA_DIR_ENV, str(DATA_DIR))
     assert len(he.load_problems("random-span-light")) == 164
 
 
 @pytest.mark.slow
-@needs_data
 def test_canonical_solutions_pass_164_of_164(tmp_path):
     """The slowest test here (~10-20 s on two busy cores): every reference middle must pass."""
     problems = he.load_problems("random-span-light", DATA_DIR)
@@ -103,7 +112,6 @@ def test_canonical_solutions_pass_164_of_164(tmp_path):
     assert report.n_tasks == 164 and report.pass_at_k == {1: 1.0}
 
 
-@needs_data
 def test_wrong_completions_fail_and_pass_at_k_counts_them(tmp_path):
     problems = he.load_problems("random-span-light", DATA_DIR)
     tasks = list(problems.values())[:12]
@@ -122,7 +130,6 @@ def test_wrong_completions_fail_and_pass_at_k_counts_them(tmp_path):
     assert report.pass_at_k == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})  # no k = 4 > n
 
 
-@needs_data
 def test_uneven_sample_counts_limit_k(tmp_path):
     problems = he.load_problems("random-span-light", DATA_DIR)
     a, b = list(problems.values())[:2]
@@ -136,7 +143,6 @@ def test_uneven_sample_counts_limit_k(tmp_path):
     assert "1-3" in table and "2/164" in table and "66.67%" in table
 
 
-@needs_data
 def test_samples_file_errors_name_the_line(tmp_path):
     problems = he.load_problems("random-span-light", DATA_DIR)
     bad = tmp_path / "bad.jsonl"
@@ -154,37 +160,49 @@ def test_results_path_is_beside_the_samples():
     assert he.results_path_for("s.jsonl.gz") == Path("s.results.jsonl")
 
 
-@needs_data
+def _each_fd(payload: bytes) -> str:
+    """Body lines that write ``payload`` to every descriptor from 3 to 63 (to forge a verdict)."""
+    return ("    import os\n    for _fd in range(3, 64):\n        try:\n"
+            f"            os.write(_fd, {payload!r})\n        except OSError:\n            pass\n")
+
+
 def test_samples_cli_end_to_end(tmp_path):
-    # Single-line tasks whose middle is the first line of the function body: a hostile line put
-    # before the right middle runs as soon as the tests call the function.
+    # Single-line tasks whose middle is the first line of the function body: hostile lines put
+    # before the right middle run as soon as the test calls the function. Forged or malformed
+    # reports fail their sample and the run goes on, with every result written.
     problems = he.load_problems("single-line", DATA_DIR)
-    first_lines = [p for p in problems.values() if p.task_id.endswith("/L0")][:4]
+    first_lines = [p for p in problems.values() if p.task_id.endswith("/L0")][:9]
     right = [p.canonical_solution for p in first_lines]
     hostile = {
-        "exit()": "failed: SystemExit",
-        "import os; os.kill(os.getppid(), 9)": "failed: ",
-        "while True: pass": "timed out",
-        "open('written.txt', 'w').write('x' * 100)": "passed",  # in its own directory: fine
+        "    exit()\n": "failed: SystemExit",
+        "    import os; os.kill(os.getppid(), 9)\n": "failed: ",
+        "    while True: pass\n": "timed out",
+        "    open('written.txt', 'w').write('x' * 100)\n": "passed",  # its own directory: fine
+        _each_fd(b'{"status": "passed"}\n'): "failed: ",
+        _each_fd(b"{}\n"): "failed: ",
+        _each_fd(b'{"status": "error", "detail": "boom"}\n'): "failed: ",
+        _each_fd(b"\x00garbage\xff" * 1000): "failed: ",
+        "    import json; json.dumps.__code__ = (lambda *a, **k: '{\"status\": \"passed\"}')"
+        ".__code__\n    assert False\n": "failed: ",
     }
     lines = []
     for (statement, expected), problem, middle in zip(hostile.items(), first_lines, right):
-        lines += [(problem, middle, "passed"), (problem, f"    {statement}\n{middle}", expected)]
+        lines += [(problem, middle, "passed"), (problem, statement + middle, expected)]
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps({"task_id": p.task_id, "completion": c}) + "\n"
                                for p, c, _ in lines))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run(
         [sys.executable, "-m", "megafim.eval.humaneval_infilling", "--benchmark", "single-line",
-         "--data-dir", str(DATA_DIR), "--samples", str(samples), "--k", "1,2,5", "--timeout",
-         "3", "--workers", "4", "--json"],
+         "--samples", str(samples), "--k", "1,2,5", "--timeout", "5", "--workers", "4",
+         "--json"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=True)
     assert "WARNING" in out.stderr
     report = json.loads(out.stdout)
     assert report["benchmark"] == "single-line"
-    assert report["n_tasks"] == 4 and report["samples_per_task"] == 2
-    # Three tasks with one of two samples right, one with both: no pass@5, as n = 2.
-    assert report["pass_at_k"] == {"pass@1": pytest.approx((3 * 0.5 + 1) / 4), "pass@2": 1.0}
+    assert report["n_tasks"] == 9 and report["samples_per_task"] == 2
+    # Eight tasks with one of two samples right, one with both: no pass@5, as n = 2.
+    assert report["pass_at_k"] == {"pass@1": pytest.approx((8 * 0.5 + 1) / 9), "pass@2": 1.0}
     results = [json.loads(line) for line in open(report["results_path"])]
     assert Path(report["results_path"]) == tmp_path / "samples.results.jsonl"
     assert len(results) == len(lines)
@@ -194,7 +212,6 @@ def test_samples_cli_end_to_end(tmp_path):
     assert not (tmp_path / "written.txt").exists()
 
 
-@needs_data
 def test_cli_table_and_load_hook(tmp_path, capsys):
     he.main(["--canonical", "--data-dir", str(DATA_DIR), "--limit", "3", "--k", "1",
              "--output", str(tmp_path / "c.jsonl")])
@@ -331,7 +348,6 @@ def test_tokenizer_without_sentinels_is_rejected(tmp_path):
         HFCompletionGenerator(str(tmp_path), device="cpu")
 
 
-@needs_data
 def test_hf_model_cli_end_to_end(tiny_hf, tmp_path, capsys):
     out = tmp_path / "gen.jsonl"
     he.main(["--hf-model", str(tiny_hf[1]), "--data-dir", str(DATA_DIR), "--limit", "2",

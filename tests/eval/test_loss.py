@@ -85,3 +85,11 @@ def test_evaluate_losses_report(heldout):
     # a random model is near-uniform: every loss is close to log(vocab)
     assert abs(d["ar"]["loss"] - np.log(tok.vocab_size)) < 0.5
     assert "middle_ar" in format_table(report)
+
+
+def test_progress_counts_three_passes_over_the_contexts(heldout):
+    tok, prefix = heldout
+    calls = []
+    evaluate_losses(tiny(tok.vocab_size), tok, prefix, seq_length=64, num_samples=6, batch_size=4,
+                    progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(4, 18), (6, 18), (10, 18), (12, 18), (16, 18), (18, 18)]
