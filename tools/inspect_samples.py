@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Show the training samples exactly as the model sees them, FIM sentinels and loss mask included.
 
     python tools/inspect_samples.py --data-path data/stdlib_text_document --tokenizer-model tok/stdlib.model \\

@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Join ``.bin/.idx`` datasets (shards) into one, streaming: memory does not grow with their size.
 
     python tools/merge_datasets.py --input data/shard_0_text_document data/shard_1_text_document \\

@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Tokenize a corpus into Megatron-LM ``.bin/.idx`` datasets (Megatron-LM's flag names).
 
     python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\

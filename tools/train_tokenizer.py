@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Train megafim's tokenizer: a sentencepiece BPE model with byte fallback, lossless on code.
 
     python tools/train_tokenizer.py --input DIR_OR_FILES... --vocab-size 8192 --output-prefix tok/stdlib
