@@ -117,11 +117,20 @@ def resolve_inputs(inputs: list[str]) -> tuple[list[str], bool]:
     return files, kinds.pop()
 
 
+class NoDocumentsError(ValueError):
+    """Every document was skipped (or the inputs hold none): nothing was written. ``summary`` says why."""
+
+    def __init__(self, message: str, summary: dict) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
 def run_preprocess(config: PreprocessConfig) -> dict:
     """Preprocess ``config.inputs``; returns the summary (see ``format_summary``).
 
-    Raises ``ValueError`` on the first bad document when ``config.strict``; on any error or interrupt
-    (KeyboardInterrupt, SystemExit) the temporary outputs are removed and earlier outputs kept.
+    Raises ``ValueError`` on the first bad document when ``config.strict``, ``NoDocumentsError`` when
+    no document is left to write; on any error or interrupt (KeyboardInterrupt, SystemExit) the
+    temporary outputs are removed and earlier outputs kept.
     """
     from megafim._native import load
     from megafim.data.indexed import CODE_OF_DTYPE, optimal_dtype
@@ -140,16 +149,49 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     cfg.append_eod, cfg.eod = config.append_eod, tokenizer.eod
     cfg.workers, cfg.strict, cfg.block_bytes = config.workers, config.strict, config.block_bytes
     for prefix in cfg.output_prefixes:
-        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+        make_output_directory(prefix)
     pipeline = native.Pipeline(cfg, pieces, scores, types)
     total_bytes = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
     start = time.perf_counter()
-    finished = _run_with_progress(pipeline, total_bytes, config)
+    try:
+        finished = _run_with_progress(pipeline, total_bytes, config)
+    except native.NoDocuments:
+        summary = dict(pipeline.summary(), inputs=len(files), outputs=list(cfg.output_prefixes))
+        raise NoDocumentsError(_no_documents_message(summary, list(cfg.keys)), summary) from None
     summary = dict(pipeline.summary())
     summary.update(seconds=time.perf_counter() - start, inputs=len(files), jsonl=jsonl,
                    outputs=list(cfg.output_prefixes), dtype=str(dtype),
                    tokenizer=tokenizer.model_path, workers=config.workers, completed=finished)
     return summary
+
+
+def make_output_directory(prefix: str) -> None:
+    """Create the directory of ``prefix``, saying which part is in the way when it cannot be made."""
+    parent = Path(prefix).parent
+    for p in (parent, *parent.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise NotADirectoryError(f"output_prefix {prefix}: {p} is a file, not a directory")
+            if p == parent and not os.access(p, os.W_OK | os.X_OK):
+                raise PermissionError(f"output_prefix {prefix}: the directory {p} is not writable")
+            break
+    parent.mkdir(parents=True, exist_ok=True)
+
+
+def _no_documents_message(summary: dict, keys: list[str]) -> str:
+    """One line: why no document was left, with the first locations of each reason."""
+    skipped = summary["skipped"]
+    outputs = ", ".join(f"{p}.bin/.idx" for p in summary["outputs"])
+    if not skipped:
+        blank = summary.get("blank_lines", 0)
+        what = f"only {blank:,} blank line(s)" if blank else "nothing"
+        return f"no documents: the {summary['inputs']} input file(s) hold {what}; wrote nothing ({outputs})"
+    examples = summary["skipped_examples"]
+    reasons = "; ".join(f"{reason} {count:,} (first: {', '.join(f'{p}:{n}' for p, n in examples[reason][:2])})"
+                        for reason, count in sorted(skipped.items()))
+    hint = f" (json_keys {keys}: is the key right?)" if set(skipped) == {"missing_key"} else ""
+    return (f"no documents: all {sum(skipped.values()):,} were skipped: {reasons}{hint}; "
+            f"wrote nothing ({outputs})")
 
 
 def _run_with_progress(pipeline, total_bytes: int, config: PreprocessConfig) -> bool:
