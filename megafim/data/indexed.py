@@ -3,7 +3,8 @@
 ``IndexedDataset`` memory-maps both files and checks them before use (magic, version, dtype code, array
 sizes against the ``.idx`` size, pointers and lengths against the ``.bin`` size), failing with an
 error that names the file. ``IndexedDatasetBuilder`` writes through the streaming C++ writer
-(``csrc/indexed_writer.h``): bounded memory, temporary names, renamed into place by ``finalize``.
+(``csrc/indexed_writer.h``): bounded memory, temporary names, renamed into place by ``finalize``,
+under the prefix's lock (``megafim/data/output_lock.py``).
 The layout is documented in ``docs/data_format.md``; datasets made by Megatron-LM's tools load here
 and ours load in ``megatron.core.datasets.indexed_dataset.IndexedDataset``.
 """
@@ -16,6 +17,8 @@ from pathlib import Path
 from types import TracebackType
 
 import numpy as np
+
+from megafim.data.output_lock import OutputLock
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -216,7 +219,13 @@ class IndexedDatasetBuilder:
             raise ValueError(f"token dtype {self.dtype}: must be uint16 or int32")
         self.path_prefix = os.fspath(path_prefix)
         Path(self.path_prefix).parent.mkdir(parents=True, exist_ok=True)
-        self._writer = load("indexed_builder").IndexedWriter(self.path_prefix, CODE_OF_DTYPE[self.dtype])
+        # One writer per prefix at a time (released by finalize/abort, or by the kernel at exit).
+        self._lock = OutputLock(self.path_prefix).acquire()
+        try:
+            self._writer = load("indexed_builder").IndexedWriter(self.path_prefix, CODE_OF_DTYPE[self.dtype])
+        except BaseException:
+            self._lock.release()
+            raise
 
     def add_item(self, tokens) -> None:
         """Append one sequence (ids must fit the dtype)."""
@@ -250,10 +259,16 @@ class IndexedDatasetBuilder:
 
     def finalize(self) -> None:
         """Write the ``.idx`` and move both files into place."""
-        self._writer.commit()
+        try:
+            self._writer.commit()
+        finally:
+            self._lock.release()
 
     def abort(self) -> None:
-        self._writer.abort()
+        try:
+            self._writer.abort()
+        finally:
+            self._lock.release()
 
     @property
     def num_documents(self) -> int:

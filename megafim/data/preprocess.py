@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megafim.data.output_lock import OutputLock
+
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 SOURCE_SUFFIXES = (
     ".py", ".pyi", ".pyx", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".cu", ".cuh", ".rs", ".go",
@@ -150,18 +152,20 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     cfg.workers, cfg.strict, cfg.block_bytes = config.workers, config.strict, config.block_bytes
     for prefix in cfg.output_prefixes:
         make_output_directory(prefix)
-    pipeline = native.Pipeline(cfg, pieces, scores, types)
     total_bytes = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
     start = time.perf_counter()
-    try:
-        finished = _run_with_progress(pipeline, total_bytes, config)
-    except native.NoDocuments:
-        summary = dict(pipeline.summary(), inputs=len(files), outputs=list(cfg.output_prefixes))
-        raise NoDocumentsError(_no_documents_message(summary, list(cfg.keys)), summary) from None
+    # Held until the outputs are renamed into place: a second run at these prefixes fails at once.
+    with OutputLock(cfg.output_prefixes) as lock:
+        pipeline = native.Pipeline(cfg, pieces, scores, types)
+        try:
+            finished = _run_with_progress(pipeline, total_bytes, config)
+        except native.NoDocuments:
+            summary = dict(pipeline.summary(), inputs=len(files), outputs=list(cfg.output_prefixes))
+            raise NoDocumentsError(_no_documents_message(summary, list(cfg.keys)), summary) from None
     summary = dict(pipeline.summary())
     summary.update(seconds=time.perf_counter() - start, inputs=len(files), jsonl=jsonl,
-                   outputs=list(cfg.output_prefixes), dtype=str(dtype),
-                   tokenizer=tokenizer.model_path, workers=config.workers, completed=finished)
+                   outputs=list(cfg.output_prefixes), dtype=str(dtype), tokenizer=tokenizer.model_path,
+                   workers=config.workers, completed=finished, removed_temporaries=lock.removed)
     return summary
 
 
@@ -271,6 +275,9 @@ def format_summary(summary: dict) -> str:
         lines.append("  skipped:   none")
     if summary.get("blank_lines"):
         lines.append(f"  blank lines ignored: {summary['blank_lines']:,}")
+    if summary.get("removed_temporaries"):
+        lines.append(f"  removed {len(summary['removed_temporaries'])} temporary file(s) left by an "
+                     "interrupted run")
     for prefix in summary["outputs"]:
         lines.append(f"  wrote {prefix}.bin / {prefix}.idx")
     return "\n".join(lines)

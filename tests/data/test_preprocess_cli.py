@@ -90,8 +90,16 @@ def test_interrupted_run_leaves_no_valid_looking_pair(tmp_path, small_tokenizer_
     else:
         assert leftovers == [], err
         assert b"interrupted; no outputs were written" in err
-    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" not in p.name) == [
-        "feed.jsonl", "o_text_document.bin", "o_text_document.idx", "old.jsonl"]
+    # the lock file stays after kill -9 (unheld: the kernel dropped the lock with the process)
+    lock = ["o_text_document.lock"] if sig == signal.SIGKILL else []
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" not in p.name) == sorted([
+        "feed.jsonl", "o_text_document.bin", "o_text_document.idx", "old.jsonl", *lock])
+    if sig == signal.SIGKILL:  # the next run at the prefix takes the lock and cleans up
+        again = subprocess.run(tool_cmd([old], tmp_path / "o", small_tokenizer_path), capture_output=True,
+                               text=True)
+        assert again.returncode == 0, again.stderr
+        assert f"removed {len(leftovers)} temporary file(s) left by an interrupted run" in again.stderr
+        assert not list(tmp_path.glob("*.tmp-*")) and not list(tmp_path.glob("*.lock"))
 
 
 def one_line_error(out: subprocess.CompletedProcess) -> str:
@@ -164,3 +172,27 @@ def test_unwritable_outputs_are_one_line_errors(tmp_path, small_tokenizer_path):
                                          capture_output=True, text=True, preexec_fn=small_files))
     assert "File too large" in line and str(tmp_path / "big_text_document") in line
     assert not list(tmp_path.glob("big_*"))
+
+
+def test_a_second_writer_at_the_same_prefix_fails(tmp_path, small_tokenizer_path):
+    """Deterministically: the test holds the prefix's lock as a running preprocess_data would."""
+    import fcntl
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "a = 1"}\n')
+    subprocess.run(tool_cmd([src], tmp_path / "o", small_tokenizer_path), check=True, capture_output=True)
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.glob("o_*"))
+    lock = tmp_path / "o_text_document.lock"
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        line = one_line_error(subprocess.run(tool_cmd([src], tmp_path / "o", small_tokenizer_path),
+                                             capture_output=True, text=True))
+        assert "another process (pid 4242) is writing this dataset now" in line and str(lock) in line
+        assert sorted((p.name, p.read_bytes()) for p in tmp_path.glob("o_*") if p != lock) == before
+        assert not list(tmp_path.glob("*.tmp-*"))
+    # released (as at the holder's exit, however it ended): the next run goes ahead and removes the file
+    out = subprocess.run(tool_cmd([src], tmp_path / "o", small_tokenizer_path), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert not lock.exists()
