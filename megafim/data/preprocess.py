@@ -11,7 +11,6 @@ and outputs appear only when complete (``docs/preprocessing.md``).
 
 from __future__ import annotations
 
-import glob
 import os
 import threading
 import time
@@ -20,19 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megafim.data.inputs import EXCLUDED_DIRS, JSONL_SUFFIXES, SOURCE_SUFFIXES, find_input_files  # noqa: F401
 from megafim.data.output_lock import OutputLock
-
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-SOURCE_SUFFIXES = (
-    ".py", ".pyi", ".pyx", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".cu", ".cuh", ".rs", ".go",
-    ".java", ".kt", ".scala", ".js", ".jsx", ".ts", ".tsx", ".rb", ".php", ".cs", ".swift", ".m",
-    ".lua", ".pl", ".r", ".jl", ".sh", ".bash", ".zsh", ".sql", ".html", ".css", ".xml", ".yaml",
-    ".yml", ".toml", ".ini", ".cfg", ".md", ".rst", ".txt", ".tex",
-)
-# Never searched inside a directory: caches, VCS metadata, and installed third-party packages (the
-# stdlib directory holds site-packages, which is not the stdlib).
-EXCLUDED_DIRS = ("__pycache__", ".git", ".hg", ".svn", "node_modules", "site-packages", "dist-packages")
-
 
 @dataclass
 class PreprocessConfig:
@@ -81,42 +69,17 @@ class PreprocessConfig:
         return [f"{self.output_prefix}_{key}_document" for key in self.json_keys]
 
 
-def _is_jsonl(path: str) -> bool:
-    return path.lower().endswith(JSONL_SUFFIXES)
-
-
-def _walk_sources(root: str) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS and not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                     if f.lower().endswith(SOURCE_SUFFIXES))
-    return found
-
-
 def resolve_inputs(inputs: list[str]) -> tuple[list[str], bool]:
-    """The input files in a fixed order, and whether they are JSONL (else: one document per file).
+    """The input files in a fixed order (``megafim.data.inputs.find_input_files``: the same rule as the
+    tokenizer trainer's), and whether they are JSONL (else: one document per file).
 
-    A directory is searched recursively for source files (``SOURCE_SUFFIXES``, never JSONL); a glob is expanded
-    (sorted); a file is taken as it is. JSONL and source files cannot be mixed.
+    JSONL and source files cannot be mixed in one run.
     """
-    files: list[str] = []
-    for item in inputs:
-        if os.path.isdir(item):
-            found = _walk_sources(item)
-        elif os.path.exists(item):  # a file, or a pipe such as <(zcat corpus.jsonl.gz)
-            found = [item]
-        else:
-            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
-        if not found:
-            raise FileNotFoundError(f"input {item!r}: no such file, or no matching files")
-        files.extend(found)
-    kinds = {_is_jsonl(f) for f in files}
-    if len(kinds) > 1:
-        jsonl = next(f for f in files if _is_jsonl(f))
-        source = next(f for f in files if not _is_jsonl(f))
-        raise ValueError(f"inputs mix JSONL ({jsonl}) and source files ({source}); preprocess them separately")
-    return files, kinds.pop()
+    found = find_input_files(inputs)
+    jsonl, sources = found.jsonl, found.sources
+    if jsonl and sources:
+        raise ValueError(f"inputs mix JSONL ({jsonl[0]}) and source files ({sources[0]}); preprocess them separately")
+    return list(found.files), bool(jsonl)
 
 
 class NoDocumentsError(ValueError):
