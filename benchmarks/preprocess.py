@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Preprocessing throughput and memory: megafim's tools/preprocess_data.py vs Megatron-LM's, side by side.
 
     python benchmarks/preprocess.py            # writes benchmarks/results/preprocess.json
@@ -12,8 +12,15 @@ pool of worker processes) and CPU seconds. Megatron-LM's wall time includes its 
 torch and megatron.training); its own log also gives its steady-state rate, reported apart.
 Then megafim runs on the corpus repeated --scale times: its peak memory should not grow.
 
-Megatron-LM is taken from the git mirror at --megatron-ref (default: the release matching the
-installed megatron-core) and extracted outside this repository; nothing of it is committed.
+Megatron-LM is a checkout given by --megatron-lm DIR or the MEGATRON_LM environment variable
+(nothing of it is committed here); the numbers in docs/preprocessing.md used release core_v0.16.1,
+the one matching the installed megatron-core:
+
+    git clone https://github.com/NVIDIA/Megatron-LM && git -C Megatron-LM checkout core_v0.16.1
+    MEGATRON_LM=$PWD/Megatron-LM python benchmarks/preprocess.py
+
+Its script also needs the pure-Python package ``six``. Without a checkout the Megatron-LM rows are
+skipped (the script says so) and megafim is measured alone.
 """
 
 from __future__ import annotations
@@ -41,15 +48,12 @@ from megafim.data.indexed import IndexedDataset  # noqa: E402
 from megafim.data.preprocess import resolve_inputs  # noqa: E402
 from report import machine, write_json  # noqa: E402
 
-MIRROR = "/work/.mirror/NVIDIA+Megatron-LM/repo"
-
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="/tmp/megafim-bench-preprocess")
-    p.add_argument("--megatron-dir", default="/tmp/megatron-lm", help="a Megatron-LM checkout (made if missing)")
-    p.add_argument("--megatron-git-dir", default=MIRROR)
-    p.add_argument("--megatron-ref", default="core_v0.16.1")
+    p.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM"),
+                   help="a Megatron-LM checkout (default: $MEGATRON_LM; none: its rows are skipped)")
     p.add_argument("--tokenizer-model", help="default: train one (tools/train_tokenizer.py, --vocab-size)")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--workers", type=int, default=2)
@@ -85,14 +89,24 @@ def make_corpus(workdir: Path, scale: int) -> tuple[Path, Path, int]:
     return small, large, len(lines)
 
 
-def ensure_megatron(args: argparse.Namespace) -> Path:
-    d = Path(args.megatron_dir)
-    if not (d / "tools" / "preprocess_data.py").is_file():
-        d.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", f"--git-dir={args.megatron_git_dir}", "archive", args.megatron_ref,
-                                  "tools", "megatron"], check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(d)], input=archive, check=True)
-    return d
+def megatron_checkout(given: str | None) -> Path | None:
+    """The Megatron-LM checkout to compare with, or None (rows skipped); a wrong one is an error."""
+    if not given:
+        print("Megatron-LM: skipped (no checkout: pass --megatron-lm DIR or set MEGATRON_LM; "
+              "see benchmarks/README.md for how to get one)", flush=True)
+        return None
+    d = Path(given).expanduser()
+    if not (d / "tools" / "preprocess_data.py").is_file() or not (d / "megatron").is_dir():
+        print(f"preprocess benchmark: error: --megatron-lm {given}: not a Megatron-LM checkout "
+              "(needs tools/preprocess_data.py and megatron/)", file=sys.stderr)
+        sys.exit(2)
+    return d.resolve()
+
+
+def checkout_version(d: Path) -> str | None:
+    """``git describe`` of the checkout (the release compared with), when it is a git work tree."""
+    out = subprocess.run(["git", "-C", str(d), "describe", "--tags", "--always"], capture_output=True, text=True)
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def ensure_tokenizer(args: argparse.Namespace, workdir: Path) -> Path:
@@ -228,63 +242,71 @@ def print_table(title: str, rows: dict[str, dict]) -> None:
 def main() -> None:
     args = parse_args()
     load_at_start = os.getloadavg()
+    mdir = megatron_checkout(args.megatron_lm)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    mdir = ensure_megatron(args)
     model = ensure_tokenizer(args, work)
     small, large, n_docs = make_corpus(work, args.scale)
-    env = dict(os.environ, PYTHONPATH=str(mdir), PYTHONWARNINGS="ignore")
     from megafim.data.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(model)
     print(f"corpus: {small} ({small.stat().st_size / 2**20:.1f} MiB, {n_docs} documents); model {model}; "
-          f"workers {args.workers}; {args.repeats} alternating runs each", flush=True)
-
-    runs: dict[str, list[dict]] = {"megafim": [], "megatron-lm": []}
-    commands = {"megafim": ours_cmd(small, work / "ours", model, args.workers),
-                "megatron-lm": megatron_cmd(mdir, small, work / "megatron", model, args.workers)}
-    for i in range(args.repeats):
-        runs["megafim"].append(one_run("megafim", commands["megafim"], work / "ours", small.stat().st_size, None))
-        runs["megatron-lm"].append(one_run("megatron-lm", commands["megatron-lm"], work / "megatron",
-                                           small.stat().st_size, env))
-        print(f"  run {i + 1}: megafim {runs['megafim'][-1]['wall_s']:.1f} s, "
-              f"megatron-lm {runs['megatron-lm'][-1]['wall_s']:.1f} s", flush=True)
+          f"workers {args.workers}; {args.repeats} {'alternating ' if mdir else ''}runs each", flush=True)
+    commands = {"megafim": ours_cmd(small, work / "ours", model, args.workers)}
+    if mdir is not None:
+        commands["megatron-lm"] = megatron_cmd(mdir, small, work / "megatron", model, args.workers)
+    runs = alternate_runs(commands, work, small.stat().st_size, args.repeats, mdir)
     med = {k: medians(v) for k, v in runs.items()}
-    megatron_eod = megatron_eod_id(mdir, model)
-    agreement = compare_outputs(str(work / "ours_text_document"), str(work / "megatron_text_document"),
-                                megatron_eod, tok.eod)
-
-    scale_rows = []
-    for _ in range(args.scale_repeats):
-        scale_rows.append(one_run("megafim", ours_cmd(large, work / "ours_large", model, args.workers),
-                                  work / "ours_large", large.stat().st_size, None))
+    scale_rows = [one_run("megafim", ours_cmd(large, work / "ours_large", model, args.workers),
+                          work / "ours_large", large.stat().st_size, None) for _ in range(args.scale_repeats)]
     scale_med = medians(scale_rows)
 
-    ratios = {k: med["megafim"][k] / med["megatron-lm"][k] for k in ("docs_per_s", "tokens_per_s", "mb_per_s",
-                                                                    "steady_docs_per_s", "tokens_per_cpu_s")}
-    ratios["peak_rss"] = med["megafim"]["peak_rss_mib"] / med["megatron-lm"]["peak_rss_mib"]
     print_table(f"stdlib JSONL, {args.workers} workers, median of {args.repeats}", med)
     print_table(f"megafim on the stdlib x{args.scale} ({large.stat().st_size / 2**20:.0f} MiB), "
                 f"median of {args.scale_repeats}", {"megafim": scale_med})
-    print("\nmegafim / megatron-lm: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     print(f"peak RSS x{args.scale} / x1: {scale_med['peak_rss_mib'] / med['megafim']['peak_rss_mib']:.2f}")
-    print(f"output agreement: {agreement}")
-
     result = {
         "benchmark": "preprocess", "machine": shared_machine(load_at_start),
-        "command": "python benchmarks/preprocess.py " +
-        " ".join(sys.argv[1:]), "megatron_lm": {"ref": args.megatron_ref, "dir": str(mdir)},
+        "command": "python benchmarks/preprocess.py " + " ".join(sys.argv[1:]),
+        "megatron_lm": {"dir": str(mdir), "version": checkout_version(mdir)} if mdir else None,
         "corpus": {"path": str(small), "bytes": small.stat().st_size, "documents": n_docs,
                    "scaled_bytes": large.stat().st_size, "scale": args.scale},
-        "tokenizer": {"model": str(model), "vocab_size": tok.vocab_size, "our_eod": tok.eod,
-                      "megatron_eod": megatron_eod},
+        "tokenizer": {"model": str(model), "vocab_size": tok.vocab_size, "our_eod": tok.eod},
         "commands": {k: shlex.join(v) for k, v in commands.items()},
-        "runs": runs, "medians": med, "ratios_megafim_over_megatron": ratios,
+        "runs": runs, "medians": med,
         "scaled": {"runs": scale_rows, "medians": scale_med,
                    "peak_rss_ratio_scaled_over_x1": scale_med["peak_rss_mib"] / med["megafim"]["peak_rss_mib"]},
-        "output_agreement": agreement,
     }
+    if mdir is not None:
+        result.update(compare_with_megatron(med, mdir, model, work, tok.eod))
+        result["tokenizer"]["megatron_eod"] = result.pop("megatron_eod")
     write_json(args.output, result)
+
+
+def alternate_runs(commands: dict[str, list[str]], work: Path, input_bytes: int, repeats: int,
+                   mdir: Path | None) -> dict[str, list[dict]]:
+    """Each tool ``repeats`` times, alternating, so that both see the same machine load."""
+    env = dict(os.environ, PYTHONPATH=str(mdir), PYTHONWARNINGS="ignore") if mdir else None
+    runs: dict[str, list[dict]] = {tool: [] for tool in commands}
+    prefixes = {"megafim": work / "ours", "megatron-lm": work / "megatron"}
+    for i in range(repeats):
+        for tool, cmd in commands.items():
+            runs[tool].append(one_run(tool, cmd, prefixes[tool], input_bytes, env if tool == "megatron-lm" else None))
+        print(f"  run {i + 1}: " + ", ".join(f"{t} {r[-1]['wall_s']:.1f} s" for t, r in runs.items()), flush=True)
+    return runs
+
+
+def compare_with_megatron(med: dict, mdir: Path, model: Path, work: Path, our_eod: int) -> dict:
+    """Ratios of the medians, and whether both tools wrote the same ids."""
+    ratios = {k: med["megafim"][k] / med["megatron-lm"][k] for k in ("docs_per_s", "tokens_per_s", "mb_per_s",
+                                                                    "steady_docs_per_s", "tokens_per_cpu_s")}
+    ratios["peak_rss"] = med["megafim"]["peak_rss_mib"] / med["megatron-lm"]["peak_rss_mib"]
+    megatron_eod = megatron_eod_id(mdir, model)
+    agreement = compare_outputs(str(work / "ours_text_document"), str(work / "megatron_text_document"),
+                                megatron_eod, our_eod)
+    print("\nmegafim / megatron-lm: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    print(f"output agreement: {agreement}")
+    return {"ratios_megafim_over_megatron": ratios, "output_agreement": agreement, "megatron_eod": megatron_eod}
 
 
 def megatron_eod_id(mdir: Path, model: Path) -> int:

@@ -41,6 +41,12 @@ struct InputError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Every document was skipped (or the inputs hold none): nothing is committed, since an empty dataset
+// is never what was meant. The caller reads summary() for the reasons.
+struct NoDocuments : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 struct PipelineConfig {
   std::vector<std::string> inputs;           // files, in the order their documents are written
   bool jsonl = true;                         // JSON lines; false: each file is one document
@@ -97,7 +103,7 @@ class Pipeline {
     max_inflight_ = 2 * static_cast<uint64_t>(cfg_.workers) + 2;
   }
 
-  // Runs to the end; returns false when cancelled. Throws InputError (strict) or I/O errors; in
+  // Runs to the end; returns false when cancelled. Throws InputError (strict), NoDocuments or I/O errors; in
   // every failing case the temporary files are gone and earlier outputs are untouched.
   bool run() {
     if (started_.exchange(true)) throw std::logic_error("a Pipeline runs once; make a new one");
@@ -125,6 +131,10 @@ class Pipeline {
       for (auto& w : writers) w->abort();
       if (failure) std::rethrow_exception(failure);
       return false;
+    }
+    if (documents_.load() == 0) {
+      for (auto& w : writers) w->abort();
+      throw NoDocuments("no documents to write");
     }
     for (auto& w : writers) w->commit();
     for (auto& w : writers) sequences_.push_back(w->num_sequences());
@@ -450,6 +460,7 @@ PYBIND11_MODULE(preprocess_pipeline, m) {
   using megafim::PipelineConfig;
   m.doc() = "Input files -> tokenized Megatron .bin/.idx datasets, in C++ threads (csrc/preprocess_pipeline.cpp).";
   py::register_exception<megafim::InputError>(m, "InputError", PyExc_ValueError);
+  py::register_exception<megafim::NoDocuments>(m, "NoDocuments", PyExc_ValueError);
 
   py::class_<PipelineConfig>(m, "PipelineConfig")
       .def(py::init<>())

@@ -23,6 +23,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HELD_OUT_PERCENT = 2  # of the stdlib files, chosen by a hash of their path: stable across machines
+# The fewest files that leave a held-out file and, under tiny.yaml's split "98,2,0", a validation
+# document among the training files (round(0.98 n) < n needs n > 25).
+MIN_FILES = 30
 
 
 def banner(text: str) -> None:
@@ -40,43 +43,47 @@ def run(args: list[str]) -> None:
 
 def write_corpus(out: Path, max_files: int | None = None) -> tuple[Path, Path, int, int]:
     """Write the stdlib's *.py files as train / held-out JSONL (one document per file); with
-    ``max_files``, only that many (the first in sorted order)."""
+    ``max_files``, only that many (the first in sorted order). The held-out split is never empty: when
+    the hash puts no file there (a small ``max_files``), the last training file moves to it."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     out.mkdir(parents=True, exist_ok=True)
+    train: list[str] = []
+    held: list[str] = []
+    for path in sorted(stdlib.rglob("*.py")):
+        if max_files is not None and len(train) + len(held) >= max_files:
+            break
+        rel = path.relative_to(stdlib).as_posix()
+        if "site-packages" in rel:
+            continue  # third-party code installed into this Python, not the stdlib
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # a few test files are deliberately not UTF-8
+        if not text.strip():
+            continue  # empty __init__.py files: nothing to learn from
+        bucket = int(hashlib.sha1(rel.encode()).hexdigest(), 16) % 100
+        (held if bucket < HELD_OUT_PERCENT else train).append(json.dumps({"text": text, "path": rel}) + "\n")
+    if not held and train:
+        held.append(train.pop())
     train_path, held_path = out / "train.jsonl", out / "heldout.jsonl"
-    n_train = n_held = 0
-    with open(train_path, "w", encoding="utf-8") as train, open(held_path, "w", encoding="utf-8") as held:
-        for path in sorted(stdlib.rglob("*.py")):
-            if max_files is not None and n_train + n_held >= max_files:
-                break
-            rel = path.relative_to(stdlib).as_posix()
-            if "site-packages" in rel:
-                continue  # third-party code installed into this Python, not the stdlib
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue  # a few test files are deliberately not UTF-8
-            if not text.strip():
-                continue  # empty __init__.py files: nothing to learn from
-            bucket = int(hashlib.sha1(rel.encode()).hexdigest(), 16) % 100
-            line = json.dumps({"text": text, "path": rel}) + "\n"
-            if bucket < HELD_OUT_PERCENT:
-                held.write(line)
-                n_held += 1
-            else:
-                train.write(line)
-                n_train += 1
-    return train_path, held_path, n_train, n_held
+    train_path.write_text("".join(train), encoding="utf-8")
+    held_path.write_text("".join(held), encoding="utf-8")
+    return train_path, held_path, len(train), len(held)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "quickstart")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--seq-length", type=int, default=128)
     parser.add_argument("--train-iters", type=int, default=600)
-    parser.add_argument("--max-files", type=int, help="use only this many stdlib files (quick checks)")
-    args = parser.parse_args()
+    parser.add_argument("--max-files", type=int, help=f"use only this many stdlib files (quick checks; "
+                        f"at least {MIN_FILES})")
+    args = parser.parse_args(argv)
+    if args.max_files is not None and args.max_files < MIN_FILES:
+        print(f"quickstart: error: --max-files {args.max_files}: at least {MIN_FILES} files are needed (a "
+              "held-out file for stage 6 and a validation share of the training files)", file=sys.stderr)
+        sys.exit(2)
     out = args.out.resolve()
     start = time.time()
 

@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Show the training samples exactly as the model sees them, FIM sentinels and loss mask included.
 
     python tools/inspect_samples.py --data-path data/stdlib_text_document --tokenizer-model tok/stdlib.model \\
@@ -25,12 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megafim.data.fim import FimConfig, FimResult, FimTransform  # noqa: E402
 from megafim.data.gpt_dataset import GPTDataset, GPTDatasetSpec  # noqa: E402
+from megafim.data.indexed import resolve_dataset_prefix  # noqa: E402
 from megafim.data.tokenizer import Tokenizer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-path", required=True, help="dataset prefix (<prefix>.bin/.idx)")
+    p.add_argument("--data-path", required=True, help="dataset prefix (<prefix>.bin/.idx), or its .bin/.idx path")
     p.add_argument("--tokenizer-model", required=True, help="the .model file the dataset was made with")
     p.add_argument("--seq-length", type=int, required=True)
     p.add_argument("--fim-rate", type=float, default=0.0)
@@ -90,19 +91,37 @@ def emit(stream: TextIO, tok: Tokenizer, i: int, epoch: int, out: FimResult, as_
 
 
 def main(argv: list[str] | None = None, stream: TextIO = sys.stdout) -> int:
+    """Exit code 0, or 2 with one line on stderr for a bad path, tokenizer or flag value."""
     args = parse_args(argv)
-    tok = Tokenizer.from_file(args.tokenizer_model)
+    try:
+        inspect(args, stream)
+    except (ValueError, OSError) as err:  # IndexedDatasetError is a ValueError; FileNotFoundError an OSError
+        print(f"inspect_samples: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def inspect(args: argparse.Namespace, stream: TextIO) -> None:
+    try:
+        tok = Tokenizer.from_file(args.tokenizer_model)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"--tokenizer-model: {err}") from None
+    prefix = resolve_dataset_prefix(args.data_path, "--data-path")
     fim = FimTransform(FimConfig(rate=args.fim_rate, spm_rate=args.fim_spm_rate, level=args.fim_level,
                                  mask_sentinels=args.mask_sentinels), tok)
-    spec = GPTDatasetSpec(path_prefix=args.data_path, seq_length=args.seq_length, seed=args.seed,
+    spec = GPTDatasetSpec(path_prefix=prefix, seq_length=args.seq_length, seed=args.seed,
                           split_name=args.split_name)
     ds = GPTDataset(spec, fim=fim, cache_dir=args.cache_dir)
     if args.start >= len(ds):
-        raise SystemExit(f"--start {args.start}: the dataset has {len(ds)} samples of {args.seq_length + 1} tokens")
+        raise ValueError(f"--start {args.start}: {prefix} has {len(ds)} samples of {args.seq_length + 1} tokens")
     for i in range(args.start, min(len(ds), args.start + args.num_samples)):
+        raw = ds.context(i)  # before FIM, which would fail less clearly on such ids
+        if len(raw) and int(raw.max()) >= tok.vocab_size:
+            raise ValueError(f"--tokenizer-model {tok.model_path}: sample {i} of {prefix} holds token id "
+                             f"{int(raw.max())}, outside its vocabulary of {tok.vocab_size} (was the dataset "
+                             "made with another tokenizer?)")
         epoch, out = sample(ds, fim, i)
         emit(stream, tok, i, epoch, out, args.json)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Join ``.bin/.idx`` datasets (shards) into one, streaming: memory does not grow with their size.
 
     python tools/merge_datasets.py --input data/shard_0_text_document data/shard_1_text_document \\
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megafim.data.indexed import IndexedDatasetError, find_datasets, merge_datasets  # noqa: E402
+from megafim.data.indexed import find_datasets, merge_datasets, resolve_dataset_prefix  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,12 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.input) == 1 and os.path.isdir(args.input[0]):
             prefixes = find_datasets(args.input[0])
         else:
-            prefixes = [s[:-4] if s.endswith((".bin", ".idx")) else s for s in args.input]
+            prefixes = [resolve_dataset_prefix(s, "--input") for s in args.input]
         start = time.perf_counter()
         merged = merge_datasets(prefixes, args.output_prefix)
-    except (IndexedDatasetError, ValueError, OSError) as err:
-        print(f"merge_datasets: error: {err}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError, RuntimeError) as err:  # RuntimeError: the C++ writer's I/O errors, a lock
+        print(f"merge_datasets: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     print(f"merged {len(prefixes)} datasets into {args.output_prefix}: {merged.num_documents:,} documents, "
           f"{len(merged):,} sequences, {merged.num_tokens:,} tokens ({merged.dtype}) in "
           f"{time.perf_counter() - start:.2f} s", file=sys.stderr)

@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Tokenize a corpus into Megatron-LM ``.bin/.idx`` datasets (Megatron-LM's flag names).
 
     python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
@@ -7,7 +7,9 @@
 ``--input`` takes JSON-lines files, or source files / directories / globs (one document per file).
 Writes ``<output-prefix>_<key>_document.bin/.idx`` per key. Bad documents (malformed JSON, a missing
 key, a non-string value, invalid UTF-8, an empty text) are skipped and listed with ``file:line`` in
-the closing summary; ``--strict`` stops at the first. See docs/preprocessing.md.
+the closing summary; ``--strict`` stops at the first. Any error (a bad flag or input, every document
+skipped, an unwritable output) is one line on stderr and exit code 2, with nothing written.
+See docs/preprocessing.md.
 """
 
 from __future__ import annotations
@@ -56,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                                   append_eod=args.append_eod, workers=args.workers, strict=args.strict,
                                   progress=not args.quiet, log_interval=args.log_interval)
         summary = run_preprocess(config)
-    except (ValueError, OSError) as err:
-        print(f"preprocess_data: error: {err}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError, RuntimeError) as err:  # RuntimeError: the C++ writer's I/O errors
+        print(f"preprocess_data: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as err:
         print("preprocess_data: interrupted; no outputs were written", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130

@@ -1,10 +1,12 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Train megafim's tokenizer: a sentencepiece BPE model with byte fallback, lossless on code.
 
     python tools/train_tokenizer.py --input DIR_OR_FILES... --vocab-size 8192 --output-prefix tok/stdlib
 
-Inputs are files, globs or directories (searched recursively for source/text files by extension),
-and JSON-lines files (``*.jsonl``; the text is under ``--json-keys``). Writes ``<prefix>.model``,
+Inputs are files, globs or directories (searched recursively for source/text files by extension;
+hidden, cache, VCS and site-packages directories skipped), and JSON-lines files (``*.jsonl``,
+``*.ndjson``, ``*.json``; the text is under ``--json-keys``), found by the same rule as
+tools/preprocess_data.py (megafim/data/inputs.py). Writes ``<prefix>.model``,
 ``<prefix>.vocab`` and ``<prefix>.json`` (special ids, vocabulary size, every training setting).
 See docs/tokenizer.md for why each setting is what it is.
 """
@@ -12,10 +14,8 @@ See docs/tokenizer.md for why each setting is what it is.
 from __future__ import annotations
 
 import argparse
-import glob
 import io
 import json
-import os
 import random
 import sys
 import time
@@ -27,7 +27,7 @@ import numpy as np
 import sentencepiece as spm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megafim.data.preprocess import EXCLUDED_DIRS, SOURCE_SUFFIXES  # noqa: E402
+from megafim.data.inputs import EXCLUDED_DIRS, SOURCE_SUFFIXES, find_input_files  # noqa: E402
 from megafim.data.tokenizer import (EOD_PIECE, FIM_MIDDLE_PIECE, FIM_PAD_PIECE, FIM_PREFIX_PIECE,  # noqa: E402
                                     FIM_SUFFIX_PIECE)
 
@@ -38,10 +38,10 @@ N_META = 2 + len(FIM_PIECES)  # <unk>, end-of-text, the four FIM sentinels
 N_BYTES = 256  # byte-fallback pieces <0x00>..<0xFF>
 
 # The same source-file rule as tools/preprocess_data.py: which extensions a directory contributes, and
-# which directories are never searched (caches, VCS metadata, installed third-party packages).
+# which directories are never searched (caches, VCS metadata, installed third-party packages; hidden
+# directories always).
 DEFAULT_EXTENSIONS = SOURCE_SUFFIXES
 DEFAULT_EXCLUDE_DIRS = EXCLUDED_DIRS
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
 @dataclass
@@ -112,43 +112,10 @@ class CorpusStats:
 
 
 def collect_inputs(config: TrainConfig) -> tuple[list[Path], list[Path]]:
-    """Expand --input into (source files, JSONL files). A path that matches nothing is an error."""
-    sources: list[Path] = []
-    jsonl: list[Path] = []
-    exts = {e.lower() for e in config.extensions}
-    for spec in config.inputs:
-        if glob.has_magic(spec):
-            matches = sorted(Path(p) for p in glob.glob(spec, recursive=True))
-            if not matches:
-                raise FileNotFoundError(f"--input {spec!r}: the glob matches no file")
-        else:
-            matches = [Path(spec)]
-            if not matches[0].exists():
-                raise FileNotFoundError(f"--input {spec!r}: no such file or directory")
-        for path in matches:
-            if path.is_dir():
-                found = _walk_directory(path, exts, set(config.exclude_dirs))
-                if not found:
-                    raise FileNotFoundError(f"--input {spec!r}: the directory holds no file with a "
-                                            f"known text extension ({', '.join(sorted(exts)[:8])}, ...)")
-                sources.extend(found)
-            elif path.suffix.lower() in JSONL_SUFFIXES:
-                jsonl.append(path)
-            elif path.is_file():
-                sources.append(path)
-    return sources, jsonl
-
-
-def _walk_directory(root: Path, exts: set[str], exclude: set[str]) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in exclude)  # prune: never descend
-        for name in sorted(filenames):
-            if os.path.splitext(name)[1].lower() in exts:
-                path = Path(dirpath, name)
-                if path.is_file():
-                    found.append(path)
-    return found
+    """Expand --input into (source files, JSONL files) by the rule tools/preprocess_data.py uses
+    (megafim/data/inputs.py); both kinds may be given together. A path that matches nothing is an error."""
+    found = find_input_files(config.inputs, "--input", config.extensions, config.exclude_dirs)
+    return [Path(p) for p in found.sources], [Path(p) for p in found.jsonl]
 
 
 def read_source_file(path: Path, stats: CorpusStats) -> str | None:

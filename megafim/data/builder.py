@@ -64,7 +64,7 @@ def build_datasets(
     """
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must give (train, valid, test), got {num_samples!r}")
-    config.check_files()
+    config = config.check_files()  # also turns a .bin/.idx path into its prefix
     fim = None
     if config.fim is not None:
         if tokenizer is None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:  # fim.py is written beside this file; only its type is needed here
@@ -75,7 +74,8 @@ class DataConfig:
     """Everything that decides the training samples, apart from the tokenizer and the sample counts."""
 
     data_paths: tuple[str, ...]
-    """Dataset prefixes: ``<prefix>.bin`` and ``<prefix>.idx`` must exist."""
+    """Dataset prefixes: ``<prefix>.bin`` and ``<prefix>.idx`` must exist (``check_files`` also takes
+    the ``.bin``/``.idx`` path and turns it into the prefix)."""
     weights: tuple[float, ...] | None = None
     """Blending weights, one per path (normalised); None = proportional to each dataset's tokens."""
     split: str = "98,1,1"
@@ -131,11 +131,14 @@ class DataConfig:
     def split_weights(self) -> tuple[float, float, float]:
         return parse_split(self.split)
 
-    def check_files(self) -> None:
-        """Fail with the missing file's name when a dataset's ``.bin`` or ``.idx`` is absent."""
-        for prefix in self.data_paths:
-            for suffix in (".idx", ".bin"):
-                path = Path(prefix + suffix)
-                if not path.is_file():
-                    raise FileNotFoundError(f"DataConfig.data_paths: {path} does not exist "
-                                            f"(prefix {prefix!r} needs {prefix}.bin and {prefix}.idx)")
+    def check_files(self, what: str = "DataConfig.data_paths") -> "DataConfig":
+        """Check that every dataset exists; returns this config with each path as its prefix.
+
+        A path may be the prefix or its ``.bin``/``.idx`` file (``resolve_dataset_prefix``). A missing
+        dataset raises ``FileNotFoundError`` naming ``what`` (the caller's flag or field) and the path,
+        suggesting ``<path>_text_document`` when only that exists.
+        """
+        from megafim.data.indexed import resolve_dataset_prefix
+
+        prefixes = tuple(resolve_dataset_prefix(p, what) for p in self.data_paths)
+        return self if prefixes == self.data_paths else replace(self, data_paths=prefixes)

@@ -3,19 +3,23 @@
 ``IndexedDataset`` memory-maps both files and checks them before use (magic, version, dtype code, array
 sizes against the ``.idx`` size, pointers and lengths against the ``.bin`` size), failing with an
 error that names the file. ``IndexedDatasetBuilder`` writes through the streaming C++ writer
-(``csrc/indexed_writer.h``): bounded memory, temporary names, renamed into place by ``finalize``.
+(``csrc/indexed_writer.h``): bounded memory, temporary names, renamed into place by ``finalize``,
+under the prefix's lock (``megafim/data/output_lock.py``).
 The layout is documented in ``docs/data_format.md``; datasets made by Megatron-LM's tools load here
 and ours load in ``megatron.core.datasets.indexed_dataset.IndexedDataset``.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import struct
 from pathlib import Path
 from types import TracebackType
 
 import numpy as np
+
+from megafim.data.output_lock import OutputLock
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -26,6 +30,7 @@ DTYPE_CODES: dict[int, type[np.number]] = {
     1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16,
 }
 CODE_OF_DTYPE = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
+RANGE_CHECK_CHUNK = 1 << 16  # index entries checked at once on open: temporaries stay in the cache
 UINT16_VOCAB_LIMIT = 65500  # Megatron's DType.optimal_dtype: uint16 below this vocabulary size
 
 
@@ -46,11 +51,47 @@ def idx_path(prefix: str | os.PathLike) -> str:
     return f"{os.fspath(prefix)}.idx"
 
 
+def resolve_dataset_prefix(path: str | os.PathLike, what: str = "data path") -> str:
+    """The dataset prefix a user means by ``path``: the prefix itself, or its ``.bin`` or ``.idx`` file.
+
+    When no dataset is there, raises ``FileNotFoundError`` with one line that starts with ``what`` (the
+    flag or field the path came from, e.g. ``--data-path``) and says what is missing, suggesting
+    ``<path>_text_document`` (or another ``<path>_<key>_document``) when that is what exists.
+    """
+    given = os.fspath(path)
+    if IndexedDataset.exists(given):
+        return given
+    stem, suffix = os.path.splitext(given)
+    if suffix in (".bin", ".idx") and IndexedDataset.exists(stem):
+        return stem
+    prefix = stem if suffix in (".bin", ".idx") else given
+    raise FileNotFoundError(f"{what} {given}: {_why_no_dataset(prefix)}")
+
+
+def _why_no_dataset(prefix: str) -> str:
+    have = [s for s in (".bin", ".idx") if os.path.isfile(prefix + s)]
+    if len(have) == 1:
+        other = ".idx" if have == [".bin"] else ".bin"
+        return f"{prefix}{have[0]} exists but {prefix}{other} does not (an incomplete copy?)"
+    if os.path.isdir(prefix):
+        found = [p[:-4] for p in sorted(glob.glob(glob.escape(prefix) + "/*.idx")) if os.path.isfile(p[:-4] + ".bin")]
+        listing = f": it holds {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}" if found else ""
+        return f"is a directory; give a dataset prefix (the .bin/.idx path without its suffix){listing}"
+    keyed = [p[:-4] for p in sorted(glob.glob(glob.escape(prefix) + "_*_document.idx"))
+             if os.path.isfile(p[:-4] + ".bin")]
+    keyed.sort(key=lambda p: not p.endswith("_text_document"))  # the default key first
+    if keyed:
+        return (f"no {prefix}.bin/.idx; did you mean {keyed[0]}? (preprocess_data.py writes "
+                "<output-prefix>_<key>_document)")
+    return f"no dataset: neither {prefix}.bin nor {prefix}.idx exists"
+
+
 class IndexedDataset:
     """A validated, memory-mapped ``.bin/.idx`` pair: ``len(ds)`` sequences of token ids.
 
-    ``full_check=True`` also checks every pointer against the running sum of the lengths and that the
-    document indices never decrease (a linear pass; the default checks only the ends).
+    Opening checks that every sequence lies inside the ``.bin`` (its pointer and length) and that the
+    document indices never decrease. ``full_check=True`` also checks that the sequences are contiguous
+    (every pointer equals the running sum of the lengths before it).
     """
 
     def __init__(self, path_prefix: str | os.PathLike, full_check: bool = False) -> None:
@@ -114,6 +155,50 @@ class IndexedDataset:
             end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * item
         if end != bin_size:
             raise IndexedDatasetError(f"{idx}: the last sequence ends at byte {end} but {bin_} holds {bin_size} bytes")
+        self._check_ranges(idx, bin_, bin_size)
+
+    def _check_ranges(self, idx: str, bin_: str, bin_size: int) -> None:
+        """Every sequence lies inside the ``.bin``, and document indices never decrease.
+
+        Reductions (min, max, or) over cache-sized chunks of ``RANGE_CHECK_CHUNK`` entries, one small
+        temporary each; only a failing chunk is looked at entry by entry. Cheap enough for every open:
+        docs/data_format.md has the numbers.
+        """
+        item, chunk = self.dtype.itemsize, RANGE_CHECK_CHUNK
+        for s in range(0, len(self.sequence_lengths), chunk):
+            lengths, pointers = self.sequence_lengths[s:s + chunk], self.sequence_pointers[s:s + chunk]
+            if len(lengths) == 0:
+                break
+            # pointers <= bin_size first, so that pointer + length * item cannot overflow below
+            ok = (lengths.min() >= 0 and pointers.min() >= 0 and pointers.max() <= bin_size
+                  and not np.bitwise_or.reduce(pointers) & (item - 1))  # itemsize is a power of 2
+            if ok:
+                ends = np.multiply(lengths, item, dtype=np.int64)
+                ends += pointers
+                ok = ends.max() <= bin_size
+            if not ok:
+                lengths = lengths.astype(np.int64)
+                bad = (lengths < 0) | (pointers < 0) | (pointers % item != 0) | (pointers > bin_size - lengths * item)
+                self._raise_bad_sequence(idx, bin_, bin_size, s + int(np.argmax(bad)))
+        docs = self.document_indices
+        for s in range(1, len(docs), chunk):
+            d = docs[s - 1:s + chunk]
+            if (d[1:] < d[:-1]).any():
+                at = s + int(np.argmax(d[1:] < d[:-1]))
+                raise IndexedDatasetError(f"{idx}: document index {at} is {int(docs[at])}, less than the "
+                                          f"{int(docs[at - 1])} before it (document indices never decrease)")
+
+    def _raise_bad_sequence(self, idx: str, bin_: str, bin_size: int, i: int) -> None:
+        length, pointer = int(self.sequence_lengths[i]), int(self.sequence_pointers[i])
+        document = int(np.searchsorted(self.document_indices, i, side="right")) - 1
+        where = f"{idx}: sequence {i} (document {document})"
+        if length < 0:
+            raise IndexedDatasetError(f"{where} has a negative length {length}")
+        if pointer < 0 or pointer % self.dtype.itemsize:
+            raise IndexedDatasetError(f"{where} points to byte {pointer}, not a {self.dtype} token's start")
+        raise IndexedDatasetError(f"{where}: {length} tokens from byte {pointer} end at byte "
+                                  f"{pointer + length * self.dtype.itemsize}, past the {bin_size} bytes of {bin_} "
+                                  "(is the .idx from another .bin?)")
 
     def check_all(self, chunk: int = 1 << 22) -> None:
         """Check every length, pointer and document index (in chunks: memory stays small)."""
@@ -216,7 +301,13 @@ class IndexedDatasetBuilder:
             raise ValueError(f"token dtype {self.dtype}: must be uint16 or int32")
         self.path_prefix = os.fspath(path_prefix)
         Path(self.path_prefix).parent.mkdir(parents=True, exist_ok=True)
-        self._writer = load("indexed_builder").IndexedWriter(self.path_prefix, CODE_OF_DTYPE[self.dtype])
+        # One writer per prefix at a time (released by finalize/abort, or by the kernel at exit).
+        self._lock = OutputLock(self.path_prefix).acquire()
+        try:
+            self._writer = load("indexed_builder").IndexedWriter(self.path_prefix, CODE_OF_DTYPE[self.dtype])
+        except BaseException:
+            self._lock.release()
+            raise
 
     def add_item(self, tokens) -> None:
         """Append one sequence (ids must fit the dtype)."""
@@ -250,10 +341,16 @@ class IndexedDatasetBuilder:
 
     def finalize(self) -> None:
         """Write the ``.idx`` and move both files into place."""
-        self._writer.commit()
+        try:
+            self._writer.commit()
+        finally:
+            self._lock.release()
 
     def abort(self) -> None:
-        self._writer.abort()
+        try:
+            self._writer.abort()
+        finally:
+            self._lock.release()
 
     @property
     def num_documents(self) -> int:

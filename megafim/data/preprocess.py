@@ -11,7 +11,6 @@ and outputs appear only when complete (``docs/preprocessing.md``).
 
 from __future__ import annotations
 
-import glob
 import os
 import threading
 import time
@@ -20,17 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-SOURCE_SUFFIXES = (
-    ".py", ".pyi", ".pyx", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".cu", ".cuh", ".rs", ".go",
-    ".java", ".kt", ".scala", ".js", ".jsx", ".ts", ".tsx", ".rb", ".php", ".cs", ".swift", ".m",
-    ".lua", ".pl", ".r", ".jl", ".sh", ".bash", ".zsh", ".sql", ".html", ".css", ".xml", ".yaml",
-    ".yml", ".toml", ".ini", ".cfg", ".md", ".rst", ".txt", ".tex",
-)
-# Never searched inside a directory: caches, VCS metadata, and installed third-party packages (the
-# stdlib directory holds site-packages, which is not the stdlib).
-EXCLUDED_DIRS = ("__pycache__", ".git", ".hg", ".svn", "node_modules", "site-packages", "dist-packages")
-
+from megafim.data.inputs import EXCLUDED_DIRS, JSONL_SUFFIXES, SOURCE_SUFFIXES, find_input_files  # noqa: F401
+from megafim.data.output_lock import OutputLock
 
 @dataclass
 class PreprocessConfig:
@@ -79,49 +69,33 @@ class PreprocessConfig:
         return [f"{self.output_prefix}_{key}_document" for key in self.json_keys]
 
 
-def _is_jsonl(path: str) -> bool:
-    return path.lower().endswith(JSONL_SUFFIXES)
-
-
-def _walk_sources(root: str) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS and not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                     if f.lower().endswith(SOURCE_SUFFIXES))
-    return found
-
-
 def resolve_inputs(inputs: list[str]) -> tuple[list[str], bool]:
-    """The input files in a fixed order, and whether they are JSONL (else: one document per file).
+    """The input files in a fixed order (``megafim.data.inputs.find_input_files``: the same rule as the
+    tokenizer trainer's), and whether they are JSONL (else: one document per file).
 
-    A directory is searched recursively for source files (``SOURCE_SUFFIXES``, never JSONL); a glob is expanded
-    (sorted); a file is taken as it is. JSONL and source files cannot be mixed.
+    JSONL and source files cannot be mixed in one run.
     """
-    files: list[str] = []
-    for item in inputs:
-        if os.path.isdir(item):
-            found = _walk_sources(item)
-        elif os.path.exists(item):  # a file, or a pipe such as <(zcat corpus.jsonl.gz)
-            found = [item]
-        else:
-            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
-        if not found:
-            raise FileNotFoundError(f"input {item!r}: no such file, or no matching files")
-        files.extend(found)
-    kinds = {_is_jsonl(f) for f in files}
-    if len(kinds) > 1:
-        jsonl = next(f for f in files if _is_jsonl(f))
-        source = next(f for f in files if not _is_jsonl(f))
-        raise ValueError(f"inputs mix JSONL ({jsonl}) and source files ({source}); preprocess them separately")
-    return files, kinds.pop()
+    found = find_input_files(inputs)
+    jsonl, sources = found.jsonl, found.sources
+    if jsonl and sources:
+        raise ValueError(f"inputs mix JSONL ({jsonl[0]}) and source files ({sources[0]}); preprocess them separately")
+    return list(found.files), bool(jsonl)
+
+
+class NoDocumentsError(ValueError):
+    """Every document was skipped (or the inputs hold none): nothing was written. ``summary`` says why."""
+
+    def __init__(self, message: str, summary: dict) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 def run_preprocess(config: PreprocessConfig) -> dict:
     """Preprocess ``config.inputs``; returns the summary (see ``format_summary``).
 
-    Raises ``ValueError`` on the first bad document when ``config.strict``; on any error or interrupt
-    (KeyboardInterrupt, SystemExit) the temporary outputs are removed and earlier outputs kept.
+    Raises ``ValueError`` on the first bad document when ``config.strict``, ``NoDocumentsError`` when
+    no document is left to write; on any error or interrupt (KeyboardInterrupt, SystemExit) the
+    temporary outputs are removed and earlier outputs kept.
     """
     from megafim._native import load
     from megafim.data.indexed import CODE_OF_DTYPE, optimal_dtype
@@ -140,16 +114,51 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     cfg.append_eod, cfg.eod = config.append_eod, tokenizer.eod
     cfg.workers, cfg.strict, cfg.block_bytes = config.workers, config.strict, config.block_bytes
     for prefix in cfg.output_prefixes:
-        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    pipeline = native.Pipeline(cfg, pieces, scores, types)
+        make_output_directory(prefix)
     total_bytes = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
     start = time.perf_counter()
-    finished = _run_with_progress(pipeline, total_bytes, config)
+    # Held until the outputs are renamed into place: a second run at these prefixes fails at once.
+    with OutputLock(cfg.output_prefixes) as lock:
+        pipeline = native.Pipeline(cfg, pieces, scores, types)
+        try:
+            finished = _run_with_progress(pipeline, total_bytes, config)
+        except native.NoDocuments:
+            summary = dict(pipeline.summary(), inputs=len(files), outputs=list(cfg.output_prefixes))
+            raise NoDocumentsError(_no_documents_message(summary, list(cfg.keys)), summary) from None
     summary = dict(pipeline.summary())
     summary.update(seconds=time.perf_counter() - start, inputs=len(files), jsonl=jsonl,
-                   outputs=list(cfg.output_prefixes), dtype=str(dtype),
-                   tokenizer=tokenizer.model_path, workers=config.workers, completed=finished)
+                   outputs=list(cfg.output_prefixes), dtype=str(dtype), tokenizer=tokenizer.model_path,
+                   workers=config.workers, completed=finished, removed_temporaries=lock.removed)
     return summary
+
+
+def make_output_directory(prefix: str) -> None:
+    """Create the directory of ``prefix``, saying which part is in the way when it cannot be made."""
+    parent = Path(prefix).parent
+    for p in (parent, *parent.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise NotADirectoryError(f"output_prefix {prefix}: {p} is a file, not a directory")
+            if p == parent and not os.access(p, os.W_OK | os.X_OK):
+                raise PermissionError(f"output_prefix {prefix}: the directory {p} is not writable")
+            break
+    parent.mkdir(parents=True, exist_ok=True)
+
+
+def _no_documents_message(summary: dict, keys: list[str]) -> str:
+    """One line: why no document was left, with the first locations of each reason."""
+    skipped = summary["skipped"]
+    outputs = ", ".join(f"{p}.bin/.idx" for p in summary["outputs"])
+    if not skipped:
+        blank = summary.get("blank_lines", 0)
+        what = f"only {blank:,} blank line(s)" if blank else "nothing"
+        return f"no documents: the {summary['inputs']} input file(s) hold {what}; wrote nothing ({outputs})"
+    examples = summary["skipped_examples"]
+    reasons = "; ".join(f"{reason} {count:,} (first: {', '.join(f'{p}:{n}' for p, n in examples[reason][:2])})"
+                        for reason, count in sorted(skipped.items()))
+    hint = f" (json_keys {keys}: is the key right?)" if set(skipped) == {"missing_key"} else ""
+    return (f"no documents: all {sum(skipped.values()):,} were skipped: {reasons}{hint}; "
+            f"wrote nothing ({outputs})")
 
 
 def _run_with_progress(pipeline, total_bytes: int, config: PreprocessConfig) -> bool:
@@ -229,6 +238,9 @@ def format_summary(summary: dict) -> str:
         lines.append("  skipped:   none")
     if summary.get("blank_lines"):
         lines.append(f"  blank lines ignored: {summary['blank_lines']:,}")
+    if summary.get("removed_temporaries"):
+        lines.append(f"  removed {len(summary['removed_temporaries'])} temporary file(s) left by an "
+                     "interrupted run")
     for prefix in summary["outputs"]:
         lines.append(f"  wrote {prefix}.bin / {prefix}.idx")
     return "\n".join(lines)

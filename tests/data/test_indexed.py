@@ -226,13 +226,69 @@ def test_full_check_finds_inner_inconsistencies(good):
     def swap_pointer(i, b):
         _, _, _, n_seq, _ = header(i)
         at = HEADER_BYTES + 4 * n_seq + 8 * 2
-        i[at:at + 8] = struct.pack("<q", 1)
+        i[at:at + 8] = struct.pack("<q", 2)
         return i, b
 
     bad = corrupt(good, swap_pointer)
-    IndexedDataset(bad)  # the cheap checks only look at the ends
-    with pytest.raises(IndexedDatasetError, match=r"sequence 2 points to byte 1, expected \d+"):
+    IndexedDataset(bad)  # inside the .bin: the checks on open pass; only contiguity is wrong
+    with pytest.raises(IndexedDatasetError, match=r"sequence 2 points to byte 2, expected \d+"):
         IndexedDataset(bad, full_check=True)
+
+
+def _set_sequence(i: bytearray, seq: int, length: int | None = None, pointer: int | None = None) -> bytearray:
+    _, _, _, n_seq, _ = header(i)
+    if length is not None:
+        i[HEADER_BYTES + 4 * seq:HEADER_BYTES + 4 * seq + 4] = struct.pack("<i", length)
+    if pointer is not None:
+        at = HEADER_BYTES + 4 * n_seq + 8 * seq
+        i[at:at + 8] = struct.pack("<q", pointer)
+    return i
+
+
+def _set_document_index(i: bytearray, entry: int, value: int) -> bytearray:
+    _, _, _, n_seq, _ = header(i)
+    at = HEADER_BYTES + 12 * n_seq + 8 * entry
+    i[at:at + 8] = struct.pack("<q", value)
+    return i
+
+
+# Inner entries, not the ends: caught on every open (vectorised), naming the first bad sequence.
+INNER_CORRUPTIONS = {
+    "pointer past bin": (lambda i, b: (_set_sequence(i, 3, pointer=10**9), b),
+                         r"good_bad\.idx: sequence 3 \(document \d+\): \d+ tokens from byte 1000000000 end at byte "
+                         r"\d+, past the \d+ bytes of .*good_bad\.bin"),
+    "huge pointer": (lambda i, b: (_set_sequence(i, 5, pointer=2**63 - 2), b),
+                     r"sequence 5 \(document \d+\): \d+ tokens from byte 9223372036854775806"),
+    "huge length": (lambda i, b: (_set_sequence(i, 4, length=2**31 - 1), b),
+                    r"sequence 4 \(document \d+\): 2147483647 tokens from byte \d+ end at byte"),
+    "negative length": (lambda i, b: (_set_sequence(i, 2, length=-7), b),
+                        r"sequence 2 \(document \d+\) has a negative length -7"),
+    "negative pointer": (lambda i, b: (_set_sequence(i, 6, pointer=-4), b),
+                         r"sequence 6 \(document \d+\) points to byte -4, not a uint16 token's start"),
+    "odd pointer": (lambda i, b: (_set_sequence(i, 1, pointer=3), b), r"sequence 1 .* points to byte 3"),
+    "decreasing document index": (lambda i, b: (_set_document_index(i, 4, 0), b),
+                                  r"good_bad\.idx: document index 4 is 0, less than the \d+ before it"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INNER_CORRUPTIONS))
+def test_corrupt_inner_entries_fail_on_open(good, case):
+    edit, message = INNER_CORRUPTIONS[case]
+    with pytest.raises(IndexedDatasetError, match=message):
+        IndexedDataset(corrupt(good, edit))
+
+
+def test_the_first_bad_sequence_is_named_across_chunks(good, monkeypatch):
+    import megafim.data.indexed as indexed
+
+    monkeypatch.setattr(indexed, "RANGE_CHECK_CHUNK", 3)
+    bad = corrupt(good, lambda i, b: (_set_sequence(_set_sequence(i, 7, pointer=10**9), 9, length=-1), b))
+    with pytest.raises(IndexedDatasetError, match=r"sequence 7 "):
+        IndexedDataset(bad)
+    bad = corrupt(good, lambda i, b: (_set_document_index(i, 3, 1), b))  # decreases across a chunk edge
+    with pytest.raises(IndexedDatasetError, match=r"document index 3 is 1, less than the \d+ before it"):
+        IndexedDataset(bad)
+    IndexedDataset(good)
 
 
 def test_missing_files_are_named(good):

@@ -80,5 +80,5 @@ def test_merge_refuses_mixed_dtypes_and_self_overwrite(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "tools" / "merge_datasets.py"), "--input",
                           str(tmp_path / "u16"), str(tmp_path / "missing"), "--output-prefix", str(tmp_path / "o")],
                          capture_output=True, text=True)
-    assert out.returncode == 1 and "missing.idx does not exist" in out.stderr
+    assert out.returncode == 2 and "missing.idx exists" in out.stderr and len(out.stderr.splitlines()) == 1
     assert len(IndexedDataset(tmp_path / "u16")) == 1

@@ -39,7 +39,7 @@ def test_cli_summary_and_json(tmp_path, small_tokenizer_path):
 
     strict = subprocess.run(tool_cmd([src], tmp_path / "s", small_tokenizer_path, "--strict"),
                             capture_output=True, text=True)
-    assert strict.returncode == 1 and f"{src}:2: empty_document" in strict.stderr
+    assert strict.returncode == 2 and f"{src}:2: empty_document" in strict.stderr
     assert not list(tmp_path.glob("s_*"))
 
 
@@ -90,5 +90,109 @@ def test_interrupted_run_leaves_no_valid_looking_pair(tmp_path, small_tokenizer_
     else:
         assert leftovers == [], err
         assert b"interrupted; no outputs were written" in err
-    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" not in p.name) == [
-        "feed.jsonl", "o_text_document.bin", "o_text_document.idx", "old.jsonl"]
+    # the lock file stays after kill -9 (unheld: the kernel dropped the lock with the process)
+    lock = ["o_text_document.lock"] if sig == signal.SIGKILL else []
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" not in p.name) == sorted([
+        "feed.jsonl", "o_text_document.bin", "o_text_document.idx", "old.jsonl", *lock])
+    if sig == signal.SIGKILL:  # the next run at the prefix takes the lock and cleans up
+        again = subprocess.run(tool_cmd([old], tmp_path / "o", small_tokenizer_path), capture_output=True,
+                               text=True)
+        assert again.returncode == 0, again.stderr
+        assert f"removed {len(leftovers)} temporary file(s) left by an interrupted run" in again.stderr
+        assert not list(tmp_path.glob("*.tmp-*")) and not list(tmp_path.glob("*.lock"))
+
+
+def one_line_error(out: subprocess.CompletedProcess) -> str:
+    """The tool failed as it must on bad input: exit code 2 and exactly one line on stderr."""
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("preprocess_data: error: "), out.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["wrong_key", "binary_source", "empty_file", "blank_lines"])
+def test_every_document_skipped_fails_and_writes_nothing(tmp_path, small_tokenizer_path, case):
+    # An earlier dataset at the same prefix is kept as it was.
+    old = tmp_path / "old.jsonl"
+    old.write_text('{"text": "the earlier dataset"}\n')
+    subprocess.run(tool_cmd([old], tmp_path / "o", small_tokenizer_path), check=True, capture_output=True)
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.glob("o_*"))
+    extra: list[str] = []
+    if case == "wrong_key":
+        src = tmp_path / "in.jsonl"
+        src.write_text('{"text": "a = 1"}\n{"text": "b = 2"}\n{"text": "c = 3"}\n')
+        extra = ["--json-keys", "txt"]
+        prefix = tmp_path / "o"  # writes o_txt_document: must not appear
+    elif case == "binary_source":
+        src = tmp_path / "blob.py"
+        src.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe" * 10)
+        prefix = tmp_path / "o"
+    else:
+        src = tmp_path / "in.jsonl"
+        src.write_text("" if case == "empty_file" else "\n\n  \n")
+        prefix = tmp_path / "o"
+    line = one_line_error(subprocess.run(tool_cmd([src], prefix, small_tokenizer_path, *extra),
+                                         capture_output=True, text=True))
+    assert "no documents" in line and "wrote nothing" in line
+    if case == "wrong_key":
+        assert f"missing_key 3 (first: {src}:1, {src}:2)" in line and "json_keys ['txt']" in line
+    elif case == "binary_source":
+        assert f"invalid_utf8 1 (first: {src}:" in line
+    elif case == "blank_lines":
+        assert "only 3 blank line(s)" in line
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.glob("o_*")) == before
+
+
+def test_unwritable_outputs_are_one_line_errors(tmp_path, small_tokenizer_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"x_{i} = {i}\n" * 20}) + "\n" for i in range(400)))
+
+    # a prefix below a regular file: say which part is a file, not "File exists"
+    (tmp_path / "afile").write_text("")
+    line = one_line_error(subprocess.run(tool_cmd([src], tmp_path / "afile" / "sub" / "o", small_tokenizer_path),
+                                         capture_output=True, text=True))
+    assert f"{tmp_path / 'afile'} is a file, not a directory" in line
+
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        line = one_line_error(subprocess.run(tool_cmd([src], ro / "o", small_tokenizer_path),
+                                             capture_output=True, text=True))
+        assert f"the directory {ro} is not writable" in line
+        ro.chmod(0o755)
+
+    # a file-size limit reached while writing (EFBIG from the C++ writer): one line naming the file
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+
+    line = one_line_error(subprocess.run(tool_cmd([src], tmp_path / "big", small_tokenizer_path),
+                                         capture_output=True, text=True, preexec_fn=small_files))
+    assert "File too large" in line and str(tmp_path / "big_text_document") in line
+    assert not list(tmp_path.glob("big_*"))
+
+
+def test_a_second_writer_at_the_same_prefix_fails(tmp_path, small_tokenizer_path):
+    """Deterministically: the test holds the prefix's lock as a running preprocess_data would."""
+    import fcntl
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "a = 1"}\n')
+    subprocess.run(tool_cmd([src], tmp_path / "o", small_tokenizer_path), check=True, capture_output=True)
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.glob("o_*"))
+    lock = tmp_path / "o_text_document.lock"
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        line = one_line_error(subprocess.run(tool_cmd([src], tmp_path / "o", small_tokenizer_path),
+                                             capture_output=True, text=True))
+        assert "another process (pid 4242) is writing this dataset now" in line and str(lock) in line
+        assert sorted((p.name, p.read_bytes()) for p in tmp_path.glob("o_*") if p != lock) == before
+        assert not list(tmp_path.glob("*.tmp-*"))
+    # released (as at the holder's exit, however it ended): the next run goes ahead and removes the file
+    out = subprocess.run(tool_cmd([src], tmp_path / "o", small_tokenizer_path), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert not lock.exists()

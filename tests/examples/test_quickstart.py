@@ -1,5 +1,6 @@
 """The README's main command, end to end at a small size: every stage runs and leaves its output."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,11 +11,38 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def load_quickstart():
+    spec = importlib.util.spec_from_file_location("quickstart", REPO / "examples" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("max_files", [30, 60, 61])
+def test_small_corpora_keep_a_held_out_file(tmp_path, max_files):
+    """With 60 files the path hash sends none to the held-out split; stage 6 then had no data."""
+    qs = load_quickstart()
+    train, held, n_train, n_held = qs.write_corpus(tmp_path, max_files)
+    assert n_held >= 1 and n_train + n_held == max_files
+    assert len(held.read_text().splitlines()) == n_held and len(train.read_text().splitlines()) == n_train
+    assert not set(held.read_text().splitlines()) & set(train.read_text().splitlines())
+
+
+def test_too_few_files_are_refused_up_front(tmp_path):
+    out = subprocess.run([sys.executable, "examples/quickstart.py", "--out", str(tmp_path / "qs"), "--max-files",
+                          "10"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        "quickstart: error: --max-files 10: at least 30 files are needed (a held-out file for stage 6 and a "
+        "validation share of the training files)"]
+    assert not (tmp_path / "qs").exists()
+
+
 @pytest.mark.slow
 def test_quickstart_runs_every_stage(tmp_path):
+    """At --max-files 60, where the path hash alone leaves the held-out split empty."""
     out = tmp_path / "qs"
     result = subprocess.run(
-        [sys.executable, "examples/quickstart.py", "--out", str(out), "--max-files", "400", "--vocab-size", "2000",
+        [sys.executable, "examples/quickstart.py", "--out", str(out), "--max-files", "60", "--vocab-size", "2000",
          "--seq-length", "64", "--train-iters", "12"],
         cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
