@@ -22,8 +22,10 @@ import torch.distributed as dist
 
 from megafim.model import ModelConfig
 from megafim.parallel import DeepSpeedMPU, ParallelDims
-from megafim.training import checkpoint as ck
-from megafim.training import checkpoint_io
+from megafim.checkpoint import engine as ckpt_engine
+from megafim.checkpoint import find as ckpt_find
+from megafim.checkpoint.state import TrainerState, load_rng, read_trainer_state
+from megafim.checkpoint.weights import full_weights
 from megafim.training.build import (PipelineStage, StagePlan, build_stage, build_train_valid_datasets,
                                     plan_stages, resolve_model_config)
 from megafim.training.cli import dump_yaml
@@ -55,7 +57,7 @@ class Run:
     optimizer: object
     comm: StageComm
     gas: int
-    state: ck.TrainerState
+    state: TrainerState
     log: MetricsLogger
 
 
@@ -91,11 +93,11 @@ def _resume_point(cfg: TrainConfig, dims: ParallelDims):
     """(checkpoint dir or None, its trainer state or None, whether its layout equals ours)."""
     if not cfg.checkpoint.load:
         return None, None, False
-    ckpt = ck.latest_checkpoint(cfg.checkpoint.load)
+    ckpt = ckpt_find.latest_checkpoint(cfg.checkpoint.load)
     if ckpt is None:
         return None, None, False
-    state = ck.read_trainer_state(ckpt)
-    same = state.layout == checkpoint_io.layout_of(dims, cfg.parallel.zero_stage)
+    state = read_trainer_state(ckpt)
+    same = state.layout == ckpt_engine.layout_of(dims, cfg.parallel.zero_stage)
     return ckpt, state, same
 
 
@@ -125,9 +127,9 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
     weights = None
     if ckpt is not None and not same_layout:
         log.info(f"resume: {ckpt} was saved with layout {saved.layout}, this run is "
-                 f"{checkpoint_io.layout_of(dims, cfg.parallel.zero_stage)}: loading its layout-free weights "
+                 f"{ckpt_engine.layout_of(dims, cfg.parallel.zero_stage)}: loading its layout-free weights "
                  "and resharding them; the optimizer state starts fresh")
-        weights = checkpoint_io.full_weights(ckpt)
+        weights = full_weights(ckpt)
     stage = build_stage(mc, plan, cfg.schedule.seed, dims, weights)
     stage.to(device)
     if cfg.model.compile:
@@ -135,16 +137,16 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
         log.info("model: transformer blocks compiled with torch.compile (the first steps include compiling)")
     optimizer = build_optimizer(stage, cfg.optimizer)
     engine, *_ = deepspeed.initialize(model=stage, optimizer=optimizer, config=ds_config, mpu=DeepSpeedMPU(dims))
-    checkpoint_io.name_checkpoint_files(engine, dims)
-    state = ck.TrainerState(layout=checkpoint_io.layout_of(dims, cfg.parallel.zero_stage))
+    ckpt_engine.name_checkpoint_files(engine, dims)
+    state = TrainerState(layout=ckpt_engine.layout_of(dims, cfg.parallel.zero_stage))
     if ckpt is not None:
         if same_layout:
-            checkpoint_io.load_engine_state(ckpt, engine, dims)
-        state = ck.TrainerState(step=saved.step, consumed_samples=saved.consumed_samples, epoch=saved.epoch,
+            ckpt_engine.load_engine_state(ckpt, engine)
+        state = TrainerState(step=saved.step, consumed_samples=saved.consumed_samples, epoch=saved.epoch,
                                 layout=state.layout)
         log.info(f"resume: from {ckpt} at step {state.step}, {state.consumed_samples} samples consumed")
     dataset, valid = _datasets(cfg, tokenizer, dims)
-    if ckpt is not None and same_layout and not ck.load_rng(ckpt, dims.rank):
+    if ckpt is not None and same_layout and not load_rng(ckpt, dims.rank):
         log.info(f"resume: {ckpt} has no RNG state for rank {dims.rank}; continuing with the seeded state")
     dtype = torch.bfloat16 if resolve_precision(cfg) == "bf16" else torch.float32
     comm = _stage_comm(dims, plan, (cfg.batch.micro_batch_size, cfg.data.seq_length, mc.hidden_size), dtype, device)
@@ -313,7 +315,7 @@ def _save(run: Run, reason: str) -> None:
     if not cfg.checkpoint.save:
         run.log.info(f"checkpoint: not saved ({reason}): checkpoint.save is empty")
         return
-    path = checkpoint_io.save(cfg.checkpoint.save, run.engine, run.stage, run.dims, run.state, dump_yaml(cfg),
+    path = ckpt_engine.save(cfg.checkpoint.save, run.engine, run.stage, run.dims, run.state, dump_yaml(cfg),
                               run.mc, cfg.parallel.zero_stage, cfg.checkpoint.keep_last, cfg.data.tokenizer_model)
     run.log.info(f"checkpoint: saved {path} ({reason})")
 

@@ -13,10 +13,10 @@ import yaml
 
 from megafim.data.indexed import IndexedDatasetBuilder
 from megafim.data.tokenizer import Tokenizer
-from megafim.inference.loading import MODEL_DIR, TOKENIZER_FILE, load_model, save_model_dir
+from megafim.checkpoint.weights import write_weights_checkpoint
+from megafim.inference.loading import load_model
 from megafim.model.config import ModelConfig
 from megafim.model.gpt import GPT
-from megafim.training import checkpoint as ckpt
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[2]
@@ -37,11 +37,8 @@ def checkpoint(tmp_path_factory, small_tokenizer_path):
                          ffn_hidden_size=64, max_seq_len=96, n_future=2)
     model = GPT(config)
     save = tmp_path_factory.mktemp("ckpt") / "save"
-    tmp = ckpt.begin(save, 7)
-    save_model_dir(tmp / MODEL_DIR, model.state_dict(), config)
-    shutil.copyfile(small_tokenizer_path, tmp / TOKENIZER_FILE)
-    ckpt.write_trainer_state(tmp, ckpt.TrainerState(step=7), yaml.safe_dump({"data": {}}))
-    ckpt.commit(save, 7, keep_last=2)
+    write_weights_checkpoint(save, model.state_dict(), config, yaml.safe_dump({"data": {}}), small_tokenizer_path,
+                             step=7)
     return save, model, tok
 
 
