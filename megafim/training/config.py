@@ -44,6 +44,9 @@ class ParallelSection:
     """DeepSpeed ZeRO stage 0-3 over the data-parallel group."""
     backend: str = "auto"
     """torch.distributed backend: ``auto`` (nccl with CUDA, else gloo), ``nccl`` or ``gloo``."""
+    distributed_timeout_minutes: float = 10.0
+    """How long a rank waits for the others: to start (process-group rendezvous after a launch or a
+    torchrun restart) and in any one collective; a rank that waits longer fails instead of hanging."""
 
 
 @dataclass
@@ -129,6 +132,12 @@ class CheckpointSection:
     """Keep this many most recent checkpoints and delete older ones; 0 keeps all."""
     save_on_signal: bool = True
     """Save and exit cleanly on SIGTERM/SIGUSR1 (cluster preemption)."""
+    verify: bool = True
+    """Check the checkpoint's files against its manifest before resuming (docs/checkpoints.md)."""
+    allow_changes: list = field(default_factory=list)
+    """Settings that normally may not change on resume which this run changes on purpose, by name:
+    ``data.data_path``, ``data.split``, ``data.fim.rate``, ``data.fim.spm_rate``, ``data.fim.level``,
+    ``data.tokenizer_model`` (the model shape never may)."""
 
 
 @dataclass
@@ -291,6 +300,18 @@ def _check_profiling(cfg: TrainConfig) -> None:
                           f"{lg.profile_ranks}")
 
 
+def _check_checkpoint(cfg: TrainConfig) -> None:
+    from megafim.checkpoint.compat import OVERRIDABLE
+
+    for name in cfg.checkpoint.allow_changes:
+        if name not in OVERRIDABLE:
+            raise ConfigError(f"checkpoint.allow_changes: {name!r} is not a setting that may be changed on "
+                              f"purpose on resume (one of: {', '.join(OVERRIDABLE)})")
+    if not cfg.parallel.distributed_timeout_minutes > 0:
+        raise ConfigError(f"parallel.distributed_timeout_minutes must be > 0, got "
+                          f"{cfg.parallel.distributed_timeout_minutes}")
+
+
 def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> None:
     """Check ``cfg`` for ``world_size`` ranks; ``model_config`` (a resolved ``ModelConfig``) adds
     the shape checks (heads vs tp, layers vs pp). Raises ``ConfigError`` naming the field."""
@@ -322,6 +343,7 @@ def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> Non
     _choice(s.precision, "schedule.precision", ("auto", "bf16", "fp32"))
     _choice(cfg.logging.progress_bar, "logging.progress_bar", ("auto", "on", "off"))
     _check_profiling(cfg)
+    _check_checkpoint(cfg)
     _positive(s.eval_interval, "schedule.eval_interval", allow_zero=True)
     _positive(s.eval_iters, "schedule.eval_iters")
     if s.eval_interval:

@@ -23,11 +23,11 @@ import torch.distributed as dist
 from megafim.model import ModelConfig
 from megafim.parallel import DeepSpeedMPU, ParallelDims
 from megafim.checkpoint import engine as ckpt_engine
-from megafim.checkpoint import find as ckpt_find
-from megafim.checkpoint.state import TrainerState, load_rng, read_trainer_state
+from megafim.checkpoint.state import TrainerState, load_rng
 from megafim.checkpoint.weights import full_weights
 from megafim.training.build import (PipelineStage, StagePlan, build_stage, build_train_valid_datasets,
                                     plan_stages, resolve_model_config)
+from megafim.training.checkpoint_resume import load_engine_state, resume_point
 from megafim.training.cli import dump_yaml
 from megafim.training.config import ConfigError, TrainConfig, grad_accumulation_steps, lr_at, validate
 from megafim.training.deepspeed_config import effective_deepspeed_config, format_for_log, resolve_precision
@@ -89,18 +89,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resume_point(cfg: TrainConfig, dims: ParallelDims):
-    """(checkpoint dir or None, its trainer state or None, whether its layout equals ours)."""
-    if not cfg.checkpoint.load:
-        return None, None, False
-    ckpt = ckpt_find.latest_checkpoint(cfg.checkpoint.load)
-    if ckpt is None:
-        return None, None, False
-    state = read_trainer_state(ckpt)
-    same = state.layout == ckpt_engine.layout_of(dims, cfg.parallel.zero_stage)
-    return ckpt, state, same
-
-
 def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
     """Build everything for this rank; returns the run, the training dataset and the validation
     dataset (None unless ``schedule.eval_interval`` is set)."""
@@ -108,12 +96,13 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
 
     info = WorldInfo.from_env()
     tokenizer, mc = check_before_groups(cfg, info.world_size)
-    device = init_distributed(info, cfg.parallel.backend)
+    device = init_distributed(info, cfg.parallel.backend, cfg.parallel.distributed_timeout_minutes)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     dims = ParallelDims.build(tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline)
     gas = grad_accumulation_steps(cfg, info.world_size)
     ds_config = effective_deepspeed_config(cfg, info.world_size)
-    ckpt, saved, same_layout = _resume_point(cfg, dims)
+    resume = resume_point(cfg, dims, mc)
+    ckpt, saved, same_layout = resume.ckpt, resume.state, resume.same_layout
     log = MetricsLogger(cfg.checkpoint.save, cfg.schedule.train_iters, enabled=dims.rank == 0,
                         log_interval=cfg.logging.log_interval, tensorboard=cfg.logging.tensorboard,
                         progress_bar=cfg.logging.progress_bar, start_step=saved.step if saved else 0)
@@ -121,6 +110,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
              f"{cfg.parallel.zero_stage}, {resolve_precision(cfg)}, {gas} micro-batches/step, device {device}")
     log.info(f"model: {mc}")
     log.info(format_for_log(ds_config))
+    for note in resume.notes:
+        log.info(note)
 
     _seed_everything(cfg.schedule.seed)
     plan = plan_stages(mc.n_trunk_layers, mc.n_future, dims.pp)[dims.pp_rank]
@@ -141,7 +132,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
     state = TrainerState(layout=ckpt_engine.layout_of(dims, cfg.parallel.zero_stage))
     if ckpt is not None:
         if same_layout:
-            ckpt_engine.load_engine_state(ckpt, engine)
+            load_engine_state(ckpt, engine)
         state = TrainerState(step=saved.step, consumed_samples=saved.consumed_samples, epoch=saved.epoch,
                                 layout=state.layout)
         log.info(f"resume: from {ckpt} at step {state.step}, {state.consumed_samples} samples consumed")
