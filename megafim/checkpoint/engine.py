@@ -3,8 +3,9 @@
 Two copies of the weights go into every checkpoint:
 - ``ds/``: DeepSpeed's own files (model, ZeRO-partitioned optimizer) of every tp x pp rank, used for
   an exact resume on the same layout (tp, pp, dp, ZeRO stage);
-- ``model/stage_<p>.safetensors``: the stage's parameters gathered to full (unsharded) tensors under
-  the whole model's names, plus ``model/model_config.json`` (``megafim.checkpoint.weights``).
+- ``model/``: every tensor x pipeline rank's slices of its parameters under the whole model's names and
+  an index of which slice each file holds (``sharded.py``), plus ``model_config.json``: a layout-free
+  view that any layout reads one global tensor at a time, written without gathering anything.
 """
 
 from __future__ import annotations
@@ -18,34 +19,43 @@ import torch.distributed as dist
 from megafim.checkpoint import files
 from megafim.checkpoint.format import DS_DIR, MODEL_DIR, TOKENIZER_FILE, CheckpointError, step_dir_name, temp_dir
 from megafim.checkpoint.state import TrainerState, save_rng, write_trainer_state
-from megafim.checkpoint.weights import write_model_dir
+from megafim.checkpoint.sharded import merge_index, write_shard
+from megafim.checkpoint.weights import shard_name, write_model_config
 from megafim.model.config import ModelConfig
 
 
-def _gather_full(param: torch.Tensor, dims) -> torch.Tensor:
-    """The full tensor of a tensor-parallel shard (concatenated along its ``partition_dim``)."""
-    if dims.tp == 1 or not getattr(param, "tensor_model_parallel", False):
-        return param.detach().clone()
-    parts = [torch.empty_like(param) for _ in range(dims.tp)]
-    dist.all_gather(parts, param.detach().contiguous(), group=dims.tp_group)
-    return torch.cat(parts, dim=param.partition_dim)
+def stage_slices(stage, dims, zero_stage: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """This rank's slices of its stage's parameters ({name: tensor}, {name: (offset, global shape)}).
 
-
-def full_stage_state(stage, dims, zero_stage: int) -> dict[str, torch.Tensor]:
-    """This stage's parameters as full CPU tensors (collective over the tp and, for ZeRO-3, dp group)."""
+    Tensor-parallel parameters are this rank's slice along ``partition_dim``; replicated ones are
+    written by tensor rank 0 only. The tensors are the parameters themselves (no copy), except under
+    ZeRO-3, where each is gathered over the data-parallel group (collective) and copied, one at a time."""
     import deepspeed
 
-    out = {}
+    state, placement = {}, {}
     for name, param in stage.full_state_names().items():
+        sharded = dims.tp > 1 and getattr(param, "tensor_model_parallel", False)
+        if not sharded and dims.tp_rank != 0 and zero_stage != 3:
+            continue
         with deepspeed.zero.GatheredParameters([param], enabled=zero_stage == 3):
-            out[name] = _gather_full(param, dims).cpu()
-    return out
+            tensor = param.detach().clone() if zero_stage == 3 else param.detach()
+        if not sharded and dims.tp_rank != 0:
+            continue
+        shape, offset = list(tensor.shape), [0] * tensor.dim()
+        if sharded:
+            offset[param.partition_dim] = dims.tp_rank * tensor.shape[param.partition_dim]
+            shape[param.partition_dim] *= dims.tp
+        state[name], placement[name] = tensor, (tuple(offset), tuple(shape))
+    return state, placement
 
 
 def save_model_state(ckpt_dir: Path, stage, dims, zero_stage: int, mc: ModelConfig) -> None:
-    state = full_stage_state(stage, dims, zero_stage)  # every rank takes part in the gathers
-    if dims.tp_rank == 0 and dims.dp_rank == 0:
-        write_model_dir(Path(ckpt_dir) / MODEL_DIR, state, mc, pp_rank=dims.pp_rank)
+    """Every rank calls it; data-parallel rank 0 of each tensor x pipeline rank writes its slices."""
+    state, placement = stage_slices(stage, dims, zero_stage)
+    if dims.dp_rank == 0:
+        write_shard(Path(ckpt_dir) / MODEL_DIR, shard_name(dims.tp_rank, dims.pp_rank), state, placement)
+        if dims.rank == 0:
+            write_model_config(Path(ckpt_dir) / MODEL_DIR, mc)
 
 
 def layout_of(dims, zero_stage: int) -> dict:
@@ -67,6 +77,8 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
         if tokenizer_model:  # a checkpoint is self-contained for evaluation, inference and export
             shutil.copyfile(tokenizer_model, tmp / TOKENIZER_FILE)
     dist.barrier()
+    if dims.rank == 0:
+        merge_index(tmp / MODEL_DIR)
     final = files.commit(save_root, state.step, keep_last) if dims.rank == 0 else None
     dist.barrier()
     return final or Path(save_root) / step_dir_name(state.step)

@@ -1,5 +1,6 @@
-"""The layout-free weights of a checkpoint (``model/``): full tensors by the whole model's parameter
-names, one ``stage_<p>.safetensors`` per pipeline stage, and ``model_config.json``.
+"""The layout-free weights of a checkpoint (``model/``): the whole model's parameters by name, each
+stored as the slices the tensor x pipeline ranks held (``sharded.py``: ``tp<t>_pp<p>.safetensors`` and
+``index.json``), and ``model_config.json``.
 
 Any tensor-, pipeline- or data-parallel layout, inference and the converters read them the same way,
 one tensor at a time (``read_model_state`` is lazy), so none of them holds a second copy of the model.
@@ -19,13 +20,14 @@ import yaml
 from megafim.checkpoint import files
 from megafim.checkpoint.format import (CONFIG_YAML, LATEST, MODEL_CONFIG, MODEL_DIR, TOKENIZER_FILE, CheckpointError,
                                        is_step_dir_name)
-from megafim.checkpoint.safetensors_stream import LazySafetensors, save_safetensors_streaming
+from megafim.checkpoint.safetensors_stream import LazySafetensors
+from megafim.checkpoint.sharded import INDEX, ShardedState, merge_index, write_shard
 from megafim.checkpoint.state import TrainerState, write_trainer_state
 from megafim.model.config import ModelConfig
 
 
-def stage_file_name(pp_rank: int) -> str:
-    return f"stage_{pp_rank:02d}.safetensors"
+def shard_name(tp_rank: int, pp_rank: int) -> str:
+    return f"tp{tp_rank:02d}_pp{pp_rank:02d}"
 
 
 def read_model_config(ckpt_dir: Path) -> ModelConfig:
@@ -41,12 +43,15 @@ def read_model_config(ckpt_dir: Path) -> ModelConfig:
 def read_model_state(ckpt_dir: Path) -> tuple[Mapping[str, torch.Tensor], ModelConfig]:
     """Full model state {name: tensor} and its ModelConfig from a checkpoint's ``model/`` folder.
 
-    The tensors are read from the files when accessed, one at a time."""
+    The tensors are read from the files when accessed, one at a time, each assembled from the slices
+    the ranks wrote (``sharded.py``); format 1 kept whole tensors in ``stage_<p>.safetensors``."""
     folder = Path(ckpt_dir) / MODEL_DIR
+    config = read_model_config(ckpt_dir)
+    if (folder / INDEX).is_file():
+        return ShardedState(folder), config
     files = sorted(folder.glob("stage_*.safetensors"))
     if not files:
-        raise CheckpointError(f"{folder}: no stage_*.safetensors (not a complete megafim checkpoint)")
-    config = read_model_config(ckpt_dir)
+        raise CheckpointError(f"{folder}: no {INDEX} (not a complete megafim checkpoint)")
     return LazySafetensors(files), config
 
 
@@ -72,15 +77,12 @@ def write_model_config(model_dir: Path, config: ModelConfig) -> None:
     (Path(model_dir) / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
 
-def write_model_dir(model_dir: Path, state: Mapping[str, torch.Tensor], config: ModelConfig,
-                    pp_rank: int = 0) -> None:
-    """Write one stage's layout-free weights (all of them for ``pp_rank`` 0 of one stage) streamed: a
-    lazy ``state`` (a converter's) is read and written one tensor at a time."""
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    save_safetensors_streaming(state, model_dir / stage_file_name(pp_rank), metadata={"format": "pt"})
-    if pp_rank == 0:
-        write_model_config(model_dir, config)
+def write_model_dir(model_dir: Path, state: Mapping[str, torch.Tensor], config: ModelConfig) -> None:
+    """Write a whole model's layout-free weights as one shard, streamed: a lazy ``state`` (a
+    converter's) is read and written one tensor at a time."""
+    write_shard(model_dir, shard_name(0, 0), state)
+    merge_index(model_dir)
+    write_model_config(model_dir, config)
 
 
 def tokenizer_path(ckpt: Path) -> str | None:

@@ -156,7 +156,7 @@ def test_trainer_falls_back_past_a_corrupt_checkpoint_and_refuses_a_changed_shap
     save = tmp_path / "run"
     args = base_args(tiny_data) + ["--zero-stage", "0", "--save", str(save)]
     check(launch(1, args + ["--train-iters", "4", "--save-interval", "2"], tmp_path))
-    stage = save / "step_00000004" / "model" / "stage_00.safetensors"
+    stage = save / "step_00000004" / "model" / "tp00_pp00.safetensors"
     raw = bytearray(stage.read_bytes())
     raw[-3] ^= 0xFF
     stage.write_bytes(bytes(raw))
@@ -165,7 +165,7 @@ def test_trainer_falls_back_past_a_corrupt_checkpoint_and_refuses_a_changed_shap
     assert proc.stderr.strip().splitlines()[-1].startswith("megafim.train: error: model.n_future: 3 in this run")
     proc = launch(1, args + ["--train-iters", "5", "--load", str(save / "step_00000004")], tmp_path)
     check(proc, 2)
-    assert "stage_00.safetensors: checksum" in proc.stderr.strip().splitlines()[-1]
+    assert "tp00_pp00.safetensors: checksum" in proc.stderr.strip().splitlines()[-1]
     proc = launch(1, args + ["--train-iters", "5"], tmp_path)  # --load defaults to --save
     check(proc)
     assert "skipping step_00000004" in proc.stdout and "from " + str(save / "step_00000002") in proc.stdout
