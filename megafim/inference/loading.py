@@ -10,6 +10,7 @@ names. A Hugging Face directory written by ``tools/convert_checkpoint_to_hf.py``
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class LoadedModel:
 def load_model(path: str | Path, *, iteration: int | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, verify: bool = True) -> LoadedModel:
     """A model in eval mode from a megafim checkpoint / save directory, or a Hugging Face directory.
-    A megafim checkpoint's files are checked against its manifest first (``verify``)."""
+    A megafim checkpoint's weight files are checked against its manifest (``verify``)."""
     path = Path(path)
     if (path / "config.json").is_file() and iteration is None:
         from megafim.convert.hf_model import hf_to_megafim
@@ -40,14 +41,28 @@ def load_model(path: str | Path, *, iteration: int | None = None, device: str | 
         state, config = hf_to_megafim(path, dtype=dtype)
         tokenizer = str(path / HF_TOKENIZER_FILE) if (path / HF_TOKENIZER_FILE).is_file() else None
         kind, source = "hf", path
-    else:
-        source = find.resolve(path, iteration)
-        if verify:
-            manifest.verify(source, only=manifest.files_under(source, "model/"))
+        return LoadedModel(_build(state, config, device, dtype), tokenizer, kind, source)
+    source = find.resolve(path, iteration)
+    if not verify:
         state, config = read_model_state(source)
-        tokenizer, kind = tokenizer_path(source), "megafim"
+        return LoadedModel(_build(state, config, device, dtype), tokenizer_path(source), "megafim", source)
+    # The checksums are computed in a thread while the weights load (zlib releases the GIL), and the
+    # model is returned only once they match; a load that fails on a corrupt file reports the
+    # verification's error, which names the file.
+    with ThreadPoolExecutor(1) as pool:
+        check = pool.submit(manifest.verify, source, manifest.files_under(source, "model/"))
+        try:
+            state, config = read_model_state(source)
+            model = _build(state, config, device, dtype)
+        except Exception:
+            check.result()
+            raise
+        check.result()
+    return LoadedModel(model, tokenizer_path(source), "megafim", source)
+
+
+def _build(state, config, device, dtype) -> GPT:
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict(state, assign=True, strict=True)
-    model = model.to(device=device, dtype=dtype).eval()
-    return LoadedModel(model, tokenizer, kind, source)
+    return model.to(device=device, dtype=dtype).eval()

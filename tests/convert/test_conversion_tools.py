@@ -13,6 +13,7 @@ import yaml
 
 from megafim.data.indexed import IndexedDatasetBuilder
 from megafim.data.tokenizer import Tokenizer
+from megafim.checkpoint.format import CheckpointError
 from megafim.checkpoint.weights import write_weights_checkpoint
 from megafim.inference.loading import load_model
 from megafim.model.config import ModelConfig
@@ -107,6 +108,9 @@ def test_export_refuses_a_corrupt_checkpoint_naming_the_file(checkpoint, tmp_pat
     shard.write_bytes(bytes(raw))
     message = _fails("tools/convert_checkpoint_to_hf.py", "--load", copy, "--save", tmp_path / "hf")
     assert "tp00_pp00.safetensors: checksum" in message
+    with pytest.raises(CheckpointError, match=r"tp00_pp00\.safetensors: checksum"):
+        load_model(copy)  # inference and evaluation
+    assert load_model(copy, verify=False).kind == "megafim"  # the flipped bit is a valid float
 
 
 def test_infill_and_evaluate_clis(checkpoint, tmp_path):
