@@ -130,8 +130,10 @@ def report(args, rows) -> None:
             row[f"{kind}_peak_above_mib"] = round(statistics.median(m for m, _ in runs) / 2**20, 1)
             row[f"{kind}_s"] = round(statistics.median(s for _, s in runs), 3)
         table.append(row)
-    print(f"{args.size}, tp {args.tp} x pp {args.pp}; medians of {args.repeats}; MiB above the memory before the save")
-    print(f"{'rank':>4} {'shard MiB':>10} {'sharded MiB':>12} {'gathered MiB':>13} {'sharded s':>10} {'gathered s':>11}")
+    print(f"{args.size}, tp {args.tp} x pp {args.pp}; medians of {args.repeats}; "
+          "MiB above the memory before the save")
+    print(f"{'rank':>4} {'shard MiB':>10} {'sharded MiB':>12} {'gathered MiB':>13} {'sharded s':>10} "
+          f"{'gathered s':>11}")
     for r in table:
         print(f"{r['rank']:4d} {r['shard_mib']:10.1f} {r['sharded_peak_above_mib']:12.1f} "
               f"{r['gathered_peak_above_mib']:13.1f} {r['sharded_s']:10.3f} {r['gathered_s']:11.3f}")
@@ -158,7 +160,8 @@ def main() -> None:
         return
     work = tempfile.mkdtemp(prefix="ckpt-save-")
     try:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.tp * args.pp}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={args.tp * args.pp}",
                __file__, "--worker", "--work", work, "--command", " ".join(["python", *sys.argv]),
                *sys.argv[1:]]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TMPDIR=work)

@@ -73,7 +73,8 @@ def main() -> None:
     print(f"{args.size}: checkpoint {mib:.0f} MiB; median of {args.repeats}")
     print(f"{'load (no verify)':22} {med['load']:8.3f} s")
     print(f"{'load (verified)':22} {med['load_verified']:8.3f} s   ratio {ratio:.2f}")
-    print(f"{'manifest.verify alone':22} {med['verify_only']:8.3f} s   {mib / 1024 / med['verify_only']:.2f} GiB/s")
+    print(f"{'manifest.verify alone':22} {med['verify_only']:8.3f} s   "
+          f"{mib / 1024 / med['verify_only']:.2f} GiB/s")
     write_json(args.out, result)
 
 

@@ -70,8 +70,9 @@ def compare(ckpt_dir: Path, saved_mc, mc, saved_cfg: dict, cfg: dict, trained: b
             return (f"{name}: {new[name]!r} in this run, {old[name]!r} in the checkpoint (the data cannot "
                     f"change on resume unless checkpoint.allow_changes names {name})"), []
         allowed.append(text)
-    if trained and "data.tokenizer_model" not in allow and _tokenizer_differs(ckpt_dir, cfg["data"]["tokenizer_model"]):
-        return (f"data.tokenizer_model: {cfg['data']['tokenizer_model']} differs from the checkpoint's "
+    tokenizer = cfg["data"]["tokenizer_model"]
+    if trained and "data.tokenizer_model" not in allow and _tokenizer_differs(ckpt_dir, tokenizer):
+        return (f"data.tokenizer_model: {tokenizer} differs from the checkpoint's "
                 f"{Path(ckpt_dir) / TOKENIZER_FILE} (the tokenizer cannot change on resume unless "
                 "checkpoint.allow_changes names data.tokenizer_model)"), []
     return None, allowed

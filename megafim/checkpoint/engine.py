@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from megafim.checkpoint import files
-from megafim.checkpoint.format import DS_DIR, MODEL_DIR, TOKENIZER_FILE, CheckpointError, step_dir_name, temp_dir
+from megafim.checkpoint.format import (DS_DIR, MODEL_DIR, TOKENIZER_FILE, CheckpointError, step_dir_name,
+                                       temp_dir)
 from megafim.checkpoint.state import TrainerState, save_rng, write_trainer_state
 from megafim.checkpoint.sharded import merge_index, write_shard
 from megafim.checkpoint.weights import shard_name, write_model_config

@@ -44,7 +44,8 @@ def resolve(path: str | Path, iteration: int | None = None) -> Path:
         chosen = root / step_dir_name(iteration)
         if not is_checkpoint(chosen):
             steps = [p.name for p in list_checkpoints(root)]
-            raise CheckpointError(f"{root}: no checkpoint for iteration {iteration} (found: {steps or 'none'})")
+            raise CheckpointError(f"{root}: no checkpoint for iteration {iteration} "
+                                  f"(found: {steps or 'none'})")
         return chosen
     found = latest_checkpoint(root)
     if found is None:

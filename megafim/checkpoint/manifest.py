@@ -97,8 +97,8 @@ def verify(ckpt_dir: Path, only: Iterable[str] | None = None) -> bool:
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (listed in {ckpt_dir / MANIFEST})")
         if path.stat().st_size != files[rel]["size"]:
-            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, the manifest says {files[rel]['size']} "
-                                  "(truncated or overwritten)")
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, the manifest says "
+                                  f"{files[rel]['size']} (truncated or overwritten)")
     with ThreadPoolExecutor(_threads()) as pool:
         sums = list(pool.map(lambda rel: crc32_file(ckpt_dir / rel), names))
     for rel, crc in zip(names, sums):

@@ -43,7 +43,8 @@ def write_shard(folder: Path, shard: str, state: Mapping[str, torch.Tensor],
     for name in state:
         shape, dtype = tensor_spec(state, name)
         offset, global_shape = (placement or {}).get(name, ((0,) * len(shape), shape))
-        entries[name] = {"shape": list(global_shape), "dtype": SAFETENSORS_DTYPES[dtype], "offset": list(offset)}
+        entries[name] = {"shape": list(global_shape), "dtype": SAFETENSORS_DTYPES[dtype],
+                         "offset": list(offset)}
     (folder / f"{shard}.json").write_text(json.dumps(entries) + "\n", encoding="utf-8")
 
 
@@ -51,10 +52,12 @@ def merge_index(folder: Path, metadata: dict | None = None) -> None:
     """Merge every writer's fragment into ``index.json`` and remove the fragments (one process)."""
     folder = Path(folder)
     tensors: dict[str, dict] = {}
-    fragments = sorted(p for p in folder.glob("*.json") if p.name != INDEX and (folder / f"{p.stem}.safetensors").is_file())
+    fragments = sorted(p for p in folder.glob("*.json")
+                       if p.name != INDEX and (folder / f"{p.stem}.safetensors").is_file())
     for fragment in fragments:
         for name, entry in json.loads(fragment.read_text(encoding="utf-8")).items():
-            merged = tensors.setdefault(name, {"shape": entry["shape"], "dtype": entry["dtype"], "shards": []})
+            merged = tensors.setdefault(name, {"shape": entry["shape"], "dtype": entry["dtype"],
+                                               "shards": []})
             merged["shards"].append({"file": f"{fragment.stem}.safetensors", "offset": entry["offset"]})
     data = {"format_version": FORMAT_VERSION, "metadata": metadata or {}, "tensors": tensors}
     (folder / INDEX).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")

@@ -18,8 +18,8 @@ import torch
 import yaml
 
 from megafim.checkpoint import files
-from megafim.checkpoint.format import (CONFIG_YAML, LATEST, MODEL_CONFIG, MODEL_DIR, TOKENIZER_FILE, CheckpointError,
-                                       is_step_dir_name)
+from megafim.checkpoint.format import (CONFIG_YAML, LATEST, MODEL_CONFIG, MODEL_DIR, TOKENIZER_FILE,
+                                       CheckpointError, is_step_dir_name)
 from megafim.checkpoint.safetensors_stream import LazySafetensors
 from megafim.checkpoint.sharded import INDEX, ShardedState, merge_index, write_shard
 from megafim.checkpoint.state import TrainerState, write_trainer_state
@@ -110,8 +110,8 @@ def write_weights_checkpoint(save_root: Path, state: Mapping[str, torch.Tensor],
     existing = sorted(p.name for p in save_root.iterdir()
                       if p.name == LATEST or is_step_dir_name(p.name)) if save_root.is_dir() else []
     if existing:
-        raise CheckpointError(f"{save_root}: already holds a run ({', '.join(existing[:3])}); choose an empty "
-                              "or new directory")
+        raise CheckpointError(f"{save_root}: already holds a run ({', '.join(existing[:3])}); choose an "
+                              "empty or new directory")
     tmp = files.begin(save_root, step)
     write_model_dir(tmp / MODEL_DIR, state, config)
     if tokenizer_model:

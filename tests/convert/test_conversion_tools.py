@@ -38,8 +38,8 @@ def checkpoint(tmp_path_factory, small_tokenizer_path):
                          ffn_hidden_size=64, max_seq_len=96, n_future=2)
     model = GPT(config)
     save = tmp_path_factory.mktemp("ckpt") / "save"
-    write_weights_checkpoint(save, model.state_dict(), config, yaml.safe_dump({"data": {}}), small_tokenizer_path,
-                             step=7)
+    write_weights_checkpoint(save, model.state_dict(), config, yaml.safe_dump({"data": {}}),
+                             small_tokenizer_path, step=7)
     return save, model, tok
 
 

@@ -133,7 +133,7 @@ def test_where_a_run_resumes_from(tmp_path):
     cfg = _cfg(checkpoint__save=str(save))
     assert load_dir(cfg, notes) == "" and notes == []  # a fresh run
     cfg = _cfg(checkpoint__save=str(save), checkpoint__load=str(save))
-    assert load_dir(cfg, notes) == "" and "starting from scratch" in notes[-1]  # --save D --load D, first start
+    assert load_dir(cfg, notes) == "" and "starting from scratch" in notes[-1]  # --save D --load D: fresh
     with pytest.raises(ConfigError, match=f"checkpoint.load: {other} holds no checkpoint"):
         load_dir(_cfg(checkpoint__save=str(save), checkpoint__load=str(other)), notes)
     _save(save, 4)
@@ -162,7 +162,8 @@ def test_trainer_falls_back_past_a_corrupt_checkpoint_and_refuses_a_changed_shap
     stage.write_bytes(bytes(raw))
     proc = launch(1, args + ["--train-iters", "5", "--n-future", "3"], tmp_path)
     check(proc, 2)
-    assert proc.stderr.strip().splitlines()[-1].startswith("megafim.train: error: model.n_future: 3 in this run")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("megafim.train: error: model.n_future: 3 in this run")
     proc = launch(1, args + ["--train-iters", "5", "--load", str(save / "step_00000004")], tmp_path)
     check(proc, 2)
     assert "tp00_pp00.safetensors: checksum" in proc.stderr.strip().splitlines()[-1]
