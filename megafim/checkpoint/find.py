@@ -69,8 +69,8 @@ def verified_for_resume(load: str | Path, verify: bool, say: Callable[[str], Non
     directory holds no checkpoint."""
     root = Path(load)
     if is_checkpoint(root):
-        if verify:
-            manifest.verify(root)
+        if verify and not manifest.verify(root):
+            say(f"resume: {root} has no manifest (an older format): loaded unverified")
         return root
     try:
         first = latest_checkpoint(root)
