@@ -31,16 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 WRITE_CHECKPOINT = """
 import sys, torch, yaml
 from pathlib import Path
-from megafim.inference.loading import MODEL_DIR, save_model_dir
+from megafim.checkpoint.weights import write_weights_checkpoint
 from megafim.model import GPT, model_config
-from megafim.training import checkpoint as ckpt
 size, n_future, save = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 torch.manual_seed(0)
 model = GPT(model_config(size, n_future=n_future))
-tmp = ckpt.begin(save, 1)
-save_model_dir(tmp / MODEL_DIR, model.state_dict(), model.config)
-ckpt.write_trainer_state(tmp, ckpt.TrainerState(step=1), yaml.safe_dump({"data": {}}))
-ckpt.commit(save, 1, keep_last=0)
+write_weights_checkpoint(save, model.state_dict(), model.config, yaml.safe_dump({"data": {}}), step=1)
 print(sum(p.numel() for p in model.parameters()))
 """
 

@@ -18,7 +18,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megafim.convert.hf_model import DTYPES, megafim_to_hf  # noqa: E402
 from megafim.convert.hf_tokenizer import save_hf_tokenizer  # noqa: E402
 from megafim.data.tokenizer import Tokenizer  # noqa: E402
-from megafim.inference.loading import HF_TOKENIZER_FILE, checkpoint_dir, megafim_tokenizer_path, read_megafim_weights  # noqa: E402
+from megafim.checkpoint import find, manifest  # noqa: E402
+from megafim.checkpoint.format import HF_TOKENIZER_FILE  # noqa: E402
+from megafim.checkpoint.weights import read_model_state, tokenizer_path  # noqa: E402
+
+
+def clear_output(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty output directory, or with ``overwrite`` remove an earlier export's weight
+    files, so that ``from_pretrained`` can never pick up a stale shard beside the new ones."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ValueError(f"{out}: not empty; choose a new directory or pass --overwrite to replace an "
+                         "earlier export there")
+    for stale in [*out.glob("*.safetensors"), *out.glob("*.safetensors.index.json")]:
+        stale.unlink()
 
 
 def main(argv=None) -> int:
@@ -29,11 +43,15 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--tokenizer-model", help="default: the checkpoint's own tokenizer")
     p.add_argument("--max-shard-size-gb", type=float, default=2.0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="export into a non-empty --save, removing its earlier *.safetensors first")
     args = p.parse_args(argv)
     try:
-        ckpt = checkpoint_dir(args.load, args.iteration)
-        state, config = read_megafim_weights(ckpt)
-        tok_path = args.tokenizer_model or megafim_tokenizer_path(ckpt)
+        ckpt = find.resolve(args.load, args.iteration)
+        manifest.verify(ckpt, only=manifest.files_under(ckpt, "model/"))
+        state, config = read_model_state(ckpt)
+        tok_path = args.tokenizer_model or tokenizer_path(ckpt)
+        clear_output(Path(args.save), args.overwrite)
         tokenizer = Tokenizer.from_file(tok_path) if tok_path else None
         out = megafim_to_hf(state, config, args.save, dtype=args.dtype,
                             eos_token_id=tokenizer.eod if tokenizer else None,

@@ -13,7 +13,6 @@ streamed: one tensor (or one new head) in memory at a time (docs/conversion.md).
 
 import argparse
 import dataclasses
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,15 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megafim.convert.heads import HEAD_INITS, head_initialiser  # noqa: E402
 from megafim.convert.hf_model import hf_to_megafim, model_config_from_hf  # noqa: E402
-from megafim.inference.loading import HF_TOKENIZER_FILE, MODEL_DIR, TOKENIZER_FILE, save_model_dir  # noqa: E402
-from megafim.training import checkpoint as ckpt  # noqa: E402
+from megafim.checkpoint.format import HF_TOKENIZER_FILE  # noqa: E402
+from megafim.checkpoint.weights import write_weights_checkpoint  # noqa: E402
 from megafim.training.config import TrainConfig, to_dict  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, type=Path, help="Hugging Face model directory")
-    p.add_argument("--save", required=True, type=Path, help="megafim save directory to create")
+    p.add_argument("--save", required=True, type=Path,
+                   help="megafim save directory to create (refused when it already holds checkpoints)")
     p.add_argument("--n-future", type=int, help="heads of the megafim model (default: as many as stored)")
     p.add_argument("--init-heads", choices=HEAD_INITS, default="random")
     p.add_argument("--seed", type=int, default=1234)
@@ -50,12 +50,8 @@ def main(argv=None) -> int:
             setattr(train_cfg.model, name, value)
         if tokenizer:
             train_cfg.data.tokenizer_model = str(Path(tokenizer).resolve())
-        tmp = ckpt.begin(args.save, 0)
-        save_model_dir(tmp / MODEL_DIR, state, config)
-        if tokenizer:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
-        ckpt.write_trainer_state(tmp, ckpt.TrainerState(), yaml.safe_dump(to_dict(train_cfg), sort_keys=False))
-        final = ckpt.commit(args.save, 0, keep_last=0)
+        final = write_weights_checkpoint(args.save, state, config,
+                                         yaml.safe_dump(to_dict(train_cfg), sort_keys=False), tokenizer)
     except (OSError, ValueError, KeyError) as err:
         print(f"convert_hf_to_checkpoint: {err}", file=sys.stderr)
         return 2

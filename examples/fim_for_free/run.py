@@ -334,7 +334,9 @@ def train_and_watch(cmd: list[str], save: Path, run_dir: Path, evaluate, keep: b
     """Run the trainer and evaluate each checkpoint as it appears (checkpoints become visible by an
     atomic rename, so a listed one is complete); then delete it unless ``keep`` or ``latest`` names it,
     so that a long run does not hold every optimizer state on disk at once."""
-    from megafim.training.checkpoint import latest_checkpoint, list_checkpoints, step_of
+    from megafim.checkpoint.files import list_checkpoints
+    from megafim.checkpoint.find import latest_checkpoint
+    from megafim.checkpoint.format import step_of
 
     evals: list[dict] = []
     evaluated: set[int] = set()

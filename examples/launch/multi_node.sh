@@ -9,6 +9,8 @@
 # (where node 0 listens for the rendezvous), NPROC_PER_NODE (default: GPUs on this node, else 1),
 # RDZV_ID (a job id shared by the nodes, default "megafim"). The static rendezvous on node 0's address
 # needs no etcd; every node must reach MASTER_ADDR:MASTER_PORT. All other arguments go to megafim.train.
+# A rank that dies makes every agent restart its ranks (up to MAX_RESTARTS, default 3, times); they
+# resume from the newest complete checkpoint in --save (--load defaults to --save when it holds one).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
@@ -21,4 +23,5 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
 fi
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node-rank="$NODE_RANK" \
   --nproc-per-node="$NPROC_PER_NODE" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \
+  --max-restarts="${MAX_RESTARTS:-3}" \
   -m megafim.train "$@"

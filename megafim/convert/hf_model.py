@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from megafim.convert.streaming import (LazySafetensors, LazyState, TensorSource, save_safetensors_streaming,
+from megafim.checkpoint.safetensors_stream import (LazySafetensors, LazyState, TensorSource, save_safetensors_streaming,
                                        tensor_spec)
 from megafim.model.config import ModelConfig
 from megafim.model.hf_keys import BLOCK_KEYS, hf_key_map, hf_llama_config_kwargs

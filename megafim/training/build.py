@@ -3,7 +3,7 @@
 
 Every rank lays out the full model on the meta device (no memory), keeps its stage (the layers of
 other stages are deleted, so parameter names like ``layers.7.mlp.up_proj.weight`` stay those of the
-whole model on every stage, which is what makes the layout-free checkpoint of ``checkpoint_io.py``
+whole model on every stage, which is what makes the layout-free checkpoint of ``megafim.checkpoint.weights``
 possible), shards it over tensor parallelism, and only then makes its weights, one whole parameter at
 a time: a rank never holds more than its share plus one full tensor, and every layout starts from the
 same weights (``GPT``'s ``initial_value``).

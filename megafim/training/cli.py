@@ -42,6 +42,8 @@ MEGATRON_FLAGS: dict[str, tuple[str, type, str]] = {
     "--save": ("checkpoint.save", str, "checkpoint directory"),
     "--load": ("checkpoint.load", str, "resume from this checkpoint directory"),
     "--save-interval": ("checkpoint.save_interval", int, "save every N steps"),
+    "--distributed-timeout-minutes": ("parallel.distributed_timeout_minutes", float,
+                                      "wait at most this long for other ranks (start-up, collectives)"),
     "--deepspeed-config": ("deepspeed_config", str, "DeepSpeed JSON merged over the generated one"),
     "--profile-step-start": ("logging.profile_step_start", int, "first step recorded by torch.profiler"),
     "--profile-step-end": ("logging.profile_step_end", int, "last step recorded by torch.profiler"),

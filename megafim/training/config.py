@@ -81,6 +81,9 @@ class ParallelSection:
     """DeepSpeed ZeRO stage over the data-parallel group."""
     backend: str = field(default="auto", metadata={"choices": ("auto", "nccl", "gloo")})
     """torch.distributed backend: ``auto`` (nccl with CUDA, else gloo), ``nccl`` or ``gloo``."""
+    distributed_timeout_minutes: float = 10.0
+    """How long a rank waits for the others: to start (process-group rendezvous after a launch or a
+    torchrun restart) and in any one collective; a rank that waits longer fails instead of hanging."""
 
 
 # ``data:``: the trainer's own data settings, then DataConfig's sample settings, then the FIM transform
@@ -156,6 +159,12 @@ class CheckpointSection:
     """Keep this many most recent checkpoints and delete older ones; 0 keeps all."""
     save_on_signal: bool = True
     """Save and exit cleanly on SIGTERM/SIGUSR1 (cluster preemption)."""
+    verify: bool = True
+    """Check the checkpoint's files against its manifest before resuming (docs/checkpoints.md)."""
+    allow_changes: list = field(default_factory=list)
+    """Settings that normally may not change on resume which this run changes on purpose, by name:
+    ``data.data_path``, ``data.split``, ``data.fim.rate``, ``data.fim.spm_rate``, ``data.fim.level``,
+    ``data.tokenizer_model`` (the model shape never may)."""
 
 
 @dataclass
@@ -417,6 +426,18 @@ def build_data_config(cfg: TrainConfig, cache_dir: str | None = None) -> DataCon
             raise ConfigError(f"data.data_path: {message}") from None
         raise domain_error(exc) from None
 
+def _check_checkpoint(cfg: TrainConfig) -> None:
+    from megafim.checkpoint.compat import OVERRIDABLE
+
+    for name in cfg.checkpoint.allow_changes:
+        if name not in OVERRIDABLE:
+            raise ConfigError(f"checkpoint.allow_changes: {name!r} is not a setting that may be changed on "
+                              f"purpose on resume (one of: {', '.join(OVERRIDABLE)})")
+    if not cfg.parallel.distributed_timeout_minutes > 0:
+        raise ConfigError(f"parallel.distributed_timeout_minutes must be > 0, got "
+                          f"{cfg.parallel.distributed_timeout_minutes}")
+
+
 
 def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> None:
     """Check ``cfg`` for ``world_size`` ranks before any process group exists; raises ``ConfigError``
@@ -445,6 +466,7 @@ def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> Non
             raise ConfigError(f"{name} must be in [0, 1), got {value}")
     data = build_data_config(cfg)
     _check_profiling(cfg)
+    _check_checkpoint(cfg)
     _positive(s.eval_interval, "schedule.eval_interval", allow_zero=True)
     _positive(s.eval_iters, "schedule.eval_iters")
     if s.eval_interval and data.split_weights[1] == 0:

@@ -53,9 +53,28 @@ def _disable_shm_comm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def init_distributed(info: WorldInfo, backend: str, timeout_min: int = 30) -> torch.device:
+def rendezvous_store(info: WorldInfo, timeout: datetime.timedelta) -> dist.Store:
+    """The key-value store the ranks meet in, private to this start of the job.
+
+    Under torchrun the agent's TCP store outlives a restart (``--max-restarts``: torch shares one store
+    across rendezvous rounds), so the keys the previous attempt wrote are still there: each rank's gloo
+    address, the counters of the store-based barriers that ``init_process_group`` and ``new_group``
+    run. Ranks of the restarted attempt then read a dead rank's address, or a counter that has already
+    reached its target, and wait for peers that will never come. Prefixing every key with the restart
+    count gives each attempt an empty namespace."""
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(addr, port, info.world_size, is_master=not agent_hosts_it and info.rank == 0,
+                          timeout=timeout)
+    return dist.PrefixStore(f"megafim/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def init_distributed(info: WorldInfo, backend: str, timeout_min: float = 10.0) -> torch.device:
     """Create the default process group (also for one rank, so the code path is the same) and
-    DeepSpeed's communication backend on top of it. Returns this rank's device."""
+    DeepSpeed's communication backend on top of it. Returns this rank's device.
+
+    ``timeout_min`` bounds both the wait for the other ranks to start and every collective: a rank
+    whose peers died fails after it instead of hanging (the launcher then restarts the job)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
@@ -70,8 +89,9 @@ def init_distributed(info: WorldInfo, backend: str, timeout_min: int = 30) -> to
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
-                                timeout=datetime.timedelta(minutes=timeout_min))
+        timeout = datetime.timedelta(minutes=timeout_min)
+        dist.init_process_group(backend=backend, store=rendezvous_store(info, timeout), rank=info.rank,
+                                world_size=info.world_size, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return device
 

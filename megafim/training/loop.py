@@ -22,10 +22,12 @@ import torch.distributed as dist
 
 from megafim.model import ModelConfig
 from megafim.parallel import DeepSpeedMPU, ParallelDims
-from megafim.training import checkpoint as ck
-from megafim.training import checkpoint_io
+from megafim.checkpoint import engine as ckpt_engine
+from megafim.checkpoint.state import TrainerState, load_rng
+from megafim.checkpoint.weights import full_weights
 from megafim.training.build import (PipelineStage, StagePlan, build_stage, build_train_valid_datasets,
                                     checked_data_config, plan_stages)
+from megafim.training.checkpoint_resume import load_engine_state, resume_point
 from megafim.training.cli import dump_yaml
 from megafim.training.config import (ConfigError, TrainConfig, grad_accumulation_steps, lr_at,
                                      resolve_model_config, validate)
@@ -56,7 +58,7 @@ class Run:
     optimizer: object
     comm: StageComm
     gas: int
-    state: ck.TrainerState
+    state: TrainerState
     log: MetricsLogger
 
 
@@ -107,18 +109,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resume_point(cfg: TrainConfig, dims: ParallelDims):
-    """(checkpoint dir or None, its trainer state or None, whether its layout equals ours)."""
-    if not cfg.checkpoint.load:
-        return None, None, False
-    ckpt = ck.latest_checkpoint(cfg.checkpoint.load)
-    if ckpt is None:
-        return None, None, False
-    state = ck.read_trainer_state(ckpt)
-    same = state.layout == checkpoint_io.layout_of(dims, cfg.parallel.zero_stage)
-    return ckpt, state, same
-
-
 def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
     """Build everything for this rank; returns the run, the training dataset and the validation
     dataset (None unless ``schedule.eval_interval`` is set)."""
@@ -126,12 +116,13 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
 
     info = WorldInfo.from_env()
     tokenizer, mc, notes = check_before_groups(cfg, info.world_size)
-    device = init_distributed(info, cfg.parallel.backend)
+    device = init_distributed(info, cfg.parallel.backend, cfg.parallel.distributed_timeout_minutes)
     _quiet_deepspeed()
     dims = ParallelDims.build(tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline)
     gas = grad_accumulation_steps(cfg, info.world_size)
     ds_config = effective_deepspeed_config(cfg, info.world_size)
-    ckpt, saved, same_layout = _resume_point(cfg, dims)
+    resume = resume_point(cfg, dims, mc)
+    ckpt, saved, same_layout = resume.ckpt, resume.state, resume.same_layout
     log = MetricsLogger(cfg.checkpoint.save, cfg.schedule.train_iters, enabled=dims.rank == 0,
                         log_interval=cfg.logging.log_interval, tensorboard=cfg.logging.tensorboard,
                         progress_bar=cfg.logging.progress_bar, start_step=saved.step if saved else 0)
@@ -141,15 +132,17 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
     for note in notes:
         log.info(note)
     log.info(write_and_describe(ds_config, cfg.checkpoint.save if dims.rank == 0 else ""))
+    for note in resume.notes:
+        log.info(note)
 
     _seed_everything(cfg.schedule.seed)
     plan = plan_stages(mc.n_trunk_layers, mc.n_future, dims.pp)[dims.pp_rank]
     weights = None
     if ckpt is not None and not same_layout:
         log.info(f"resume: {ckpt} was saved with layout {saved.layout}, this run is "
-                 f"{checkpoint_io.layout_of(dims, cfg.parallel.zero_stage)}: loading its layout-free weights "
+                 f"{ckpt_engine.layout_of(dims, cfg.parallel.zero_stage)}: loading its layout-free weights "
                  "and resharding them; the optimizer state starts fresh")
-        weights = checkpoint_io.full_weights(ckpt)
+        weights = full_weights(ckpt)
     stage = build_stage(mc, plan, cfg.schedule.seed, dims, weights)
     stage.to(device)
     if cfg.model.compile:
@@ -157,16 +150,16 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
         log.info("model: transformer blocks compiled with torch.compile (the first steps include compiling)")
     optimizer = build_optimizer(stage, cfg.optimizer)
     engine, *_ = deepspeed.initialize(model=stage, optimizer=optimizer, config=ds_config, mpu=DeepSpeedMPU(dims))
-    checkpoint_io.name_checkpoint_files(engine, dims)
-    state = ck.TrainerState(layout=checkpoint_io.layout_of(dims, cfg.parallel.zero_stage))
+    ckpt_engine.name_checkpoint_files(engine, dims)
+    state = TrainerState(layout=ckpt_engine.layout_of(dims, cfg.parallel.zero_stage))
     if ckpt is not None:
         if same_layout:
-            checkpoint_io.load_engine_state(ckpt, engine, dims)
-        state = ck.TrainerState(step=saved.step, consumed_samples=saved.consumed_samples, epoch=saved.epoch,
+            load_engine_state(ckpt, engine)
+        state = TrainerState(step=saved.step, consumed_samples=saved.consumed_samples, epoch=saved.epoch,
                                 layout=state.layout)
         log.info(f"resume: from {ckpt} at step {state.step}, {state.consumed_samples} samples consumed")
     dataset, valid = _datasets(cfg, tokenizer, dims)
-    if ckpt is not None and same_layout and not ck.load_rng(ckpt, dims.rank):
+    if ckpt is not None and same_layout and not load_rng(ckpt, dims.rank):
         log.info(f"resume: {ckpt} has no RNG state for rank {dims.rank}; continuing with the seeded state")
     dtype = torch.bfloat16 if resolve_precision(cfg) == "bf16" else torch.float32
     comm = _stage_comm(dims, plan, (cfg.batch.micro_batch_size, cfg.data.seq_length, mc.hidden_size), dtype, device)
@@ -335,7 +328,7 @@ def _save(run: Run, reason: str) -> None:
     if not cfg.checkpoint.save:
         run.log.info(f"checkpoint: not saved ({reason}): checkpoint.save is empty")
         return
-    path = checkpoint_io.save(cfg.checkpoint.save, run.engine, run.stage, run.dims, run.state, dump_yaml(cfg),
+    path = ckpt_engine.save(cfg.checkpoint.save, run.engine, run.stage, run.dims, run.state, dump_yaml(cfg),
                               run.mc, cfg.parallel.zero_stage, cfg.checkpoint.keep_last, cfg.data.tokenizer_model)
     run.log.info(f"checkpoint: saved {path} ({reason})")
 

@@ -14,10 +14,11 @@ import yaml
 
 from megafim.data.indexed import IndexedDatasetBuilder
 from megafim.data.tokenizer import Tokenizer
-from megafim.inference.loading import MODEL_DIR, TOKENIZER_FILE, load_model, save_model_dir
+from megafim.checkpoint.format import CheckpointError
+from megafim.checkpoint.weights import write_weights_checkpoint
+from megafim.inference.loading import load_model
 from megafim.model.config import ModelConfig
 from megafim.model.gpt import GPT
-from megafim.training import checkpoint as ckpt
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[2]
@@ -38,11 +39,8 @@ def checkpoint(tmp_path_factory, small_tokenizer_path):
                          ffn_hidden_size=64, max_seq_len=96, n_future=2)
     model = GPT(config)
     save = tmp_path_factory.mktemp("ckpt") / "save"
-    tmp = ckpt.begin(save, 7)
-    save_model_dir(tmp / MODEL_DIR, model.state_dict(), config)
-    shutil.copyfile(small_tokenizer_path, tmp / TOKENIZER_FILE)
-    ckpt.write_trainer_state(tmp, ckpt.TrainerState(step=7), yaml.safe_dump({"data": {}}))
-    ckpt.commit(save, 7, keep_last=2)
+    write_weights_checkpoint(save, model.state_dict(), config, yaml.safe_dump({"data": {}}),
+                             small_tokenizer_path, step=7)
     return save, model, tok
 
 
@@ -71,6 +69,49 @@ def test_export_import_round_trip_and_new_heads(checkpoint, tmp_path):
     m4 = load_model(four).model.state_dict()
     assert torch.equal(m4["heads.3.mlp.down_proj.weight"], m4["heads.0.mlp.down_proj.weight"])
     assert torch.equal(m4["heads.1.mlp.down_proj.weight"], model.state_dict()["heads.1.mlp.down_proj.weight"])
+
+
+def _fails(*args):
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_converters_never_overwrite_a_run_or_leave_stale_shards(checkpoint, tmp_path):
+    save, model, tok = checkpoint
+    hf_dir = tmp_path / "hf"
+    big = ["--dtype", "float32", "--max-shard-size-gb", str(8e3 / 2**30)]  # many small shards
+    run("tools/convert_checkpoint_to_hf.py", "--load", save, "--save", hf_dir, *big)
+    many = sorted(p.name for p in hf_dir.glob("model-*.safetensors"))
+    assert len(many) > 2
+    # Importing into a directory that holds a run would repoint its `latest` to step 0: refused.
+    message = _fails("tools/convert_hf_to_checkpoint.py", "--load", hf_dir, "--save", save)
+    assert str(save) in message and "already holds a run" in message
+    assert (save / "latest").read_text().strip() == "step_00000007"
+    # Exporting into a non-empty directory: refused, or with --overwrite the old shards go first.
+    assert "not empty" in _fails("tools/convert_checkpoint_to_hf.py", "--load", save, "--save", hf_dir)
+    run("tools/convert_checkpoint_to_hf.py", "--load", save, "--save", hf_dir, "--overwrite", "--dtype", "float32")
+    assert not [p for p in hf_dir.glob("model-*.safetensors")]  # one file now, none of the old shards
+    assert (hf_dir / "model.safetensors").is_file()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    assert torch.equal(hf.state_dict()["model.embed_tokens.weight"], model.state_dict()["embed_tokens.weight"])
+
+
+def test_export_refuses_a_corrupt_checkpoint_naming_the_file(checkpoint, tmp_path):
+    save, _, _ = checkpoint
+    copy = tmp_path / "copy"
+    shutil.copytree(save, copy)
+    shard = copy / "step_00000007" / "model" / "tp00_pp00.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 1
+    shard.write_bytes(bytes(raw))
+    message = _fails("tools/convert_checkpoint_to_hf.py", "--load", copy, "--save", tmp_path / "hf")
+    assert "tp00_pp00.safetensors: checksum" in message
+    with pytest.raises(CheckpointError, match=r"tp00_pp00\.safetensors: checksum"):
+        load_model(copy)  # inference and evaluation
+    assert load_model(copy, verify=False).kind == "megafim"  # the flipped bit is a valid float
 
 
 def test_infill_and_evaluate_clis(checkpoint, tmp_path):

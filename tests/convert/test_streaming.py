@@ -6,7 +6,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from megafim.convert.heads import fresh_head
-from megafim.convert.streaming import LazyState, TensorSource, save_safetensors_streaming
+from megafim.checkpoint.safetensors_stream import LazyState, TensorSource, save_safetensors_streaming
 from megafim.model.config import ModelConfig
 from megafim.model.gpt import GPT
 

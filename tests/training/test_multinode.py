@@ -43,6 +43,6 @@ def test_two_agents_tp2_pp2(tiny_data, tmp_path):
     assert json.loads((ckpt / "trainer_state.json").read_text())["layout"] == {
         "tensor": 2, "pipeline": 2, "data": 1, "zero_stage": 1}
     assert len(list((ckpt / "ds").glob("mp_rank_*_model_states.pt"))) == 4
-    assert sorted(p.name for p in (ckpt / "model").glob("*.safetensors")) == ["stage_00.safetensors",
-                                                                              "stage_01.safetensors"]
+    assert sorted(p.name for p in (ckpt / "model").glob("*.safetensors")) == [
+        "tp00_pp00.safetensors", "tp00_pp01.safetensors", "tp01_pp00.safetensors", "tp01_pp01.safetensors"]
     assert len(list((ckpt / "rng").glob("rank_*.pt"))) == 4

@@ -80,21 +80,22 @@ def test_build_stage_reads_checkpoint_weights_checking_names_and_shapes(tmp_path
     from safetensors.torch import save_file
 
     from megafim.model import GPT
-    from megafim.training import checkpoint_io
+    from megafim.checkpoint.format import MODEL_DIR
+    from megafim.checkpoint.weights import full_weights
 
     mc = model_config("tiny", n_layers=3)
     torch.manual_seed(5)
     state = {k: v.detach().clone() for k, v in GPT(mc).state_dict().items()}
-    folder = tmp_path / checkpoint_io.MODEL_DIR
+    folder = tmp_path / MODEL_DIR
     folder.mkdir()
     (folder / "model_config.json").write_text(json.dumps(dataclasses.asdict(mc)))
     save_file(state, folder / "stage_0.safetensors")
     plan = plan_stages(mc.n_trunk_layers, mc.n_future, 1)[0]
-    stage = build_stage(mc, plan, 99, weights=checkpoint_io.full_weights(tmp_path))
+    stage = build_stage(mc, plan, 99, weights=full_weights(tmp_path))
     for name, param in stage.model.named_parameters():
         assert torch.equal(param, state[name]), name
     with pytest.raises(ValueError, match=r"embed_tokens.weight has shape \(512, 64\) in the checkpoint"):
-        build_stage(mc.replace(vocab_size=1024), plan, 99, weights=checkpoint_io.full_weights(tmp_path))
+        build_stage(mc.replace(vocab_size=1024), plan, 99, weights=full_weights(tmp_path))
     save_file({k: v for k, v in state.items() if k != "lm_head.weight"}, folder / "stage_0.safetensors")
     with pytest.raises(KeyError, match="no weights for lm_head.weight"):
-        build_stage(mc, plan, 99, weights=checkpoint_io.full_weights(tmp_path))
+        build_stage(mc, plan, 99, weights=full_weights(tmp_path))

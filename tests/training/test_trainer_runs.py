@@ -174,8 +174,8 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_data, tmp_path):
     skipped = [r["step"] for r in rows if r["skipped"]]
     assert skipped and skipped == list(range(skipped[0], skipped[0] + 3)) and rows[-1]["step"] == skipped[-1]
     assert all(r["loss"] == "nan" for r in rows if r["skipped"])
-    before = load_file(save / f"step_{skipped[0] - 1:08d}" / "model" / "stage_00.safetensors")
-    after = load_file(save / f"step_{skipped[-1]:08d}" / "model" / "stage_00.safetensors")
+    before = load_file(save / f"step_{skipped[0] - 1:08d}" / "model" / "tp00_pp00.safetensors")
+    after = load_file(save / f"step_{skipped[-1]:08d}" / "model" / "tp00_pp00.safetensors")
     for name, tensor in before.items():  # bitwise equal, NaN/inf included
         assert tensor.numpy().tobytes() == after[name].numpy().tobytes(), name
 

@@ -1,7 +1,7 @@
 """Lazily produced tensors and a safetensors writer that holds one tensor at a time.
 
 ``safetensors.torch.save_file`` needs every tensor of a file in memory at once. A converter that
-writes a whole model into one file (the checkpoint's layout-free ``model/stage_00.safetensors``)
+writes a whole model into one file (a converted checkpoint's ``model/tp00_pp00.safetensors``)
 would then hold the whole model. The format is simple enough to write in a stream: the header
 lists every tensor's dtype, shape and byte range, so it needs only the shapes up front; the data
 follows tensor by tensor.

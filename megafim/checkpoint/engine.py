@@ -1,0 +1,107 @@
+"""Saving and loading a whole training state across ranks (collective; DeepSpeed and torch.distributed).
+
+Two copies of the weights go into every checkpoint:
+- ``ds/``: DeepSpeed's own files (model, ZeRO-partitioned optimizer) of every tp x pp rank, used for
+  an exact resume on the same layout (tp, pp, dp, ZeRO stage);
+- ``model/``: every tensor x pipeline rank's slices of its parameters under the whole model's names and
+  an index of which slice each file holds (``sharded.py``), plus ``model_config.json``: a layout-free
+  view that any layout reads one global tensor at a time, written without gathering anything.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megafim.checkpoint import files
+from megafim.checkpoint.format import (DS_DIR, MODEL_DIR, TOKENIZER_FILE, CheckpointError, step_dir_name,
+                                       temp_dir)
+from megafim.checkpoint.state import TrainerState, save_rng, write_trainer_state
+from megafim.checkpoint.sharded import merge_index, write_shard
+from megafim.checkpoint.weights import shard_name, write_model_config
+from megafim.model.config import ModelConfig
+
+
+def stage_slices(stage, dims, zero_stage: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """This rank's slices of its stage's parameters ({name: tensor}, {name: (offset, global shape)}).
+
+    Tensor-parallel parameters are this rank's slice along ``partition_dim``; replicated ones are
+    written by tensor rank 0 only. The tensors are the parameters themselves (no copy), except under
+    ZeRO-3, where each is gathered over the data-parallel group (collective) and copied, one at a time."""
+    import deepspeed
+
+    state, placement = {}, {}
+    for name, param in stage.full_state_names().items():
+        sharded = dims.tp > 1 and getattr(param, "tensor_model_parallel", False)
+        if not sharded and dims.tp_rank != 0 and zero_stage != 3:
+            continue
+        with deepspeed.zero.GatheredParameters([param], enabled=zero_stage == 3):
+            tensor = param.detach().clone() if zero_stage == 3 else param.detach()
+        if not sharded and dims.tp_rank != 0:
+            continue
+        shape, offset = list(tensor.shape), [0] * tensor.dim()
+        if sharded:
+            offset[param.partition_dim] = dims.tp_rank * tensor.shape[param.partition_dim]
+            shape[param.partition_dim] *= dims.tp
+        state[name], placement[name] = tensor, (tuple(offset), tuple(shape))
+    return state, placement
+
+
+def save_model_state(ckpt_dir: Path, stage, dims, zero_stage: int, mc: ModelConfig) -> None:
+    """Every rank calls it; data-parallel rank 0 of each tensor x pipeline rank writes its slices."""
+    state, placement = stage_slices(stage, dims, zero_stage)
+    if dims.dp_rank == 0:
+        write_shard(Path(ckpt_dir) / MODEL_DIR, shard_name(dims.tp_rank, dims.pp_rank), state, placement)
+        if dims.rank == 0:
+            write_model_config(Path(ckpt_dir) / MODEL_DIR, mc)
+
+
+def layout_of(dims, zero_stage: int) -> dict:
+    return {"tensor": dims.tp, "pipeline": dims.pp, "data": dims.dp, "zero_stage": zero_stage}
+
+
+def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml: str, mc: ModelConfig,
+         zero_stage: int, keep_last: int, tokenizer_model: str = "") -> Path:
+    """Collective: every rank calls it. Returns the committed checkpoint directory."""
+    tmp = temp_dir(save_root, state.step)
+    if dims.rank == 0:
+        files.begin(save_root, state.step)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp), tag=DS_DIR, save_latest=False)
+    save_model_state(tmp, stage, dims, zero_stage, mc)
+    save_rng(tmp, dims.rank)
+    if dims.rank == 0:
+        write_trainer_state(tmp, state, config_yaml)
+        if tokenizer_model:  # a checkpoint is self-contained for evaluation, inference and export
+            shutil.copyfile(tokenizer_model, tmp / TOKENIZER_FILE)
+    dist.barrier()
+    if dims.rank == 0:
+        merge_index(tmp / MODEL_DIR)
+    final = files.commit(save_root, state.step, keep_last) if dims.rank == 0 else None
+    dist.barrier()
+    return final or Path(save_root) / step_dir_name(state.step)
+
+
+def load_engine_state(ckpt_dir: Path, engine) -> None:
+    """Exact resume on the same layout: DeepSpeed restores weights, optimizer and its counters."""
+    ds = Path(ckpt_dir) / DS_DIR
+    if not ds.is_dir():
+        raise CheckpointError(f"{ds}: missing (the checkpoint has no engine state for an exact resume)")
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=DS_DIR, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise CheckpointError(f"{ds}: DeepSpeed found no checkpoint for this rank")
+
+
+def name_checkpoint_files(engine, dims) -> None:
+    """Give every (tensor, pipeline) rank its own DeepSpeed file names.
+
+    DeepSpeed names its files by ``mpu.get_model_parallel_rank()``, which is the tensor rank (it must
+    be: the gradient norm counts replicated parameters on model-parallel rank 0 of each stage), so two
+    stages would write the same ``mp_rank_00_*`` files. The engine keeps the name index in
+    ``checkpoint_mp_rank``; the index within the tp x pp model group is unique and matches the
+    ``mp_world_size`` (tp x pp) that DeepSpeed checks the file count against on load."""
+    engine.checkpoint_mp_rank = dims.tp_rank + dims.tp * dims.pp_rank
