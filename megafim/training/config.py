@@ -353,6 +353,10 @@ def validate_model_shape(cfg: TrainConfig, mc: Any) -> None:
     for name, value in checks:
         if value and value % tp:
             raise ConfigError(f"model {name} = {value} is not divisible by parallel.tensor = {tp}")
+    if getattr(mc, "tie_embeddings", False) and pp > 1:
+        raise ConfigError(f"model tie_embeddings = true with parallel.pipeline = {pp} is not supported (the "
+                          "embedding and lm_head live on different stages); import the model with "
+                          "tools/convert_hf_to_checkpoint.py --untie-embeddings")
     n_trunk = trunk_layers(mc)
     if n_trunk is not None and pp > 1 and n_trunk < pp - 1:
         raise ConfigError(
