@@ -40,16 +40,19 @@ def main(argv=None) -> int:
     p.add_argument("--init-heads", choices=HEAD_INITS, default="random")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--untie-embeddings", action="store_true",
-                   help="give a tied model its own lm_head (a copy of the embedding), e.g. to train with pp > 1")
+                   help="give a tied model its own lm_head (a copy of the embedding), e.g. to train "
+                   "with pp > 1")
     p.add_argument("--tokenizer-model", help="sentencepiece model to keep with the checkpoint "
                    f"(default: {HF_TOKENIZER_FILE} in --load, if any)")
     args = p.parse_args(argv)
     try:
         untie = args.untie_embeddings
         config = model_config_from_hf(args.load, args.n_future, untie_embeddings=untie)
-        head0, _ = hf_to_megafim(args.load, n_future=1, untie_embeddings=untie)  # lazy: read if heads are copied
+        # lazy: read only if heads are copied
+        head0, _ = hf_to_megafim(args.load, n_future=1, untie_embeddings=untie)
         init = head_initialiser(config, args.init_heads, args.seed, head0)
-        state, config = hf_to_megafim(args.load, n_future=config.n_future, init_new_head=init, untie_embeddings=untie)
+        state, config = hf_to_megafim(args.load, n_future=config.n_future, init_new_head=init,
+                                      untie_embeddings=untie)
         tokenizer = args.tokenizer_model or (str(args.load / HF_TOKENIZER_FILE)
                                              if (args.load / HF_TOKENIZER_FILE).is_file() else None)
         train_cfg = TrainConfig()

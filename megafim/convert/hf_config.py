@@ -38,7 +38,8 @@ def hf_config_kwargs(config: ModelConfig) -> dict:
     """The architecture fields of ``config.json`` (also keyword arguments of ``LlamaConfig`` /
     ``Qwen2Config``) for the trunk plus head 0."""
     rope = hf_rope_parameters(config)
-    legacy_scaling = None if config.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"}
+    legacy_scaling = (None if config.rope_scaling is None
+                      else {k: v for k, v in rope.items() if k != "rope_theta"})
     kwargs = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -82,11 +83,13 @@ def _rope_from_hf(c: dict, where: str) -> tuple[float, RopeScaling | None]:
     if not isinstance(params, dict):
         raise ValueError(f"{where}: {field} {params!r} is not a mapping")
     if "layer_types" in params or any(isinstance(v, dict) for v in params.values()):
-        raise ValueError(f"{where}: {field} per layer type is not supported (megafim uses one RoPE for all layers)")
+        raise ValueError(f"{where}: {field} per layer type is not supported (megafim uses one RoPE for "
+                         "all layers)")
     theta = float(params.get("rope_theta", c.get("rope_theta", DEFAULT_ROPE_THETA)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError(f"{where}: {field}.partial_rotary_factor != 1 is not supported (megafim rotates whole heads)")
+        raise ValueError(f"{where}: {field}.partial_rotary_factor != 1 is not supported (megafim rotates "
+                         "whole heads)")
     if rope_type == "default":
         return theta, None
     if rope_type != "llama3":
@@ -111,8 +114,8 @@ def _refuse_unsupported(c: dict, where: str) -> None:
                          "convert to megafim")
     for field in MOE_FIELDS:
         if c.get(field):
-            raise ValueError(f"{where}: {field} = {c[field]} (mixture of experts) is not supported; megafim's "
-                             "MLP is dense")
+            raise ValueError(f"{where}: {field} = {c[field]} (mixture of experts) is not supported; "
+                             "megafim's MLP is dense")
     if model_type == "llama":
         if c.get("attention_bias"):
             raise ValueError(f"{where}: attention_bias = true (a bias on o_proj as well as q, k, v) is not "
@@ -136,7 +139,8 @@ def model_config_from_hf_config(c: dict, where: str, n_future: int = 1) -> Model
     try:
         config = ModelConfig(
             vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], n_layers=c["num_hidden_layers"],
-            n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+            n_heads=c["num_attention_heads"],
+            n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
             ffn_hidden_size=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 2048),
             rope_theta=theta, rope_scaling=scaling, norm_eps=float(c.get("rms_norm_eps", DEFAULT_RMS_EPS)),
             n_future=n_future, qkv_bias=c["model_type"] == "qwen2",
@@ -147,5 +151,6 @@ def model_config_from_hf_config(c: dict, where: str, n_future: int = 1) -> Model
         raise ValueError(f"{where}: {exc}") from None
     head_dim = c.get("head_dim")
     if head_dim not in (None, config.head_dim):
-        raise ValueError(f"{where}: head_dim {head_dim} != hidden_size / num_attention_heads = {config.head_dim}")
+        raise ValueError(f"{where}: head_dim {head_dim} != hidden_size / num_attention_heads = "
+                         f"{config.head_dim}")
     return config

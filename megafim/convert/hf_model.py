@@ -2,8 +2,9 @@
 tensor at a time.
 
 The trunk plus head 0 are a Llama, or a Qwen2 with ``qkv_bias`` (``megafim/model/hf_keys.py`` holds
-the key map, no tensor is permuted; ``megafim/convert/hf_config.py`` translates config.json). Heads 1..n-1 have no Llama counterpart: they go to ``mtp_heads.safetensors`` beside the
-model, described by ``mtp_heads.json`` (docs/conversion.md). Tensors are read lazily from the source
+the key map, no tensor is permuted; ``megafim/convert/hf_config.py`` translates config.json).
+Heads 1..n-1 have no Llama counterpart: they go to ``mtp_heads.safetensors`` beside the model,
+described by ``mtp_heads.json`` (docs/conversion.md). Tensors are read lazily from the source
 (``safetensors.safe_open``, one tensor per access) and written in shards of at most ``max_shard_bytes``,
 so memory stays near one shard whatever the model size (benchmarks/convert_memory.py).
 """

@@ -39,10 +39,11 @@ class RopeScaling:
         for name in ("factor", "low_freq_factor", "high_freq_factor"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ModelConfigError(f"ModelConfig.rope_scaling.{name} must be a positive number, got {value!r}")
+                raise ModelConfigError(f"ModelConfig.rope_scaling.{name} must be a positive number, "
+                                       f"got {value!r}")
         if not self.high_freq_factor > self.low_freq_factor:
-            raise ModelConfigError(f"ModelConfig.rope_scaling.high_freq_factor = {self.high_freq_factor} must be "
-                                   f"above low_freq_factor = {self.low_freq_factor}")
+            raise ModelConfigError(f"ModelConfig.rope_scaling.high_freq_factor = {self.high_freq_factor} "
+                                   f"must be above low_freq_factor = {self.low_freq_factor}")
         value = self.original_max_position_embeddings
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ModelConfigError("ModelConfig.rope_scaling.original_max_position_embeddings must be a "
@@ -58,7 +59,8 @@ class RopeScaling:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise ModelConfigError(f"ModelConfig.rope_scaling has no field(s) {unknown}; known: {sorted(known)}")
+            raise ModelConfigError(f"ModelConfig.rope_scaling has no field(s) {unknown}; "
+                                   f"known: {sorted(known)}")
         return cls(**value)
 
 
@@ -114,7 +116,8 @@ class ModelConfig:
                 raise ModelConfigError(f"ModelConfig.{name} must be a positive number, got {value!r}")
         for name in ("activation_checkpointing", "qkv_bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
-                raise ModelConfigError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
+                raise ModelConfigError(f"ModelConfig.{name} must be true or false, "
+                                       f"got {getattr(self, name)!r}")
         if self.hidden_size % self.n_heads:
             raise ModelConfigError(f"ModelConfig.n_heads = {self.n_heads} must divide "
                                    f"hidden_size = {self.hidden_size}")

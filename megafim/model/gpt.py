@@ -133,7 +133,8 @@ class GPT(nn.Module):
             raise ValueError(f"GPT: positions up to {start_pos + seq_len} exceed ModelConfig.max_seq_len = "
                              f"{self.config.max_seq_len}")
         positions = torch.arange(start_pos, start_pos + seq_len, device=device)
-        return rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
+        c = self.config
+        return rotary_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)
 
     def embed(self, tokens: Tensor) -> Tensor:
         """tokens (B, T) int -> (B, T, d) (this rank's (B, T/tp, d) under sequence parallelism)."""

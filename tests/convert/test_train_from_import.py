@@ -21,8 +21,8 @@ from tests.training.launcher import REPO, check, launch, metrics
 transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-SHAPE = dict(vocab_size=1280, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+SHAPE = dict(vocab_size=1280, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
 LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
@@ -65,10 +65,12 @@ def train_args(imported: Path, data, tp: int, pp: int, save: Path) -> list[str]:
 
 def exported_equals_hf(save: Path, hf_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / f"export-{save.name}"
-    result = subprocess.run([sys.executable, "tools/convert_checkpoint_to_hf.py", "--load", str(save), "--save",
-                             str(out), "--dtype", "float32"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "tools/convert_checkpoint_to_hf.py", "--load", str(save),
+                             "--save", str(out), "--dtype", "float32"], cwd=REPO, capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr
-    original, exported = load_file(str(hf_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    original = load_file(str(hf_dir / "model.safetensors"))
+    exported = load_file(str(out / "model.safetensors"))
     assert exported.keys() == original.keys()
     for key, tensor in original.items():
         assert torch.equal(exported[key], tensor), key
@@ -82,7 +84,8 @@ def test_layouts_train_an_import_alike_and_give_it_back(name, data, tmp_path):
     if name == "qwen2-tied":
         config, layouts = transformers.Qwen2Config(**SHAPE, tie_word_embeddings=True), [(1, 1), (2, 1)]
     else:
-        config, layouts = transformers.LlamaConfig(**SHAPE, rope_parameters=LLAMA31_ROPE), [(1, 1), (2, 1), (1, 2)]
+        config = transformers.LlamaConfig(**SHAPE, rope_parameters=LLAMA31_ROPE)
+        layouts = [(1, 1), (2, 1), (1, 2)]
     hf_dir, imported = import_hf(config, tmp_path)
     losses = {}
     for tp, pp in layouts:
@@ -105,7 +108,8 @@ def test_tied_embeddings_with_pipeline_stages_are_refused_before_any_process_gro
 
     hf_dir, imported = import_hf(transformers.Qwen2Config(**SHAPE, tie_word_embeddings=True), tmp_path)
     cfg, _ = config_from_args(train_args(imported, data, 1, 2, tmp_path / "run"))
-    with pytest.raises(ConfigError, match="tie_embeddings = true with parallel.pipeline = 2 .*--untie-embeddings"):
+    refusal = "tie_embeddings = true with parallel.pipeline = 2 .*--untie-embeddings"
+    with pytest.raises(ConfigError, match=refusal):
         check_before_groups(cfg, 2)
     untied = tmp_path / "untied"
     subprocess.run([sys.executable, "tools/convert_hf_to_checkpoint.py", "--load", str(hf_dir), "--save",

@@ -14,7 +14,8 @@ from megafim.model.config import ModelConfig, RopeScaling
 from megafim.model.layers import rotary_inv_freq
 from megafim.training.checkpoint_io import MODEL_DIR
 
-SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 64}
 
 
 @pytest.mark.parametrize("value, field", [
@@ -63,8 +64,8 @@ def reference_llama3_inv_freq(head_dim, theta, s):
     return torch.tensor(out, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("head_dim, theta, scaling", [(16, 5e5, RopeScaling(**SCALING)), (128, 5e5, RopeScaling()),
-                                                      (64, 1e4, RopeScaling(4.0, 0.5, 2.0, 512))])
+@pytest.mark.parametrize("head_dim, theta, scaling", [
+    (16, 5e5, RopeScaling(**SCALING)), (128, 5e5, RopeScaling()), (64, 1e4, RopeScaling(4.0, 0.5, 2.0, 512))])
 def test_llama3_frequencies_equal_their_definition(head_dim, theta, scaling):
     ours = rotary_inv_freq(head_dim, theta, scaling).double()
     reference = reference_llama3_inv_freq(head_dim, theta, scaling)
@@ -75,9 +76,9 @@ def test_llama3_frequencies_equal_their_definition(head_dim, theta, scaling):
 
 def test_config_json_round_trip_and_tied_checkpoint(tmp_path):
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=64, hidden_size=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden_size=48,
-                         max_seq_len=128, rope_theta=5e5, rope_scaling=SCALING, n_future=2, qkv_bias=True,
-                         tie_embeddings=True)
+    config = ModelConfig(vocab_size=64, hidden_size=32, n_layers=3, n_heads=4, n_kv_heads=2,
+                         ffn_hidden_size=48, max_seq_len=128, rope_theta=5e5, rope_scaling=SCALING,
+                         n_future=2, qkv_bias=True, tie_embeddings=True)
     assert isinstance(config.rope_scaling, RopeScaling)
     assert ModelConfig(**json.loads(json.dumps(dataclasses.asdict(config)))) == config
     model = GPT(config).eval()

@@ -1,8 +1,8 @@
 """Tensor parallelism with real torchrun (gloo, CPU, fp32): loss and every gradient equal tp = 1.
 
 Two launcher runs check every case: tp = 2 and tp = 4, n_future = 1 and 2, with and without
-sequence parallelism, plus tp = 2 x dp = 2, one case with activation checkpointing and two with q/k/v biases and tied
-embeddings; each also checks the collectives and the DeepSpeed mpu's
+sequence parallelism, plus tp = 2 x dp = 2, one case with activation checkpointing and two with
+q/k/v biases and tied embeddings; each also checks the collectives and the DeepSpeed mpu's
 groups, and the tp = 2 run trains one step under DeepSpeed ZeRO-1 and ZeRO-2 with that mpu; both check
 that the trainer's stage build (meta device, then one weight at a time) gives each rank its slices of
 the whole seeded model."""

@@ -1,7 +1,8 @@
 """torchrun worker: tensor-parallel GPT vs the same model at tp = 1, loss and every gradient.
 
 Usage: torchrun --standalone --nproc_per_node=N tests/parallel/tp_worker.py CASE [CASE ...]
-with CASE = "tp=<t>,dp=<d>,n_future=<n>,sp=<0|1>[,ckpt=1][,bias=1][,tie=1]" (q/k/v biases, tied embeddings), "zero=<stage>" (DeepSpeed with the mpu, N = 2)
+with CASE = "tp=<t>,dp=<d>,n_future=<n>,sp=<0|1>[,ckpt=1][,bias=1][,tie=1]" (bias: q/k/v biases,
+tie: tied embeddings), "zero=<stage>" (DeepSpeed with the mpu, N = 2)
 or "build=<tp>" (the trainer's meta-device stage build against the whole seeded model).
 Every rank builds the full model from one seed, runs it unsharded as the reference, then shards a
 copy and compares; gradients of sharded parameters are all-gathered back to full shape along their
@@ -36,7 +37,7 @@ def full_grad(param, group, tp):
 def parse(case):
     fields = dict(item.split("=") for item in case.split(","))
     return (int(fields["tp"]), int(fields["dp"]), int(fields["n_future"]), bool(int(fields["sp"])),
-            bool(int(fields.get("ckpt", "0"))), bool(int(fields.get("bias", "0"))), bool(int(fields.get("tie", "0"))))
+            *(bool(int(fields.get(key, "0"))) for key in ("ckpt", "bias", "tie")))
 
 
 def run_case(case):
