@@ -1,4 +1,4 @@
-"""The real trainer continues from imported Qwen2 and Llama 3.1 models under tp = 2 and pp = 2.
+"""The real trainer continues from imported Qwen2 and Llama 3.1 models under tp = 2, pp = 2 and ZeRO-3.
 
 Each import (tied Qwen2 with q/k/v biases; untied Llama 3.1 with llama3 RoPE scaling) gets a second,
 new head and trains with the learning rate at 1e-30: every update is below half an ulp, so the
@@ -52,7 +52,7 @@ def import_hf(config, tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "hf", tmp_path / "imported"
 
 
-def train_args(imported: Path, data, tp: int, pp: int, save: Path) -> list[str]:
+def train_args(imported: Path, data, tp: int, pp: int, save: Path, zero: int = 1) -> list[str]:
     prefix, tok = data
     return ["--config", str(imported / "step_00000000" / "config.yaml"), "--load", str(imported),
             "--data-path", prefix, "--tokenizer-model", tok, "--seq-length", "32", "--micro-batch-size", "2",
@@ -60,7 +60,7 @@ def train_args(imported: Path, data, tp: int, pp: int, save: Path) -> list[str]:
             "--set", "optimizer.weight_decay=0", "--set", "schedule.warmup_iters=0", "--set",
             "logging.tensorboard=false", "--set", "schedule.eval_interval=0", "--set", "data.fim.rate=0.5",
             "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-            "--save", str(save)]
+            "--zero-stage", str(zero), "--save", str(save)]
 
 
 def exported_equals_hf(save: Path, hf_dir: Path, tmp_path: Path) -> None:
@@ -82,20 +82,22 @@ def exported_equals_hf(save: Path, hf_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["qwen2-tied", "llama3.1"])
 def test_layouts_train_an_import_alike_and_give_it_back(name, data, tmp_path):
     if name == "qwen2-tied":
-        config, layouts = transformers.Qwen2Config(**SHAPE, tie_word_embeddings=True), [(1, 1), (2, 1)]
+        # (ranks, tp, pp, ZeRO stage); dp = 2 with ZeRO-3 partitions the one tied Parameter
+        config = transformers.Qwen2Config(**SHAPE, tie_word_embeddings=True)
+        layouts = [(1, 1, 1, 1), (2, 2, 1, 1), (2, 1, 1, 3)]
     else:
         config = transformers.LlamaConfig(**SHAPE, rope_parameters=LLAMA31_ROPE)
-        layouts = [(1, 1), (2, 1), (1, 2)]
+        layouts = [(1, 1, 1, 1), (2, 2, 1, 1), (2, 1, 2, 1)]
     hf_dir, imported = import_hf(config, tmp_path)
     losses = {}
-    for tp, pp in layouts:
-        save = tmp_path / f"tp{tp}pp{pp}"
-        proc = launch(tp * pp, train_args(imported, data, tp, pp, save), tmp_path)
+    for nproc, tp, pp, zero in layouts:
+        save = tmp_path / f"n{nproc}tp{tp}pp{pp}z{zero}"
+        proc = launch(nproc, train_args(imported, data, tp, pp, save, zero), tmp_path)
         check(proc)
         assert "resharding" in proc.stdout
-        losses[(tp, pp)] = [r[k] for r in metrics(save) for k in ("loss_head_1", "loss_head_2")]
+        losses[save.name] = [r[k] for r in metrics(save) for k in ("loss_head_1", "loss_head_2")]
         exported_equals_hf(save, hf_dir, tmp_path)
-    reference = losses.pop((1, 1))
+    reference = losses.pop("n1tp1pp1z1")
     assert len(reference) == 2 and all(2 < loss < 12 for loss in reference)
     for layout, got in losses.items():
         assert got == pytest.approx(reference, rel=1e-5), layout
