@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""Turn a Hugging Face Llama directory into a megafim checkpoint, optionally with extra heads.
+"""Turn a Hugging Face Llama (1-3.x) or Qwen2/2.5 directory into a megafim checkpoint, optionally
+with extra heads.
 
     python tools/convert_hf_to_checkpoint.py --load hf/llama --save runs/from-hf --n-future 4 \\
-        [--init-heads copy] [--tokenizer-model tok.model]
+        [--init-heads copy] [--untie-embeddings] [--tokenizer-model tok.model]
 
 The result is a step-0 checkpoint that ``python -m megafim.train --load runs/from-hf`` continues from
 (weights only: the optimizer starts fresh) and that every megafim tool reads. Heads the directory does
 not hold are freshly initialised (``--init-heads random``, seeded) or copies of head 0, the last Llama
-layer (``--init-heads copy``). HF -> megafim -> HF gives back the same tensors. The weights are
+layer (``--init-heads copy``). A model with tied embeddings stays tied unless ``--untie-embeddings``
+gives it an unembedding of its own (a copy; pipeline parallelism needs it). What megafim cannot run
+(sliding windows, experts, other RoPE types) is refused naming the field, with exit code 2. HF ->
+megafim -> HF gives back the same tensors. The weights are
 streamed: one tensor (or one new head) in memory at a time (docs/conversion.md).
 """
 
@@ -35,14 +39,20 @@ def main(argv=None) -> int:
     p.add_argument("--n-future", type=int, help="heads of the megafim model (default: as many as stored)")
     p.add_argument("--init-heads", choices=HEAD_INITS, default="random")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--untie-embeddings", action="store_true",
+                   help="give a tied model its own lm_head (a copy of the embedding), e.g. to train "
+                   "with pp > 1")
     p.add_argument("--tokenizer-model", help="sentencepiece model to keep with the checkpoint "
                    f"(default: {HF_TOKENIZER_FILE} in --load, if any)")
     args = p.parse_args(argv)
     try:
-        config = model_config_from_hf(args.load, args.n_future)
-        head0, _ = hf_to_megafim(args.load, n_future=1)  # lazy: read only if heads are copied
+        untie = args.untie_embeddings
+        config = model_config_from_hf(args.load, args.n_future, untie_embeddings=untie)
+        # lazy: read only if heads are copied
+        head0, _ = hf_to_megafim(args.load, n_future=1, untie_embeddings=untie)
         init = head_initialiser(config, args.init_heads, args.seed, head0)
-        state, config = hf_to_megafim(args.load, n_future=config.n_future, init_new_head=init)
+        state, config = hf_to_megafim(args.load, n_future=config.n_future, init_new_head=init,
+                                      untie_embeddings=untie)
         tokenizer = args.tokenizer_model or (str(args.load / HF_TOKENIZER_FILE)
                                              if (args.load / HF_TOKENIZER_FILE).is_file() else None)
         train_cfg = TrainConfig()

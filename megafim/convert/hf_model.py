@@ -1,8 +1,10 @@
-"""megafim weights <-> a Hugging Face ``LlamaForCausalLM`` directory, one tensor at a time.
+"""megafim weights <-> a Hugging Face ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` directory, one
+tensor at a time.
 
-The trunk plus head 0 are a Llama (``megafim/model/hf_keys.py`` holds the key map; no tensor is
-permuted). Heads 1..n-1 have no Llama counterpart: they go to ``mtp_heads.safetensors`` beside the
-model, described by ``mtp_heads.json`` (docs/conversion.md). Tensors are read lazily from the source
+The trunk plus head 0 are a Llama, or a Qwen2 with ``qkv_bias`` (``megafim/model/hf_keys.py`` holds
+the key map, no tensor is permuted; ``megafim/convert/hf_config.py`` translates config.json).
+Heads 1..n-1 have no Llama counterpart: they go to ``mtp_heads.safetensors`` beside the model,
+described by ``mtp_heads.json`` (docs/conversion.md). Tensors are read lazily from the source
 (``safetensors.safe_open``, one tensor per access) and written in shards of at most ``max_shard_bytes``,
 so memory stays near one shard whatever the model size (benchmarks/convert_memory.py).
 """
@@ -19,8 +21,9 @@ from safetensors.torch import save_file
 
 from megafim.checkpoint.safetensors_stream import (LazySafetensors, LazyState, TensorSource, save_safetensors_streaming,
                                        tensor_spec)
+from megafim.convert.hf_config import hf_config_json, model_config_from_hf_config
 from megafim.model.config import ModelConfig
-from megafim.model.hf_keys import BLOCK_KEYS, hf_key_map, hf_llama_config_kwargs
+from megafim.model.hf_keys import block_keys, hf_key_map
 
 HEADS_FILE = "mtp_heads.safetensors"
 HEADS_CONFIG = "mtp_heads.json"
@@ -29,7 +32,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def extra_head_keys(config: ModelConfig) -> list[str]:
     """megafim names of heads 1..n-1 (everything the Llama directory cannot hold)."""
-    return [f"heads.{k}.{key}" for k in range(1, config.n_future) for key in BLOCK_KEYS]
+    return [f"heads.{k}.{key}" for k in range(1, config.n_future) for key in block_keys(config)]
 
 
 def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, stem: str,
@@ -67,7 +70,8 @@ def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, stem: 
 def megafim_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig, out_dir: str | Path, *,
                   dtype: str = "bfloat16", eos_token_id: int | None = None,
                   max_shard_bytes: int = 2 << 30) -> Path:
-    """Write a Hugging Face Llama directory for the trunk + head 0, and the extra heads beside it.
+    """Write a Hugging Face Llama (Qwen2 with ``qkv_bias``) directory for the trunk + head 0, and the
+    extra heads beside it.
 
     ``state`` maps megafim parameter names to full (unsharded) tensors; it may load them lazily."""
     if dtype not in DTYPES:
@@ -92,9 +96,7 @@ def megafim_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig, out_di
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(where.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": dtype,
-                 **hf_llama_config_kwargs(config), "bos_token_id": None, "eos_token_id": eos_token_id,
-                 "pad_token_id": None, "use_cache": True}
+    hf_config = hf_config_json(config, dtype=dtype, eos_token_id=eos_token_id)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     generation = {"eos_token_id": eos_token_id, "bos_token_id": None, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -108,9 +110,10 @@ def megafim_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig, out_di
         description = {
             "n_future": config.n_future,
             "heads_in_file": list(range(1, config.n_future)),
-            "block_keys": list(BLOCK_KEYS),
-            "shared": {"final_norm": "model.norm.weight", "unembedding": "lm_head.weight"},
-            "usage": "head k (k >= 1) is one Llama decoder layer applied to the output of HF layer "
+            "block_keys": list(block_keys(config)),
+            "shared": {"final_norm": "model.norm.weight", "unembedding": "model.embed_tokens.weight"
+                       if config.tie_embeddings else "lm_head.weight"},
+            "usage": "head k (k >= 1) is one decoder layer applied to the output of HF layer "
                      "n_layers - 2 (the trunk's last layer); its output goes through the shared final "
                      "norm and lm_head and predicts the token k+1 positions ahead.",
         }
@@ -118,39 +121,29 @@ def megafim_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig, out_di
     return out
 
 
-def model_config_from_hf(hf_dir: str | Path, n_future: int | None = None) -> ModelConfig:
-    """The ModelConfig of a Hugging Face Llama directory (``n_future`` from mtp_heads.json, or given)."""
+def model_config_from_hf(hf_dir: str | Path, n_future: int | None = None, *,
+                         untie_embeddings: bool = False) -> ModelConfig:
+    """The ModelConfig of a Hugging Face Llama / Qwen2 directory (``n_future`` from mtp_heads.json, or
+    given). ``untie_embeddings`` gives a tied model its own unembedding, a copy of the embedding
+    (pipeline parallelism needs that: the two live on different stages)."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
-    c = json.loads(path.read_text())
-    if c.get("model_type") != "llama":
-        raise ValueError(f"{path}: model_type {c.get('model_type')!r}; only 'llama' converts to megafim")
-    for field in ("attention_bias", "mlp_bias"):
-        if c.get(field):
-            raise ValueError(f"{path}: {field} = true is not supported (megafim's linears have no bias)")
-    if c.get("rope_scaling"):
-        raise ValueError(f"{path}: rope_scaling {c['rope_scaling']} is not supported")
-    if c.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{path}: hidden_act {c['hidden_act']!r}; megafim's MLP is SwiGLU (silu)")
+    try:
+        c = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
     heads_cfg = Path(hf_dir) / HEADS_CONFIG
     stored_heads = json.loads(heads_cfg.read_text())["n_future"] if heads_cfg.is_file() else 1
-    config = ModelConfig(
-        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], n_layers=c["num_hidden_layers"],
-        n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-        ffn_hidden_size=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 2048),
-        rope_theta=float(c.get("rope_theta", 10000.0)), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        n_future=n_future or stored_heads)
-    head_dim = c.get("head_dim")
-    if head_dim not in (None, config.head_dim):
-        raise ValueError(f"{path}: head_dim {head_dim} != hidden_size / num_attention_heads = {config.head_dim}")
-    return config
+    config = model_config_from_hf_config(c, str(path), n_future or stored_heads)
+    return config.replace(tie_embeddings=False) if untie_embeddings else config
 
 
 def hf_to_megafim(hf_dir: str | Path, *, n_future: int | None = None,
                   init_new_head: Callable[[int], dict[str, torch.Tensor]] | None = None,
-                  dtype: torch.dtype = torch.float32) -> tuple[LazyState, ModelConfig]:
-    """A megafim state dict and ModelConfig from a Hugging Face Llama directory.
+                  dtype: torch.dtype = torch.float32,
+                  untie_embeddings: bool = False) -> tuple[LazyState, ModelConfig]:
+    """A megafim state dict and ModelConfig from a Hugging Face Llama / Qwen2 directory.
 
     The state is lazy: each tensor is read (and cast to ``dtype``) when it is accessed, so a
     converter that writes tensor by tensor holds one at a time. Heads the directory does not hold
@@ -158,7 +151,7 @@ def hf_to_megafim(hf_dir: str | Path, *, n_future: int | None = None,
     by megafim name (``megafim.convert.heads`` offers a fresh initialisation and a copy of head 0); it
     is called once per new head, when that head's first tensor is accessed."""
     hf_dir = Path(hf_dir)
-    config = model_config_from_hf(hf_dir, n_future)
+    config = model_config_from_hf(hf_dir, n_future, untie_embeddings=untie_embeddings)
     files = sorted(p for p in hf_dir.glob("*.safetensors") if p.name != HEADS_FILE)
     if not files:
         raise FileNotFoundError(f"{hf_dir}: no *.safetensors weights")
@@ -171,7 +164,7 @@ def hf_to_megafim(hf_dir: str | Path, *, n_future: int | None = None,
     for ours, theirs in hf_key_map(config).items():
         if theirs in hf:
             sources[ours] = read(hf, theirs)
-        elif theirs == "lm_head.weight" and "model.embed_tokens.weight" in hf:  # tied embeddings
+        elif theirs == "lm_head.weight" and untie_embeddings:  # a copy of the tied embedding
             sources[ours] = read(hf, "model.embed_tokens.weight")
         else:
             raise KeyError(f"{hf_dir}: tensor {theirs!r} is missing")
@@ -179,7 +172,7 @@ def hf_to_megafim(hf_dir: str | Path, *, n_future: int | None = None,
     stored = LazySafetensors([heads_file]) if heads_file.is_file() else {}
     new_head = _NewHeads(init_new_head, dtype)
     for k in range(1, config.n_future):
-        names = [f"heads.{k}.{key}" for key in BLOCK_KEYS]
+        names = [f"heads.{k}.{key}" for key in block_keys(config)]
         if all(n in stored for n in names):
             sources.update({n: read(stored, n) for n in names})
         elif init_new_head is None:

@@ -68,9 +68,9 @@ class Attention(nn.Module):
         # Heads held by this module: all of them, or this rank's share after apply_tensor_parallel.
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
-        self.q_proj = nn.Linear(d, config.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
+        self.q_proj = nn.Linear(d, config.n_heads * hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_heads * hd, d, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None = None) -> Tensor:

@@ -2,7 +2,7 @@
 
     tokens -> embed_tokens -> layers.0 .. layers.{n_layers-2}   (the trunk)
            -> heads.k  (one Block each, k = 0 .. n_future-1)
-           -> norm (shared) -> lm_head (shared, untied from the embedding)
+           -> norm (shared) -> lm_head (shared; the embedding itself with tie_embeddings)
 
 Head k predicts token t+k+1. ``layers`` and ``heads`` are ModuleDicts keyed by index, so a pipeline
 stage that deletes the layers it does not run keeps the others' parameter names. No process groups
@@ -37,6 +37,8 @@ def initial_value(config: ModelConfig, name: str, shape: Sequence[int], init_see
     of the model, and every layout starts from the same weights."""
     if name.endswith("norm.weight"):
         return torch.ones(tuple(shape))
+    if name.endswith(".bias"):  # the q/k/v biases (ModelConfig.qkv_bias) start at zero
+        return torch.zeros(tuple(shape))
     std = config.init_std
     if name.endswith(("o_proj.weight", "down_proj.weight")):
         std /= math.sqrt(2 * config.n_layers)
@@ -83,6 +85,9 @@ class GPT(nn.Module):
         self.heads = nn.ModuleDict({str(k): Block(config) for k in range(config.n_future)})
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self._register_load_state_dict_pre_hook(self._fill_tied_unembedding)
+        self.register_load_state_dict_post_hook(lambda module, _: module.tie_weights())
         # Sequence-parallel hooks (megafim.parallel fills them): gather (B, T/tp, d) -> (B, T, d) and
         # scatter back; ``sequence_shards`` is tp then, so the trunk knows the full length.
         self.sequence_gather: nn.Module = nn.Identity()
@@ -96,6 +101,20 @@ class GPT(nn.Module):
             for name, param in self.named_parameters():
                 if not param.is_meta:
                     param.copy_(initial_value(self.config, name, param.shape, self.init_seed))
+
+    def tie_weights(self) -> None:
+        """With ``tie_embeddings``, make ``lm_head`` hold the embedding's Parameter (again: leaving the
+        meta device, tensor parallelism and ``load_state_dict(assign=True)`` make new Parameters). A
+        pipeline stage that holds only one of the two has nothing to tie."""
+        if self.config.tie_embeddings and hasattr(self, "embed_tokens") and hasattr(self, "lm_head"):
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _fill_tied_unembedding(self, state, prefix, *_) -> None:
+        """A tied model's state may name only the embedding (``named_parameters`` lists a shared
+        Parameter once, so checkpoints hold it once): the unembedding is the same tensor."""
+        embed, head = prefix + "embed_tokens.weight", prefix + "lm_head.weight"
+        if self.config.tie_embeddings and embed in state and head not in state:
+            state[head] = state[embed]
 
     def compile_blocks(self) -> None:
         """``torch.compile`` every transformer block in place (torchtitan's per-block recipe): the
@@ -114,7 +133,8 @@ class GPT(nn.Module):
             raise ValueError(f"GPT: positions up to {start_pos + seq_len} exceed ModelConfig.max_seq_len = "
                              f"{self.config.max_seq_len}")
         positions = torch.arange(start_pos, start_pos + seq_len, device=device)
-        return rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        c = self.config
+        return rotary_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)
 
     def embed(self, tokens: Tensor) -> Tensor:
         """tokens (B, T) int -> (B, T, d) (this rank's (B, T/tp, d) under sequence parallelism)."""

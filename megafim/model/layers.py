@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from megafim.model.config import RopeScaling
 
 log = logging.getLogger("megafim.model")
 
@@ -61,15 +64,40 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+def rotary_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                    device: torch.device | None = None) -> Tensor:
+    """The head_dim / 2 rotary frequencies ``theta^(-2j / head_dim)``, fp32, Llama-3-scaled if asked."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+                                / head_dim))  # (hd/2,)
+    return inv_freq if scaling is None else llama3_scaled_inv_freq(inv_freq, scaling)
+
+
+def llama3_scaled_inv_freq(inv_freq: Tensor, s: RopeScaling) -> Tensor:
+    """Llama 3's context extension: frequencies whose wavelength exceeds ``original / low_freq_factor``
+    positions are divided by ``factor``; those shorter than ``original / high_freq_factor`` are kept
+    (they resolve local order, which a longer context does not change); in between, the divided and
+    kept frequencies are mixed linearly in ``original / wavelength``."""
+    wavelength = 2 * math.pi / inv_freq
+    # 0 at the long-wavelength edge of the band, 1 at the short one
+    mix = (s.original_max_position_embeddings / wavelength - s.low_freq_factor) / (s.high_freq_factor
+                                                                                    - s.low_freq_factor)
+    mix = mix.clamp(0.0, 1.0)
+    scaled = (1 - mix) * inv_freq / s.factor + mix * inv_freq
+    # outside the band the clamp already gives 0 or 1; the explicit edges match the definition exactly
+    scaled = torch.where(wavelength > s.original_max_position_embeddings / s.low_freq_factor,
+                         inv_freq / s.factor, scaled)
+    return torch.where(wavelength < s.original_max_position_embeddings / s.high_freq_factor, inv_freq, scaled)
+
+
+def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float,
+                   scaling: RopeScaling | None = None) -> tuple[Tensor, Tensor]:
     """cos and sin tables (T, head_dim), fp32, in Hugging Face Llama's layout.
 
     Frequency j (of head_dim / 2) is used by channels j and j + head_dim / 2: ``rotate_half`` pairs
     the two halves of the head, so weights export to ``LlamaForCausalLM`` without permuting q or k.
     Computed in fp32 on every call (a few KB) so that a bf16 model keeps exact positions.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
-                                / head_dim))  # (hd/2,)
+    inv_freq = rotary_inv_freq(head_dim, theta, scaling, positions.device)  # (hd/2,)
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
     return emb.cos(), emb.sin()

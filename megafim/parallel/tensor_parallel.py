@@ -79,6 +79,7 @@ def apply_tensor_parallel(model: GPT, dims: ParallelDims, sequence_parallel: boo
         model.sequence_gather = SequenceGather(group)
         model.sequence_scatter = SequenceScatter(group)
         model.sequence_shards = dims.tp
+    model.tie_weights()  # both vocabulary shards hold the same rows: one Parameter again when tied
     return model
 
 

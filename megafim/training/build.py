@@ -108,6 +108,7 @@ def build_stage(mc: ModelConfig, plan: StagePlan, seed: int, dims: ParallelDims 
     # on them (tensor_model_parallel, partition_dim), which DeepSpeed and the checkpoints read.
     marks = {name: dict(param.__dict__) for name, param in stage.named_parameters()}
     stage.to_empty(device="cpu")
+    stage.model.tie_weights()  # to_empty made the embedding and a tied unembedding two Parameters
     for name, param in stage.named_parameters():
         param.__dict__.update(marks[name])
     with torch.no_grad():

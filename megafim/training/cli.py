@@ -37,6 +37,7 @@ MEGATRON_FLAGS: dict[str, tuple[str, type, str]] = {
     "--pipeline-model-parallel-size": ("parallel.pipeline", int, "pipeline-parallel degree"),
     "--zero-stage": ("parallel.zero_stage", int, "DeepSpeed ZeRO stage 0-3"),
     "--n-future": ("model.n_future", int, "number of future-token heads"),
+    "--rotary-base": ("model.rope_theta", float, "base of the rotary frequencies"),
     "--fim-rate": ("data.fim.rate", float, "FIM probability per document/piece"),
     "--fim-spm-rate": ("data.fim.spm_rate", float, "SPM probability among FIM pieces"),
     "--save": ("checkpoint.save", str, "checkpoint directory"),

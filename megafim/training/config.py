@@ -489,6 +489,10 @@ def validate_model_shape(cfg: TrainConfig, mc: ModelConfig) -> None:
         check_tensor_parallel_sizes(mc, tp)
     except ParallelSizeError as exc:
         raise ConfigError(f"{domain_error(exc)} (parallel.tensor)") from None
+    if mc.tie_embeddings and pp > 1:
+        raise ConfigError(f"model.tie_embeddings = true with parallel.pipeline = {pp} is not supported (the "
+                          "embedding and lm_head live on different stages); import the model with "
+                          "tools/convert_hf_to_checkpoint.py --untie-embeddings")
     n_trunk = trunk_layers(mc)
     if pp > 1 and n_trunk < pp - 1:
         raise ConfigError(

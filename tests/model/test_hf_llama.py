@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from megafim.model import GPT, model_config
-from megafim.model.hf_keys import hf_key_map, hf_llama_config_kwargs
+from megafim.convert.hf_config import hf_config_kwargs
+from megafim.model.hf_keys import hf_key_map
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,7 +19,7 @@ def test_logits_match_llama_for_causal_lm(n_future, n_kv_heads):
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 p.uniform_(0.5, 1.5)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_llama_config_kwargs(config))).eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config_kwargs(config))).eval()
     keys = hf_key_map(config)
     state = {keys[k]: v for k, v in model.state_dict().items() if k in keys}
     hf.load_state_dict(state, strict=True)  # every HF tensor is covered, with the same shape

@@ -1,7 +1,8 @@
 """Tensor parallelism with real torchrun (gloo, CPU, fp32): loss and every gradient equal tp = 1.
 
 Two launcher runs check every case: tp = 2 and tp = 4, n_future = 1 and 2, with and without
-sequence parallelism, plus tp = 2 x dp = 2 and one case with activation checkpointing; each also checks the collectives and the DeepSpeed mpu's
+sequence parallelism, plus tp = 2 x dp = 2, one case with activation checkpointing and two with
+q/k/v biases and tied embeddings; each also checks the collectives and the DeepSpeed mpu's
 groups, and the tp = 2 run trains one step under DeepSpeed ZeRO-1 and ZeRO-2 with that mpu; both check
 that the trainer's stage build (meta device, then one weight at a time) gives each rank its slices of
 the whole seeded model."""
@@ -37,7 +38,8 @@ def _torchrun(nproc, cases, tmp_path):
 
 
 def test_tp2_matches_tp1_and_deepspeed_sees_the_tp1_grad_norm(tmp_path):
-    _torchrun(2, [*_cases(2), "tp=2,dp=1,n_future=2,sp=1,ckpt=1", "zero=1", "zero=2", "build=2"], tmp_path)
+    _torchrun(2, [*_cases(2), "tp=2,dp=1,n_future=2,sp=1,ckpt=1", "tp=2,dp=1,n_future=2,sp=0,bias=1,tie=1",
+                  "tp=2,dp=1,n_future=1,sp=1,bias=1,tie=1", "zero=1", "zero=2", "build=2"], tmp_path)
 
 
 def test_tp4_and_tp2_dp2_match_tp1(tmp_path):

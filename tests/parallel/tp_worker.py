@@ -1,7 +1,8 @@
 """torchrun worker: tensor-parallel GPT vs the same model at tp = 1, loss and every gradient.
 
 Usage: torchrun --standalone --nproc_per_node=N tests/parallel/tp_worker.py CASE [CASE ...]
-with CASE = "tp=<t>,dp=<d>,n_future=<n>,sp=<0|1>[,ckpt=1]", "zero=<stage>" (DeepSpeed with the mpu, N = 2)
+with CASE = "tp=<t>,dp=<d>,n_future=<n>,sp=<0|1>[,ckpt=1][,bias=1][,tie=1]" (bias: q/k/v biases,
+tie: tied embeddings), "zero=<stage>" (DeepSpeed with the mpu, N = 2)
 or "build=<tp>" (the trainer's meta-device stage build against the whole seeded model).
 Every rank builds the full model from one seed, runs it unsharded as the reference, then shards a
 copy and compares; gradients of sharded parameters are all-gathered back to full shape along their
@@ -36,21 +37,24 @@ def full_grad(param, group, tp):
 def parse(case):
     fields = dict(item.split("=") for item in case.split(","))
     return (int(fields["tp"]), int(fields["dp"]), int(fields["n_future"]), bool(int(fields["sp"])),
-            bool(int(fields.get("ckpt", "0"))))
+            *(bool(int(fields.get(key, "0"))) for key in ("ckpt", "bias", "tie")))
 
 
 def run_case(case):
-    tp, dp, n_future, sp, ckpt = parse(case)
+    tp, dp, n_future, sp, ckpt, bias, tie = parse(case)
     dims = ParallelDims.build(tp=tp, pp=1, dp=dp)
     check_mpu(dims)
     check_mappings(dims)
     torch.manual_seed(0)
     # activation checkpointing recomputes blocks, collectives included, in the backward pass
-    reference = GPT(model_config("tiny", n_future=n_future, n_layers=3, activation_checkpointing=ckpt))
-    with torch.no_grad():  # non-trivial norm gains so their gradients matter
+    reference = GPT(model_config("tiny", n_future=n_future, n_layers=3, activation_checkpointing=ckpt,
+                                 qkv_bias=bias, tie_embeddings=tie))
+    with torch.no_grad():  # non-trivial norm gains and biases so their gradients matter
         for name, p in reference.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
     parallel = apply_tensor_parallel(copy.deepcopy(reference), dims, sequence_parallel=sp)
 
     g = torch.Generator().manual_seed(1)
@@ -69,6 +73,7 @@ def run_case(case):
     ref_params = dict(reference.named_parameters())
     names = [n for n, _ in parallel.named_parameters()]
     assert sorted(names) == sorted(ref_params), "parameter names changed under tensor parallelism"
+    assert (parallel.lm_head.weight is parallel.embed_tokens.weight) == tie
     worst = 0.0
     for name, param in parallel.named_parameters():
         grad = full_grad(param, dims.tp_group, tp)
