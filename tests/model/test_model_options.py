@@ -8,11 +8,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from megafim.inference.loading import load_model, save_model_dir
+from megafim.checkpoint.state import TrainerState, write_trainer_state
+from megafim.checkpoint.weights import write_model_dir
+from megafim.inference.loading import load_model
 from megafim.model import GPT, ModelConfigError, model_config
 from megafim.model.config import ModelConfig, RopeScaling
 from megafim.model.layers import rotary_inv_freq
-from megafim.training.checkpoint_io import MODEL_DIR
+from megafim.checkpoint.format import MODEL_DIR
 
 SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
            "original_max_position_embeddings": 64}
@@ -83,8 +85,10 @@ def test_config_json_round_trip_and_tied_checkpoint(tmp_path):
     assert ModelConfig(**json.loads(json.dumps(dataclasses.asdict(config)))) == config
     model = GPT(config).eval()
     # the trainer saves named_parameters(), which lists the shared Parameter once, as the embedding
-    save_model_dir(tmp_path / MODEL_DIR, dict(model.named_parameters()), config)
-    with safe_open(str(tmp_path / MODEL_DIR / "stage_00.safetensors"), "pt") as fh:
+    write_model_dir(tmp_path / MODEL_DIR, dict(model.named_parameters()), config)
+    write_trainer_state(tmp_path, TrainerState(), "")
+    shard = next((tmp_path / MODEL_DIR).glob("*.safetensors"))
+    with safe_open(str(shard), "pt") as fh:
         assert "lm_head.weight" not in fh.keys() and "heads.1.self_attn.v_proj.bias" in fh.keys()
     loaded = load_model(tmp_path).model
     assert loaded.config == config and loaded.lm_head.weight is loaded.embed_tokens.weight
