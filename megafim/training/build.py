@@ -102,12 +102,13 @@ class PipelineStage(nn.Module):
             del model.heads, model.norm, model.lm_head
         self.model, self.plan = model, plan
 
-    def forward(self, x: Tensor, labels: Tensor | None = None, loss_mask: Tensor | None = None):
+    def forward(self, x: Tensor, labels=None, loss_mask: Tensor | None = None, layout=None):
+        """``labels``: (B, T) with ``loss_mask``, or ``HeadTargets``; ``layout``: see ``GPT.trunk``."""
         h = self.model.embed(x) if self.plan.is_first else x  # (B, T, d)
-        h = self.model.trunk(h)
+        h = self.model.trunk(h, layout=layout)
         if not self.plan.is_last:
             return h
-        return self.model.loss_from_trunk(h, labels, loss_mask)
+        return self.model.loss_from_trunk(h, labels, loss_mask, layout=layout)
 
     def full_state_names(self) -> dict[str, nn.Parameter]:
         """Parameters under the whole model's names (``layers.3.mlp.up_proj.weight``)."""
@@ -164,7 +165,8 @@ def build_train_valid_datasets(cfg: TrainConfig, tokenizer, num_train: int, num_
         data_cfg.check_files()
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"data.data_path: {exc}") from None
-    datasets = build_datasets(data_cfg, (num_train, num_valid, 0), tokenizer=tokenizer, is_builder=is_builder)
+    datasets = build_datasets(data_cfg, (num_train, num_valid, 0), tokenizer=tokenizer, is_builder=is_builder,
+                              document_segments=d.reset_attention_mask or d.reset_position_ids)
     if datasets["train"] is None:
         raise ConfigError(f"data.split {d.split!r} leaves no training documents in {d.data_path}")
     if num_valid and datasets["valid"] is None:

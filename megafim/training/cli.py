@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--activation-checkpointing", dest="megatron:model.activation_checkpointing",
                         action="store_const", const=True, default=None,
                         help="recompute activations in backward (model.activation_checkpointing)")
+    parser.add_argument("--reset-attention-mask", dest="megatron:data.reset_attention_mask",
+                        action="store_const", const=True, default=None,
+                        help="attend only within each document (data.reset_attention_mask)")
+    parser.add_argument("--reset-position-ids", dest="megatron:data.reset_position_ids",
+                        action="store_const", const=True, default=None,
+                        help="restart positions at 0 in each document (data.reset_position_ids)")
     return parser
 
 

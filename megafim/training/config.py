@@ -70,6 +70,11 @@ class DataSection:
     """Where the sample-index cache goes; empty means next to the first dataset."""
     fim: FimSection = field(default_factory=FimSection)
     """Fill-in-the-middle transform settings."""
+    reset_attention_mask: bool = False
+    """A token attends only to earlier tokens of its own document (documents end with end-of-text,
+    after FIM); labels of a later document than their position are not trained on (docs/model.md)."""
+    reset_position_ids: bool = False
+    """Rotary positions restart at 0 at the first token of every document of a packed context."""
 
 
 @dataclass

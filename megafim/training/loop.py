@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megafim.model import ModelConfig
+from megafim.model.documents import Documents, token_layout
 from megafim.parallel import DeepSpeedMPU, ParallelDims
 from megafim.training import checkpoint as ck
 from megafim.training import checkpoint_io
@@ -254,12 +255,25 @@ def evaluate(run: Run, valid) -> torch.Tensor:
 
 def _stage_forward(run: Run, batch: dict, received: torch.Tensor | None):
     """This stage's forward of one micro-batch: the first stage reads the tokens, the others the
-    previous stage's activation; the last returns (loss, head losses), the others their output."""
+    previous stage's activation; the last returns (loss, head losses), the others their output.
+    Every stage reads the batch's documents (its attention layers need them)."""
     dev = run.device
     x = batch["tokens"].to(dev) if run.plan.is_first else received
+    docs = _documents(run.cfg, batch, dev)
+    layout = None if docs is None else token_layout(docs, batch["tokens"].shape[1], device=dev)
     if not run.plan.is_last:
-        return run.engine(x)
-    return run.engine(x, batch["labels"].to(dev).long(), batch["loss_mask"].to(dev).float())
+        return run.engine(x, layout=layout)
+    targets = run.stage.model.targets(batch["labels"].to(dev).long(), batch["loss_mask"].to(dev).float(), docs)
+    return run.engine(x, targets, layout=layout)
+
+
+def _documents(cfg: TrainConfig, batch: dict, device) -> Documents | None:
+    """The batch's packed documents when --reset-attention-mask or --reset-position-ids is on."""
+    d = cfg.data
+    if not (d.reset_attention_mask or d.reset_position_ids):
+        return None
+    return Documents(batch["segment_ids"].to(device).long(), batch["label_segment_ids"].to(device).long(),
+                     mask_attention=d.reset_attention_mask, reset_positions=d.reset_position_ids)
 
 
 def _sum_over_ranks(run: Run, sums: torch.Tensor) -> None:
