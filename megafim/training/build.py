@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from megafim.model import GPT, ModelConfig, model_config
 from megafim.model.gpt import initial_value
 from megafim.parallel.dims import ParallelDims
+from megafim.parallel.context_parallel import apply_context_parallel
 from megafim.parallel.tensor_parallel import apply_tensor_parallel
 from megafim.training.config import ConfigError, TrainConfig
 
@@ -120,7 +121,7 @@ WeightSource = Callable[[str, tuple[int, ...]], Tensor]
 
 
 def build_stage(mc: ModelConfig, plan: StagePlan, seed: int, dims: ParallelDims | None = None,
-                weights: WeightSource | None = None) -> PipelineStage:
+                weights: WeightSource | None = None, sequence_parallel: bool = False) -> PipelineStage:
     """This rank's stage on the CPU: the blocks of ``plan``, tensor-parallel over ``dims`` when given,
     its weights initialised from ``seed`` (the slice of what ``torch.manual_seed(seed); GPT(mc)``
     holds) or read from ``weights``. Each weight is made whole, sliced and dropped before the next."""
@@ -128,7 +129,8 @@ def build_stage(mc: ModelConfig, plan: StagePlan, seed: int, dims: ParallelDims 
     with torch.device("meta"):
         stage = PipelineStage(GPT(mc), plan)
     if dims is not None:
-        apply_tensor_parallel(stage.model, dims)
+        apply_tensor_parallel(stage.model, dims, sequence_parallel=sequence_parallel)
+        apply_context_parallel(stage.model, dims)
     tp, tp_rank = (dims.tp, dims.tp_rank) if dims is not None else (1, 0)
     # Leaving the meta device makes new Parameter objects: keep the attributes tensor parallelism set
     # on them (tensor_model_parallel, partition_dim), which DeepSpeed and the checkpoints read.

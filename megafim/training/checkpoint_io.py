@@ -53,7 +53,7 @@ def full_stage_state(stage, dims: ParallelDims, zero_stage: int) -> dict[str, to
 
 def save_model_state(ckpt_dir: Path, stage, dims: ParallelDims, zero_stage: int, mc: ModelConfig) -> None:
     state = full_stage_state(stage, dims, zero_stage)  # every rank takes part in the gathers
-    if dims.tp_rank == 0 and dims.dp_rank == 0:
+    if dims.tp_rank == 0 and dims.dp_rank == 0 and dims.cp_rank == 0:
         out = Path(ckpt_dir) / MODEL_DIR
         out.mkdir(exist_ok=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / f"stage_{dims.pp_rank:02d}.safetensors"),
@@ -95,7 +95,10 @@ def full_weights(ckpt_dir: Path) -> Callable[[str, tuple[int, ...]], torch.Tenso
 
 
 def layout_of(dims: ParallelDims, zero_stage: int) -> dict:
-    return {"tensor": dims.tp, "pipeline": dims.pp, "data": dims.dp, "zero_stage": zero_stage}
+    layout = {"tensor": dims.tp, "pipeline": dims.pp, "data": dims.dp, "zero_stage": zero_stage}
+    if dims.cp > 1:  # ZeRO partitions over data x context ranks; absent at 1 so older layouts stay equal
+        layout["context"] = dims.cp
+    return layout
 
 
 def save(save_root: Path, engine, stage, dims: ParallelDims, state: ck.TrainerState, config_yaml: str,

@@ -31,6 +31,7 @@ MEGATRON_FLAGS: dict[str, tuple[str, type, str]] = {
     "--tensor-model-parallel-size": ("parallel.tensor", int, "tensor-parallel degree"),
     "--pipeline-model-parallel-size": ("parallel.pipeline", int, "pipeline-parallel degree"),
     "--zero-stage": ("parallel.zero_stage", int, "DeepSpeed ZeRO stage 0-3"),
+    "--context-parallel-size": ("parallel.context", int, "context-parallel degree (sequence split over ranks)"),
     "--n-future": ("model.n_future", int, "number of future-token heads"),
     "--fim-rate": ("data.fim.rate", float, "FIM probability per document/piece"),
     "--fim-spm-rate": ("data.fim.spm_rate", float, "SPM probability among FIM pieces"),
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--activation-checkpointing", dest="megatron:model.activation_checkpointing",
                         action="store_const", const=True, default=None,
                         help="recompute activations in backward (model.activation_checkpointing)")
+    parser.add_argument("--sequence-parallel", dest="megatron:parallel.sequence_parallel",
+                        action="store_const", const=True, default=None,
+                        help="split activations along the sequence over tensor-parallel ranks "
+                             "(parallel.sequence_parallel)")
     parser.add_argument("--reset-attention-mask", dest="megatron:data.reset_attention_mask",
                         action="store_const", const=True, default=None,
                         help="attend only within each document (data.reset_attention_mask)")

@@ -44,6 +44,11 @@ class ParallelSection:
     """DeepSpeed ZeRO stage 0-3 over the data-parallel group."""
     backend: str = "auto"
     """torch.distributed backend: ``auto`` (nccl with CUDA, else gloo), ``nccl`` or ``gloo``."""
+    sequence_parallel: bool = False
+    """Split the activations between the tensor-parallel matmuls along the sequence (Korthikanti et
+    al. 2022); needs ``tensor`` > 1 and a sequence length divisible by it."""
+    context: int = 1
+    """Context-parallel degree: each sample's sequence is split over this many ranks (docs/parallelism.md)."""
 
 
 @dataclass
@@ -260,8 +265,13 @@ def _choice(value: str, name: str, choices: tuple) -> None:
 
 
 def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
-    """World size / (tp x pp), raising when it does not divide."""
+    """World size / (tp x pp x cp), raising when it does not divide."""
     mp = cfg.parallel.tensor * cfg.parallel.pipeline
+    cp = cfg.parallel.context
+    if isinstance(cp, int) and cp > 1 and world_size % (mp * cp):
+        raise ConfigError(f"parallel.context (--context-parallel-size {cp}) x parallel.tensor x parallel.pipeline "
+                          f"= {mp * cp} does not divide the world size {world_size}")
+    mp *= cp if isinstance(cp, int) and cp > 1 else 1
     if world_size % mp:
         raise ConfigError(
             f"parallel.tensor x parallel.pipeline = {cfg.parallel.tensor} x {cfg.parallel.pipeline} = {mp} "
@@ -294,6 +304,22 @@ def _check_profiling(cfg: TrainConfig) -> None:
     if not lg.profile_ranks or not all(isinstance(r, int) and r >= 0 for r in lg.profile_ranks):
         raise ConfigError(f"logging.profile_ranks must list global ranks (integers >= 0), got "
                           f"{lg.profile_ranks}")
+
+
+def _check_sequence_splits(cfg: TrainConfig) -> None:
+    """Sequence and context parallelism against the tensor-parallel degree and the sequence length."""
+    p, seq = cfg.parallel, cfg.data.seq_length
+    if p.sequence_parallel and p.tensor == 1:
+        raise ConfigError("parallel.sequence_parallel (--sequence-parallel) needs parallel.tensor > 1: with one "
+                          "tensor-parallel rank there is nothing to split")
+    if p.sequence_parallel and seq % (p.tensor * p.context):
+        raise ConfigError(f"parallel.sequence_parallel (--sequence-parallel): data.seq_length {seq} must split "
+                          f"over parallel.tensor = {p.tensor} (per context-parallel chunk)")
+    if not isinstance(p.context, int) or isinstance(p.context, bool) or p.context < 1:
+        raise ConfigError(f"parallel.context (--context-parallel-size) must be a positive integer, got {p.context!r}")
+    if p.context > 1 and seq % (2 * p.context):
+        raise ConfigError(f"parallel.context (--context-parallel-size {p.context}): data.seq_length {seq} is not "
+                          f"divisible by 2 x {p.context} (each rank holds two chunks)")
 
 
 def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> None:
@@ -339,6 +365,7 @@ def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> Non
         if not has_valid:
             raise ConfigError(f"schedule.eval_interval = {s.eval_interval} needs validation documents, but "
                               f"data.split {cfg.data.split!r} gives them no share (e.g. \"98,2,0\")")
+    _check_sequence_splits(cfg)
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
     if cfg.model.compile and p.zero_stage == 3:

@@ -23,7 +23,7 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "class A:\n    x = 1\n    def f(s
 N_FUTURE = 4
 
 
-def _contexts(tok, seq: int, batch: int) -> list[dict[str, np.ndarray]]:
+def fim_contexts(tok, seq: int, batch: int) -> list[dict[str, np.ndarray]]:
     """``batch`` packed contexts of seq + 1 tokens, FIM'd as the dataset does (rate 0.8)."""
     fim = FimTransform(FimConfig(rate=0.8, spm_rate=0.5), tok)
     stream = [t for i in range(40) for t in tok.encode(TEXTS[(7 * i) % len(TEXTS)]) + [tok.eod]]
@@ -35,7 +35,7 @@ def _contexts(tok, seq: int, batch: int) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def _model():
+def tiny_model():
     torch.manual_seed(0)
     return GPT(model_config("tiny", vocab_size=2048, n_future=N_FUTURE, max_seq_len=128))
 
@@ -62,7 +62,7 @@ def _standalone_loss(model: GPT, contexts, eod: int) -> torch.Tensor:
     return (sums / counts).sum()
 
 
-def _packed_batch(contexts, eod: int) -> dict[str, torch.Tensor]:
+def packed_batch(contexts, eod: int) -> dict[str, torch.Tensor]:
     ctx = torch.as_tensor(np.stack([c["ctx"] for c in contexts]))
     mask = torch.as_tensor(np.stack([c["loss_mask"] for c in contexts]))
     seg, label_seg = zip(*(document_segments(c["ctx"], eod) for c in contexts))
@@ -81,12 +81,12 @@ def _assert_rel(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = 1e-5)
 
 def test_packed_masked_context_equals_documents_alone(fim_tokenizer):  # noqa: F811
     tok = fim_tokenizer
-    contexts = _contexts(tok, seq=96, batch=2)
+    contexts = fim_contexts(tok, seq=96, batch=2)
     assert any(c["ctx"].tolist().count(tok.fim_middle) for c in contexts), "no FIM piece in the batch"
-    batch = _packed_batch(contexts, tok.eod)
+    batch = packed_batch(contexts, tok.eod)
     assert int(batch["segment_ids"][0].max()) >= 3  # several documents per context
 
-    model = _model()
+    model = tiny_model()
     ref = _standalone_loss(model, contexts, tok.eod)
     ref.backward()
     ref_grads = _grads(model)
@@ -145,7 +145,7 @@ def test_document_attention_is_the_masked_softmax():
 
 
 def test_reset_positions_alone_keeps_one_document_unchanged():
-    model = _model()
+    model = tiny_model()
     g = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, 2000, (2, 20), generator=g)
     labels = torch.randint(0, 2000, (2, 20), generator=g)
