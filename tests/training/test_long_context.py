@@ -55,6 +55,12 @@ def test_context_parallel_trains_the_losses_of_cp1_and_resumes_exactly(tiny_data
     _assert_same([m["loss"] for m in metrics(resumed)], reference[2:])
 
 
+def test_context_parallel_under_zero3_trains_the_losses_of_cp1(tiny_data, tmp_path):
+    zero3 = DOCS + ["--zero-stage", "3"]
+    _assert_same(_run(tiny_data, tmp_path, "cp2_z3", 2, zero3 + ["--context-parallel-size", "2"]),
+                 _run(tiny_data, tmp_path, "cp1_z3", 1, zero3))
+
+
 def test_sequence_parallel_with_one_tensor_rank_exits_2_with_one_line(tiny_data, tmp_path):
     proc = launch(1, base_args(tiny_data) + ["--train-iters", "1", "--sequence-parallel"], tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
