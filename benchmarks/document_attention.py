@@ -83,34 +83,38 @@ def cpu_case(size: str, n_layers: int | None, seq: int, docs: int, batch: int, r
     return row
 
 
-def gpu_case(seq: int, mean_len: int, repeats: int) -> dict:
+def gpu_case(seq: int, mean_len: int, repeats: int, smoke_cpu: bool = False) -> dict:
+    """One 1.3B block in bf16 on CUDA; ``smoke_cpu``: the tiny shape in fp32 on the CPU (the same code,
+    the SDPA paths instead of flash-attn; checks the script, its numbers mean nothing)."""
     from megafim.model import attention
 
-    if not torch.cuda.is_available() or attention._flash_attn_varlen_func() is None:
+    if not smoke_cpu and (not torch.cuda.is_available() or attention._flash_attn_varlen_func() is None):
         print("SKIP benchmarks/document_attention.py --gpu: needs CUDA and flash-attn; nothing was measured",
               file=sys.stderr)
         sys.exit(2)
-    config = model_config("1.3B", max_seq_len=seq)
+    dev, dtype = ("cpu", torch.float32) if smoke_cpu else ("cuda", torch.bfloat16)
+    config = model_config("tiny" if smoke_cpu else "1.3B", max_seq_len=seq)
     torch.manual_seed(0)
-    block = Block(config).to("cuda", torch.bfloat16)
-    x = torch.randn(1, seq, config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    block = Block(config).to(dev, dtype)
+    x = torch.randn(1, seq, config.hidden_size, device=dev, dtype=dtype, requires_grad=True)
     seg, label_seg = random_documents(1, seq, mean_len)
-    layout = token_layout(Documents(seg.cuda(), label_seg.cuda()), seq, device=torch.device("cuda"))
+    layout = token_layout(Documents(seg.to(dev), label_seg.to(dev)), seq, device=torch.device(dev))
 
     def step(lay):
-        positions = torch.arange(seq, device="cuda") if lay is None else lay.rope_positions.reshape(-1)
+        positions = torch.arange(seq, device=dev) if lay is None else lay.rope_positions.reshape(-1)
         cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)  # (T, hd)
         if lay is not None:
             cos, sin = cos[None], sin[None]  # (1, T, hd): positions restart per document
 
         def run():
             block(x, cos, sin, None, lay).float().pow(2).mean().backward()
-            torch.cuda.synchronize()
+            if dev == "cuda":
+                torch.cuda.synchronize()
         return run
 
     causal = _median_time(step(None), repeats)
     varlen = _median_time(step(layout), repeats)
-    print(f"1.3B block seq {seq} docs ~{mean_len}: causal {causal * 1e3:.2f} ms  varlen {varlen * 1e3:.2f} ms",
+    print(f"{'tiny (smoke)' if smoke_cpu else '1.3B'} block seq {seq} docs ~{mean_len}: causal {causal * 1e3:.2f} ms  varlen {varlen * 1e3:.2f} ms",
           flush=True)
     return {"seq": seq, "mean_document": mean_len, "causal_ms": round(causal * 1e3, 3),
             "varlen_ms": round(varlen * 1e3, 3), "ratio": round(varlen / causal, 3)}
@@ -119,6 +123,7 @@ def gpu_case(seq: int, mean_len: int, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", action="store_true", help="the flash-attn varlen benchmark (CUDA only)")
+    p.add_argument("--smoke-cpu", action="store_true", help="with --gpu: run its code on tiny CPU shapes")
     p.add_argument("--seq", type=int, default=None, help="default 2048 on the CPU, 8192 with --gpu")
     p.add_argument("--docs", type=int, default=10, help="documents per context (CPU)")
     p.add_argument("--batch", type=int, default=1)
@@ -129,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     if args.gpu:
-        rows = [gpu_case(args.seq or 8192, 1024, args.repeats)]
+        seq = args.seq or (512 if args.smoke_cpu else 8192)
+        rows = [gpu_case(seq, seq // 8 if args.smoke_cpu else 1024, args.repeats, args.smoke_cpu)]
         target = TARGETS["gpu_varlen_over_causal_max"]
     else:
         seq = args.seq or 2048
@@ -138,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         target = TARGETS["cpu_masked_over_plain_max"]
     out = args.out or str(ROOT / "benchmarks" / "results" / ("document_attention_gpu.json" if args.gpu
                                                              else "document_attention_cpu.json"))
-    write_json(out, {"command": " ".join([sys.executable, *sys.argv]), "machine": machine(
-        note="2 shared CPU cores, other jobs running" if not args.gpu else None),
+    note = "smoke run on the CPU: checks the script, the numbers mean nothing" if args.smoke_cpu else \
+        None if args.gpu else "2 shared CPU cores, other jobs running"
+    write_json(out, {"command": " ".join([sys.executable, *sys.argv]), "machine": machine(note=note),
         "rows": rows, "target_ratio_max": target, "met": all(r["ratio"] <= target for r in rows)})
     return 0
 
