@@ -9,7 +9,8 @@ Samples come from ``GPTDataset`` (the same packing, shuffle and per-sample FIM s
 trained on wrapped in ``[[masked: ...]]``. ``--json``: one object per line with ``index``, ``epoch``,
 ``tokens`` (the ``seq_length + 1`` context), ``loss_mask`` and ``middle_mask`` (per token, as a
 target: the model is trained on predicting token t from tokens < t where ``loss_mask[t]`` is 1),
-``modes`` (per end-of-text-separated piece: ar / psm / spm) and ``text``. See docs/fim.md.
+``modes`` (per end-of-text-separated piece: ar / psm / spm), ``segment_ids`` (per token: its document,
+as ``--reset-attention-mask`` sees it) and ``text``. See docs/fim.md.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import TextIO
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megafim.data.fim import FimConfig, FimResult, FimTransform  # noqa: E402
-from megafim.data.gpt_dataset import GPTDataset, GPTDatasetSpec  # noqa: E402
+from megafim.data.gpt_dataset import GPTDataset, GPTDatasetSpec, document_segments  # noqa: E402
 from megafim.data.indexed import resolve_dataset_prefix  # noqa: E402
 from megafim.data.tokenizer import Tokenizer  # noqa: E402
 
@@ -77,17 +78,26 @@ def render(tok: Tokenizer, out: FimResult) -> str:
     return "".join(parts)
 
 
+def segments(tok: Tokenizer, out: FimResult) -> list[int]:
+    """The document of every context token (a new one after each end-of-text), as training sees it."""
+    inputs, labels = document_segments(out.tokens, tok.eod)
+    return [*inputs.tolist(), *labels[-1:].tolist()]
+
+
 def emit(stream: TextIO, tok: Tokenizer, i: int, epoch: int, out: FimResult, as_json: bool) -> None:
     text = render(tok, out)
+    seg = segments(tok, out)
     if as_json:
         obj = {"index": i, "epoch": epoch, "modes": out.modes, "tokens": out.tokens.tolist(),
                "loss_mask": out.loss_mask.astype(int).tolist(), "middle_mask": out.middle_mask.astype(int).tolist(),
-               "text": text}
+               "segment_ids": seg, "text": text}
         stream.write(json.dumps(obj, ensure_ascii=False) + "\n")
         return
     trained = int(out.loss_mask.sum())
+    lengths = [seg.count(s) for s in range(seg[-1] + 1)]
     stream.write(f"=== sample {i} (epoch {epoch}): pieces {', '.join(out.modes)}; {len(out.tokens)} tokens, "
-                 f"{trained} trained on, {int(out.middle_mask.sum())} in middles\n{text}\n\n")
+                 f"{trained} trained on, {int(out.middle_mask.sum())} in middles; {len(lengths)} documents of "
+                 f"{', '.join(map(str, lengths))} tokens\n{text}\n\n")
 
 
 def main(argv: list[str] | None = None, stream: TextIO = sys.stdout) -> int:

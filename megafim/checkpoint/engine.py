@@ -53,14 +53,17 @@ def stage_slices(stage, dims, zero_stage: int) -> tuple[dict[str, torch.Tensor],
 def save_model_state(ckpt_dir: Path, stage, dims, zero_stage: int, mc: ModelConfig) -> None:
     """Every rank calls it; data-parallel rank 0 of each tensor x pipeline rank writes its slices."""
     state, placement = stage_slices(stage, dims, zero_stage)
-    if dims.dp_rank == 0:
+    if dims.dp_rank == 0 and getattr(dims, "cp_rank", 0) == 0:  # context-parallel ranks hold the same weights
         write_shard(Path(ckpt_dir) / MODEL_DIR, shard_name(dims.tp_rank, dims.pp_rank), state, placement)
         if dims.rank == 0:
             write_model_config(Path(ckpt_dir) / MODEL_DIR, mc)
 
 
 def layout_of(dims, zero_stage: int) -> dict:
-    return {"tensor": dims.tp, "pipeline": dims.pp, "data": dims.dp, "zero_stage": zero_stage}
+    layout = {"tensor": dims.tp, "pipeline": dims.pp, "data": dims.dp, "zero_stage": zero_stage}
+    if getattr(dims, "cp", 1) > 1:  # ZeRO partitions over data x context ranks; absent at 1: older layouts equal
+        layout["context"] = dims.cp
+    return layout
 
 
 def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml: str, mc: ModelConfig,

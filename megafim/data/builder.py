@@ -37,6 +37,7 @@ class _Build:
     config: DataConfig
     fim: Callable[..., Any] | None
     is_builder: bool | Callable[[], bool]
+    document_eod: int | None = None
 
     def gpt(self, prefix: str, indexed: IndexedLike, doc_range: tuple[int, int], num_samples: int | None,
             split_name: str) -> GPTDataset:
@@ -45,7 +46,7 @@ class _Build:
                               num_samples=num_samples, doc_range=doc_range, split_name=split_name,
                               shuffle=c.shuffle, fingerprint=c.fingerprint)
         return GPTDataset(spec, indexed, fim=self.fim, cache_dir=c.cache_dir, is_builder=self.is_builder,
-                          verify_cache=c.verify_cache)
+                          verify_cache=c.verify_cache, document_eod=self.document_eod)
 
 
 def build_datasets(
@@ -55,12 +56,14 @@ def build_datasets(
     tokenizer: Any = None,
     is_builder: bool | Callable[[], bool] = True,
     open_indexed: Callable[[str], IndexedLike] | None = None,
+    document_segments: bool = False,
 ) -> dict[str, torch.utils.data.Dataset | None]:
     """``{"train", "valid", "test"}`` -> dataset, or None for an empty split or 0 samples asked.
 
     ``num_samples``: samples per split (train, valid, test); None = one epoch of a single dataset.
     ``tokenizer``: needed when ``config.fim`` is set. ``open_indexed``: opens a prefix (default
-    ``megafim.data.indexed.IndexedDataset``).
+    ``megafim.data.indexed.IndexedDataset``). ``document_segments``: samples carry the documents of
+    their tokens (``GPTDataset``'s ``document_eod``, the tokenizer's end-of-text).
     """
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must give (train, valid, test), got {num_samples!r}")
@@ -75,7 +78,9 @@ def build_datasets(
     opener = open_indexed or _open_indexed
     indexed = [opener(p) for p in config.data_paths]
     ranges = [split_document_ranges(len(ds.document_indices) - 1, config.split) for ds in indexed]
-    build = _Build(config, fim, is_builder)
+    if document_segments and tokenizer is None:
+        raise ValueError("build_datasets: document_segments needs the tokenizer (its end-of-text id)")
+    build = _Build(config, fim, is_builder, tokenizer.eod if document_segments else None)
     out: dict[str, torch.utils.data.Dataset | None] = {}
     for s, name in enumerate(SPLIT_NAMES):
         n = num_samples[s]

@@ -141,6 +141,17 @@ def _fast_fim_entry(fim: Any) -> Callable[..., tuple[np.ndarray, np.ndarray, np.
     return fim.sample if isinstance(fim, FimTransform) else None
 
 
+def document_segments(context: np.ndarray, eod: int) -> tuple[np.ndarray, np.ndarray]:
+    """The document of every input token and of every label of a (FIM'd) context of L + 1 tokens.
+
+    A document ends with its end-of-text token, so a FIM piece (sentinels, suffix, prefix, middle,
+    end-of-text) stays one document. Returns (segment_ids of context[:-1], segment_ids of
+    context[1:]), int32, counted from 0: a label opens a new document right after an end-of-text."""
+    after_eod = np.zeros(len(context), dtype=np.int32)
+    np.cumsum(context[:-1] == eod, out=after_eod[1:])
+    return after_eod[:-1], after_eod[1:]
+
+
 class GPTDataset(torch.utils.data.Dataset):
     """Samples ``{"tokens", "labels", "loss_mask", "middle_mask"}`` of length ``seq_length``.
 
@@ -148,16 +159,21 @@ class GPTDataset(torch.utils.data.Dataset):
     ``fim``: a callable ``(context, *, seed, epoch, index) -> FimResult`` (``FimTransform``) or None.
     ``cache_dir`` / ``is_builder``: see ``index_cache.load_or_build`` (build on rank 0, the caller
     barriers, the others load).
+    ``document_eod``: the end-of-text id; when given, samples also carry ``segment_ids`` and
+    ``label_segment_ids`` (``document_segments`` of the context after FIM), for intra-document
+    attention (``megafim.model.documents``).
     """
 
     def __init__(self, spec: GPTDatasetSpec, indexed: IndexedLike | None = None, *,
                  fim: Callable[..., Any] | None = None, cache_dir: str | None = None,
-                 is_builder: bool | Callable[[], bool] = True, verify_cache: bool = True) -> None:
+                 is_builder: bool | Callable[[], bool] = True, verify_cache: bool = True,
+                 document_eod: int | None = None) -> None:
         if indexed is None:
             from megafim.data.indexed import IndexedDataset
 
             indexed = IndexedDataset(spec.path_prefix)
         self.spec, self.indexed, self.fim = spec, indexed, fim
+        self.document_eod = document_eod
         self._fim_sample = _fast_fim_entry(fim)
         self.fim_seed = _fim_seed(spec.seed, spec.split_name, spec.path_prefix)
         doc_idx = np.asarray(indexed.document_indices)
@@ -267,12 +283,17 @@ class GPTDataset(torch.utils.data.Dataset):
             loss_mask = np.asarray(out.loss_mask, dtype=np.float32)
             middle_mask = np.asarray(out.middle_mask, dtype=bool)
         # Masks are per context token (is it a target?); labels are ctx[1:], so they align with [1:].
-        return {
+        sample = {
             "tokens": torch.from_numpy(np.ascontiguousarray(ctx[:-1])),
             "labels": torch.from_numpy(np.ascontiguousarray(ctx[1:])),
             "loss_mask": torch.from_numpy(np.ascontiguousarray(loss_mask[1:])),
             "middle_mask": torch.from_numpy(np.ascontiguousarray(middle_mask[1:])),
         }
+        if self.document_eod is not None:
+            segments, label_segments = document_segments(ctx, self.document_eod)
+            sample["segment_ids"] = torch.from_numpy(segments)
+            sample["label_segment_ids"] = torch.from_numpy(label_segments)
+        return sample
 
 
 def tokens_in_range(indexed: IndexedLike, doc_range: tuple[int, int]) -> int:
@@ -282,5 +303,5 @@ def tokens_in_range(indexed: IndexedLike, doc_range: tuple[int, int]) -> int:
     return int(np.asarray(indexed.sequence_lengths)[s0:s1].sum(dtype=np.int64))
 
 
-__all__ = ["GPTDataset", "GPTDatasetSpec", "EpochPlan", "plan_epochs", "build_gpt_index",
+__all__ = ["GPTDataset", "GPTDatasetSpec", "document_segments", "EpochPlan", "plan_epochs", "build_gpt_index",
            "tokens_in_range", "INDEX_ALGORITHM_VERSION"]

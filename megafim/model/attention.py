@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megafim.model.config import ModelConfig
-from megafim.model.layers import announce, apply_rotary
+from megafim.model.documents import TokenLayout
+from megafim.model.layers import announce, apply_rotary, rotate_half
 
 
 class KVCache(Protocol):
@@ -28,13 +29,50 @@ class KVCache(Protocol):
 
 try:  # looked up at import, not per call, so that torch.compile never traces an import
     from flash_attn import flash_attn_func as _FLASH_ATTN
+    from flash_attn import flash_attn_varlen_func as _FLASH_ATTN_VARLEN
 except ImportError:
-    _FLASH_ATTN = None
+    _FLASH_ATTN = _FLASH_ATTN_VARLEN = None
 
 
 def _flash_attn_func():
     """flash-attn's ``flash_attn_func``, or None when flash-attn (a CUDA-only build) is not installed."""
     return _FLASH_ATTN
+
+
+def _flash_attn_varlen_func():
+    """flash-attn's ``flash_attn_varlen_func``, or None when flash-attn is not installed."""
+    return _FLASH_ATTN_VARLEN
+
+
+def document_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout) -> Tensor:
+    """Causal attention restricted by ``layout``: query i sees key j when j's position is not after
+    i's and (with document segments) both are in the same document.
+
+    q (B, Tq, H, hd) at ``layout.query_positions``, k and v (B, Tk, Hkv, hd) at ``layout.key_positions``;
+    returns (B, Tq, H, hd). Every query sees at least itself, so no row of the softmax is empty."""
+    batch, t_q, heads, hd = q.shape
+    varlen = _flash_attn_varlen_func() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if varlen is not None and layout.query_segments is not None and layout.keys_are_queries:
+        announce("document attention", "flash_attn.flash_attn_varlen_func")
+        cu, longest = layout.varlen  # the B contexts flattened into one row of whole documents
+        out = varlen(q.reshape(batch * t_q, heads, hd), k.reshape(batch * t_q, -1, hd),
+                     v.reshape(batch * t_q, -1, hd), cu, cu, longest, longest, causal=True)
+        return out.view(batch, t_q, heads, hd)
+    if layout.query_segments is None and layout.keys_are_queries:
+        return causal_attention(q, k, v)
+    announce("document attention", "torch scaled_dot_product_attention with a boolean mask")
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, heads, T, hd)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.allowed, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``apply_rotary`` for tables of one position per (row, token), (B, T, hd), as with positions
+    restarting per document; (T, hd) tables go to ``apply_rotary`` itself."""
+    if cos.dim() == 2:
+        return apply_rotary(x, cos, sin)
+    cos, sin = cos.to(x.dtype)[:, :, None, :], sin.to(x.dtype)[:, :, None, :]  # (B, T, 1, hd)
+    return x * cos + rotate_half(x) * sin
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -72,17 +110,25 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_heads * hd, d, bias=False)
+        # Context parallelism's hook (B, T_local, Hkv, hd) -> (B, T_keys, Hkv, hd); identity otherwise.
+        self.kv_gather: nn.Module = nn.Identity()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None = None) -> Tensor:
-        """x (B, T, d) -> (B, T, d); cos/sin (T, hd) for the absolute positions of x's tokens."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None = None,
+                layout: TokenLayout | None = None) -> Tensor:
+        """x (B, T, d) -> (B, T, d); cos/sin (T, hd) or (B, T, hd) for the positions of x's tokens;
+        ``layout`` (packed documents, context parallelism) restricts what each token attends to."""
         # Under sequence parallelism x is (B, T / tp, d) and the column-parallel q/k/v gather T back.
         q = self.q_proj(x)
         batch, seq = q.shape[:2]
         q = q.view(batch, seq, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, T_all, Hkv, hd)
-        out = causal_attention(q, k, v)  # (B, T, H, hd)
+        if layout is None:
+            out = causal_attention(q, k, v)  # (B, T, H, hd)
+        else:
+            out = document_attention(q, self.kv_gather(k), self.kv_gather(v), layout)
         return self.o_proj(out.reshape(batch, seq, self.n_heads * self.head_dim))
+

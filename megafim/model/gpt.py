@@ -23,8 +23,9 @@ from torch.utils.checkpoint import checkpoint
 
 from megafim.model.attention import Attention, KVCache
 from megafim.model.config import ModelConfig
+from megafim.model.documents import Documents, TokenLayout, token_layout
 from megafim.model.layers import RMSNorm, SwiGLU, rotary_cos_sin
-from megafim.ops.multi_token_loss import multi_token_loss
+from megafim.ops.multi_token_loss import HeadTargets, head_targets, multi_token_loss_for_targets
 
 
 def initial_value(config: ModelConfig, name: str, shape: Sequence[int], init_seed: int) -> Tensor:
@@ -57,8 +58,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)  # (B, T, d)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None = None,
+                layout: TokenLayout | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, layout)  # (B, T, d)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -136,53 +138,75 @@ class GPT(nn.Module):
         c = self.config
         return rotary_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)
 
+    def rope_for(self, seq_len: int, layout: TokenLayout | None, start_pos: int = 0,
+                 device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """Rotary tables: (T, hd) of ``rope`` without a layout, else (B, T, hd) of its positions."""
+        if layout is None:
+            return self.rope(seq_len, start_pos, device)
+        positions = layout.rope_positions
+        if int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(f"GPT: positions up to {int(positions.max()) + 1} exceed ModelConfig.max_seq_len = "
+                             f"{self.config.max_seq_len}")
+        cos, sin = rotary_cos_sin(positions.reshape(-1), self.config.head_dim, self.config.rope_theta)
+        return cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)
+
     def embed(self, tokens: Tensor) -> Tensor:
         """tokens (B, T) int -> (B, T, d) (this rank's (B, T/tp, d) under sequence parallelism)."""
         return self.embed_tokens(tokens)
 
-    def trunk(self, h: Tensor, *, start_pos: int = 0,
-              kv_caches: Mapping[str, KVCache] | None = None) -> Tensor:
+    def trunk(self, h: Tensor, *, start_pos: int = 0, kv_caches: Mapping[str, KVCache] | None = None,
+              layout: TokenLayout | None = None) -> Tensor:
         """Run whichever trunk layers this module holds, in index order. h (B, T, d) -> (B, T, d).
 
-        kv_caches maps a block's name (``"layers.3"``) to its cache; absent names run without one."""
-        cos, sin = self.rope(h.shape[1] * self.sequence_shards, start_pos, h.device)
+        kv_caches maps a block's name (``"layers.3"``) to its cache; absent names run without one.
+        ``layout`` (``token_layout``): packed documents and/or this rank's share of the sequence."""
+        cos, sin = self.rope_for(h.shape[1] * self.sequence_shards, layout, start_pos, h.device)
         recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for key, layer in self.layers.items():
             cache = None if kv_caches is None else kv_caches.get(f"layers.{key}")
             if recompute and cache is None:
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, None, layout, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, cache)
+                h = layer(h, cos, sin, cache, layout)
         return h
 
     def head_fns(self, seq_len: int, *, heads: Sequence[int] | None = None, start_pos: int = 0,
-                 kv_caches: Mapping[str, KVCache] | None = None,
-                 device: torch.device | None = None) -> list[Callable[[Tensor], Tensor]]:
+                 kv_caches: Mapping[str, KVCache] | None = None, device: torch.device | None = None,
+                 layout: TokenLayout | None = None) -> list[Callable[[Tensor], Tensor]]:
         """One callable per head k (all, or those listed): full trunk output (B, T, d) -> head block ->
         shared final norm, (B, T, d). These are the ``heads`` that ``multi_token_loss`` runs one by one."""
-        cos, sin = self.rope(seq_len, start_pos, device)
+        cos, sin = self.rope_for(seq_len, layout, start_pos, device)
 
         def run(k: int, h: Tensor) -> Tensor:
             cache = None if kv_caches is None else kv_caches.get(f"heads.{k}")
-            h = self.heads[str(k)](self.sequence_scatter(h), cos, sin, cache)
+            h = self.heads[str(k)](self.sequence_scatter(h), cos, sin, cache, layout)
             return self.sequence_gather(self.norm(h))
 
         selected = range(len(self.heads)) if heads is None else heads
         return [lambda h, k=k: run(k, h) for k in selected]
 
-    def loss_from_trunk(self, h: Tensor, labels: Tensor,
-                        loss_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def targets(self, labels: Tensor, loss_mask: Tensor | None = None,
+                documents: Documents | None = None) -> HeadTargets:
+        """Every head's targets (``head_targets``): labels (B, T) are next-token labels, head k is
+        scored on labels[t + k], weighted by loss_mask[t + k] (default ones); under a document mask a
+        label in a later document than its position is dropped."""
+        masked = documents is not None and documents.mask_attention
+        return head_targets(labels, None if loss_mask is None else loss_mask.float(), self.config.n_future,
+                            segment_ids=documents.segment_ids if masked else None,
+                            label_segment_ids=documents.label_segment_ids if masked else None)
+
+    def loss_from_trunk(self, h: Tensor, labels: Tensor | HeadTargets, loss_mask: Tensor | None = None, *,
+                        layout: TokenLayout | None = None) -> tuple[Tensor, Tensor]:
         """The last pipeline stage's part: trunk output -> (loss, head_losses (n_future,)).
 
-        labels (B, T) are next-token labels; head k is scored on labels[t + k]. loss_mask (B, T) float
-        (default all ones) weights every head's targets, aligned with labels."""
+        ``labels``: next-token labels (B, T) with their ``loss_mask`` (see ``targets``), or the
+        ``HeadTargets`` of this rank's positions. ``layout``: as given to ``trunk``."""
         hidden = self.sequence_gather(h)  # (B, T, d) on every tensor-parallel rank
-        if loss_mask is None:
-            loss_mask = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
+        targets = labels if isinstance(labels, HeadTargets) else self.targets(labels, loss_mask)
         params = list({id(p): p for p in [*self.heads.parameters(), *self.norm.parameters()]}.values())
-        return multi_token_loss(
-            hidden, self.head_fns(hidden.shape[1], device=hidden.device), params, self.lm_head.weight,
-            labels, loss_mask.float(),
+        return multi_token_loss_for_targets(
+            hidden, self.head_fns(hidden.shape[1], device=hidden.device, layout=layout), params,
+            self.lm_head.weight, targets,
             # a vocab-parallel lm_head (megafim.parallel) carries its group and first row; plain: None, 0
             tp_group=getattr(self.lm_head, "process_group", None),
             vocab_start=getattr(self.lm_head, "vocab_start", 0),
@@ -203,10 +227,16 @@ class GPT(nn.Module):
         """Logits of the chosen heads (all by default): (n, B, T, V); head k's row t scores token t+k+1."""
         return self.lm_head(self.head_hidden(tokens, heads=heads, start_pos=start_pos, kv_caches=kv_caches))
 
-    def forward(self, tokens: Tensor, labels: Tensor | None = None,
-                loss_mask: Tensor | None = None) -> GPTOutput:
-        """tokens (B, T). With labels (B, T): the multi-token loss; without: every head's logits."""
+    def forward(self, tokens: Tensor, labels: Tensor | None = None, loss_mask: Tensor | None = None, *,
+                documents: Documents | None = None) -> GPTOutput:
+        """tokens (B, T). With labels (B, T): the multi-token loss; without: every head's logits.
+        ``documents``: the packed documents of the batch (attention mask, positions, labels)."""
         if labels is None:
+            if documents is not None:
+                raise ValueError("GPT.forward: documents are used with labels (training) only")
             return GPTOutput(logits=self.logits(tokens))
-        loss, head_losses = self.loss_from_trunk(self.trunk(self.embed(tokens)), labels, loss_mask)
+        layout = None if documents is None else token_layout(documents, tokens.shape[1], device=tokens.device)
+        targets = self.targets(labels, loss_mask, documents)
+        loss, head_losses = self.loss_from_trunk(self.trunk(self.embed(tokens), layout=layout), targets,
+                                                 layout=layout)
         return GPTOutput(loss=loss, head_losses=head_losses)

@@ -31,11 +31,9 @@ class _Spec:
     """Everything the autograd function needs besides its tensor inputs."""
 
     heads: tuple[Head, ...]
-    labels: Tensor  # (B, T)
-    loss_mask: Tensor  # (B, T) float
+    targets: "HeadTargets"
     tp_group: dist.ProcessGroup | None
     vocab_start: int
-    ignore_index: int
     impl: str
     chunk_size: int | None
 
@@ -55,12 +53,47 @@ def shifted_targets(labels: Tensor, loss_mask: Tensor, k: int, ignore_index: int
     return shifted, mask
 
 
+@dataclass(frozen=True)
+class HeadTargets:
+    """Every head's targets at every position, shifted, masked and normalised once per batch: so a
+    rank holding only some positions (context parallelism) scores them exactly as the whole would."""
+
+    labels: Tensor
+    """(n, B, T): head k's label at position t (``labels[t + k]``; ignore_index where none)."""
+    weights: Tensor
+    """(n, B, T) fp32: that label's weight in head k's masked mean over the whole batch (a head's
+    weights sum to 1, or are all 0)."""
+
+    def select(self, index: Tensor) -> "HeadTargets":
+        """The targets at positions ``index`` (T_local,), still weighted for the whole sequence."""
+        return HeadTargets(self.labels[:, :, index], self.weights[:, :, index])
+
+
+def head_targets(labels: Tensor, loss_mask: Tensor | None, n_heads: int, *, segment_ids: Tensor | None = None,
+                 label_segment_ids: Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> HeadTargets:
+    """Head k's targets: ``labels[t + k]`` weighted by ``loss_mask[t + k]`` (aligned with labels).
+
+    With document segments (B, T) (``segment_ids`` of the inputs, ``label_segment_ids`` of the labels),
+    a label that lies in a later document than position t is dropped: under a document mask the model
+    cannot know the next document."""
+    if loss_mask is None:
+        loss_mask = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
+    out_labels, out_weights = [], []
+    for k in range(n_heads):
+        labels_k, mask_k = shifted_targets(labels, loss_mask, k, ignore_index)
+        if segment_ids is not None:
+            seg_k, _ = shifted_targets(label_segment_ids, loss_mask, k, -1)  # -1: no label at all
+            mask_k = mask_k * (seg_k == segment_ids)
+        out_labels.append(labels_k)
+        out_weights.append(token_weights(labels_k, mask_k, ignore_index=ignore_index).view(labels.shape))
+    return HeadTargets(torch.stack(out_labels), torch.stack(out_weights))
+
+
 def _run_head(spec: _Spec, k: int, hidden: Tensor, weight: Tensor, grad_params: list[Tensor],
               grad_weight: Tensor | None) -> tuple[Tensor, Tensor, tuple[Tensor | None, ...]]:
     """Forward, loss and backward of head k. Returns (loss_k, d loss_k / d hidden, d loss_k / d params)."""
     batch, seq, dim = hidden.shape
-    labels_k, mask_k = shifted_targets(spec.labels, spec.loss_mask, k, spec.ignore_index)
-    weights_k = token_weights(labels_k, mask_k, ignore_index=spec.ignore_index, reduction="mean")
+    labels_k, weights_k = spec.targets.labels[k], spec.targets.weights[k].reshape(-1)
     with torch.enable_grad():
         trunk_out = hidden.detach().requires_grad_(True)
         normed = spec.heads[k](trunk_out)  # (B, T, d)
@@ -85,10 +118,9 @@ def _losses_only(spec: _Spec, hidden: Tensor, weight: Tensor) -> Tensor:
     losses = []
     with torch.no_grad():
         for k, head in enumerate(spec.heads):
-            labels_k, mask_k = shifted_targets(spec.labels, spec.loss_mask, k, spec.ignore_index)
             result = fused_linear_cross_entropy(
-                head(hidden).reshape(batch * seq, dim), weight, labels_k.reshape(-1),
-                token_weights(labels_k, mask_k, ignore_index=spec.ignore_index, reduction="mean"),
+                head(hidden).reshape(batch * seq, dim), weight, spec.targets.labels[k].reshape(-1),
+                spec.targets.weights[k].reshape(-1),
                 tp_group=spec.tp_group, vocab_start=spec.vocab_start, impl=spec.impl,
                 chunk_size=spec.chunk_size, need_grad_hidden=False, need_grad_weight=False,
             )
@@ -135,14 +167,16 @@ class SequentialHeadsLoss(torch.autograd.Function):
 
 
 def _validate(hidden: Tensor, heads: Sequence[Head], params: Sequence[Tensor], weight: Tensor,
-              labels: Tensor, loss_mask: Tensor) -> None:
+              targets: HeadTargets | None) -> None:
+    """The checks of both entry points (``targets`` None: ``multi_token_loss`` before it makes them)."""
     if hidden.dim() != 3:
         raise ValueError(f"multi_token_loss: hidden must be (B, T, d), got {tuple(hidden.shape)}")
     if len(heads) == 0:
         raise ValueError("multi_token_loss: needs at least one head")
-    if labels.shape != hidden.shape[:2] or loss_mask.shape != hidden.shape[:2]:
-        raise ValueError(f"multi_token_loss: labels {tuple(labels.shape)} and loss_mask "
-                         f"{tuple(loss_mask.shape)} must be (B, T) = {tuple(hidden.shape[:2])}")
+    expected = (len(heads), *hidden.shape[:2])
+    if targets is not None and (targets.labels.shape != expected or targets.weights.shape != expected):
+        raise ValueError(f"multi_token_loss: targets {tuple(targets.labels.shape)} and weights "
+                         f"{tuple(targets.weights.shape)} must be (n_heads, B, T) = {expected}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"multi_token_loss: unembed_weight must be (V_local, {hidden.shape[2]}), "
                          f"got {tuple(weight.shape)}")
@@ -177,8 +211,31 @@ def multi_token_loss(
     labels: head k weights ``labels[t + k]`` by ``loss_mask[t + k]``.
     Returns (loss, differentiable; head_losses (n,), detached).
     """
-    _validate(hidden, heads, params, unembed_weight, labels, loss_mask)
-    spec = _Spec(tuple(heads), labels, loss_mask, tp_group, vocab_start, ignore_index, impl, chunk_size)
+    _validate(hidden, heads, params, unembed_weight, None)
+    if labels.shape != hidden.shape[:2] or loss_mask.shape != hidden.shape[:2]:
+        raise ValueError(f"multi_token_loss: labels {tuple(labels.shape)} and loss_mask "
+                         f"{tuple(loss_mask.shape)} must be (B, T) = {tuple(hidden.shape[:2])}")
+    targets = head_targets(labels, loss_mask, len(heads), ignore_index=ignore_index)
+    return multi_token_loss_for_targets(hidden, heads, params, unembed_weight, targets, tp_group=tp_group,
+                                        vocab_start=vocab_start, impl=impl, chunk_size=chunk_size)
+
+
+def multi_token_loss_for_targets(
+    hidden: Tensor,
+    heads: Sequence[Head],
+    params: Sequence[Tensor],
+    unembed_weight: Tensor,
+    targets: HeadTargets,
+    *,
+    tp_group: dist.ProcessGroup | None = None,
+    vocab_start: int = 0,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``multi_token_loss`` with every head's targets and weights given (``head_targets``): the loss
+    is ``sum_k sum_t weights[k, t] * CE_k(t)``. Returns (loss, head_losses (n,), detached)."""
+    _validate(hidden, heads, params, unembed_weight, targets)
+    spec = _Spec(tuple(heads), targets, tp_group, vocab_start, impl, chunk_size)
     zero3 = _Zero3Params([unembed_weight, *params])
     needs_grad = any(t.requires_grad for t in (hidden, unembed_weight, *params))
     if not (torch.is_grad_enabled() and needs_grad):

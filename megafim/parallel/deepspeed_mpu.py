@@ -22,18 +22,19 @@ class DeepSpeedMPU:
                              "(this one has no process groups)")
         self.dims = dims
 
-    # data parallel
+    # data parallel: DeepSpeed averages gradients (and ZeRO partitions) over data- and context-parallel
+    # ranks together, which hold the same weights (ParallelDims.dp_cp_group)
     def get_data_parallel_rank(self) -> int:
-        return self.dims.dp_rank
+        return self.dims.ranks("dp_cp").index(self.dims.rank)
 
     def get_data_parallel_world_size(self) -> int:
-        return self.dims.dp
+        return self.dims.dp * self.dims.cp
 
     def get_data_parallel_group(self) -> dist.ProcessGroup:
-        return self.dims.dp_group
+        return self.dims.dp_cp_group
 
     def get_data_parallel_group_ranks(self) -> list[int]:
-        return self.dims.ranks("dp")
+        return self.dims.ranks("dp_cp")
 
     # tensor parallel (also under DeepSpeed's older "slice" names)
     def get_tensor_model_parallel_rank(self) -> int:

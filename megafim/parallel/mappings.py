@@ -173,3 +173,10 @@ def all_gather_sequence_for_tensor_parallel(x: Tensor, group) -> Tensor:
     column-parallel matmul under sequence parallelism: each rank's output shard gives a partial
     gradient of the whole gathered input."""
     return _ReduceScatterGather.apply(x, group, SEQ_DIM, True)
+
+
+def all_gather_context_parallel(x: Tensor, group) -> Tensor:
+    """forward: all-gather along the sequence over the context-parallel ranks (rank order), backward:
+    reduce-scatter along it. Keys and values: every rank's queries attend to every rank's keys, so a
+    rank's keys get the sum of all ranks' gradients for them."""
+    return _ReduceScatterGather.apply(x, group, SEQ_DIM, True)

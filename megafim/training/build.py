@@ -23,6 +23,7 @@ from megafim.data.config import DataConfig
 from megafim.model import GPT, ModelConfig
 from megafim.model.gpt import initial_value
 from megafim.parallel.dims import ParallelDims
+from megafim.parallel.context_parallel import apply_context_parallel
 from megafim.parallel.tensor_parallel import apply_tensor_parallel
 from megafim.training.config import ConfigError, TrainConfig, build_data_config
 
@@ -77,12 +78,13 @@ class PipelineStage(nn.Module):
             del model.heads, model.norm, model.lm_head
         self.model, self.plan = model, plan
 
-    def forward(self, x: Tensor, labels: Tensor | None = None, loss_mask: Tensor | None = None):
+    def forward(self, x: Tensor, labels=None, loss_mask: Tensor | None = None, layout=None):
+        """``labels``: (B, T) with ``loss_mask``, or ``HeadTargets``; ``layout``: see ``GPT.trunk``."""
         h = self.model.embed(x) if self.plan.is_first else x  # (B, T, d)
-        h = self.model.trunk(h)
+        h = self.model.trunk(h, layout=layout)
         if not self.plan.is_last:
             return h
-        return self.model.loss_from_trunk(h, labels, loss_mask)
+        return self.model.loss_from_trunk(h, labels, loss_mask, layout=layout)
 
     def full_state_names(self) -> dict[str, nn.Parameter]:
         """Parameters under the whole model's names (``layers.3.mlp.up_proj.weight``)."""
@@ -94,7 +96,7 @@ WeightSource = Callable[[str, tuple[int, ...]], Tensor]
 
 
 def build_stage(mc: ModelConfig, plan: StagePlan, seed: int, dims: ParallelDims | None = None,
-                weights: WeightSource | None = None) -> PipelineStage:
+                weights: WeightSource | None = None, sequence_parallel: bool = False) -> PipelineStage:
     """This rank's stage on the CPU: the blocks of ``plan``, tensor-parallel over ``dims`` when given,
     its weights initialised from ``seed`` (the slice of what ``torch.manual_seed(seed); GPT(mc)``
     holds) or read from ``weights``. Each weight is made whole, sliced and dropped before the next."""
@@ -102,7 +104,8 @@ def build_stage(mc: ModelConfig, plan: StagePlan, seed: int, dims: ParallelDims 
     with torch.device("meta"):
         stage = PipelineStage(GPT(mc), plan)
     if dims is not None:
-        apply_tensor_parallel(stage.model, dims)
+        apply_tensor_parallel(stage.model, dims, sequence_parallel=sequence_parallel)
+        apply_context_parallel(stage.model, dims)
     tp, tp_rank = (dims.tp, dims.tp_rank) if dims is not None else (1, 0)
     # Leaving the meta device makes new Parameter objects: keep the attributes tensor parallelism set
     # on them (tensor_model_parallel, partition_dim), which DeepSpeed and the checkpoints read.
@@ -141,8 +144,9 @@ def build_train_valid_datasets(cfg: TrainConfig, tokenizer, num_train: int, num_
     from megafim.data.builder import build_datasets
 
     data_cfg = checked_data_config(cfg)
-    datasets = build_datasets(data_cfg, (num_train, num_valid, 0), tokenizer=tokenizer, is_builder=is_builder)
     d = cfg.data
+    datasets = build_datasets(data_cfg, (num_train, num_valid, 0), tokenizer=tokenizer, is_builder=is_builder,
+                              document_segments=d.reset_attention_mask or d.reset_position_ids)
     if datasets["train"] is None:
         raise ConfigError(f"data.split {d.split!r} leaves no training documents in {d.data_path}")
     if num_valid and datasets["valid"] is None:

@@ -36,6 +36,7 @@ MEGATRON_FLAGS: dict[str, tuple[str, type, str]] = {
     "--tensor-model-parallel-size": ("parallel.tensor", int, "tensor-parallel degree"),
     "--pipeline-model-parallel-size": ("parallel.pipeline", int, "pipeline-parallel degree"),
     "--zero-stage": ("parallel.zero_stage", int, "DeepSpeed ZeRO stage 0-3"),
+    "--context-parallel-size": ("parallel.context", int, "context-parallel degree (sequence split over ranks)"),
     "--n-future": ("model.n_future", int, "number of future-token heads"),
     "--rotary-base": ("model.rope_theta", float, "base of the rotary frequencies"),
     "--fim-rate": ("data.fim.rate", float, "FIM probability per document/piece"),
@@ -70,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--activation-checkpointing", dest="megatron:model.activation_checkpointing",
                         action="store_const", const=True, default=None,
                         help="recompute activations in backward (model.activation_checkpointing)")
+    parser.add_argument("--sequence-parallel", dest="megatron:parallel.sequence_parallel",
+                        action="store_const", const=True, default=None,
+                        help="split activations along the sequence over tensor-parallel ranks "
+                             "(parallel.sequence_parallel)")
+    parser.add_argument("--reset-attention-mask", dest="megatron:data.reset_attention_mask",
+                        action="store_const", const=True, default=None,
+                        help="attend only within each document (data.reset_attention_mask)")
+    parser.add_argument("--reset-position-ids", dest="megatron:data.reset_position_ids",
+                        action="store_const", const=True, default=None,
+                        help="restart positions at 0 in each document (data.reset_position_ids)")
     return parser
 
 

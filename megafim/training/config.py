@@ -84,6 +84,11 @@ class ParallelSection:
     distributed_timeout_minutes: float = 10.0
     """How long a rank waits for the others: to start (process-group rendezvous after a launch or a
     torchrun restart) and in any one collective; a rank that waits longer fails instead of hanging."""
+    sequence_parallel: bool = False
+    """Split the activations between the tensor-parallel matmuls along the sequence (Korthikanti et
+    al. 2022); needs ``tensor`` > 1 and a sequence length divisible by it."""
+    context: int = 1
+    """Context-parallel degree: each sample's sequence is split over this many ranks (docs/parallelism.md)."""
 
 
 # ``data:``: the trainer's own data settings, then DataConfig's sample settings, then the FIM transform
@@ -99,6 +104,11 @@ DataSection = _section("DataSection", "Datasets, tokenizer, sequence length, FIM
     *_mirrored(DataConfig, ("seq_length", "split", "fingerprint", "verify_cache"),
                defaults={"seq_length": 64, "split": "98,2,0"}),
     ("fim", FimConfig, field(default_factory=FimConfig, metadata={"doc": "Fill-in-the-middle transform."})),
+    ("reset_attention_mask", bool, _setting(False, (
+        "A token attends only to earlier tokens of its own document (documents end with end-of-text, "
+        "after FIM); labels of a later document than their position are not trained on (docs/model.md)."))),
+    ("reset_position_ids", bool, _setting(False, "Rotary positions restart at 0 at the first token of every "
+                                                 "document of a packed context.")),
 ])
 
 
@@ -330,11 +340,12 @@ def _check_choices(cfg: Any, prefix: str = "") -> None:
 
 
 def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
-    """World size / (tp x pp), raising when it does not divide (``ParallelDims``' own check)."""
+    """World size / (tp x pp x cp), raising when it does not divide (``ParallelDims``' own check)."""
     from megafim.parallel.dims import ParallelSizeError, check_sizes
 
+    p = cfg.parallel
     try:
-        return check_sizes(cfg.parallel.tensor, cfg.parallel.pipeline, None, world_size)
+        return check_sizes(p.tensor, p.pipeline, None, world_size, p.context)
     except ParallelSizeError as exc:
         raise ConfigError(f"parallel: {exc}") from None
 
@@ -438,6 +449,21 @@ def _check_checkpoint(cfg: TrainConfig) -> None:
                           f"{cfg.parallel.distributed_timeout_minutes}")
 
 
+def _check_sequence_splits(cfg: TrainConfig) -> None:
+    """Sequence and context parallelism against the tensor-parallel degree and the sequence length."""
+    p, seq = cfg.parallel, cfg.data.seq_length
+    if p.sequence_parallel and p.tensor == 1:
+        raise ConfigError("parallel.sequence_parallel (--sequence-parallel) needs parallel.tensor > 1: with one "
+                          "tensor-parallel rank there is nothing to split")
+    if p.sequence_parallel and seq % (p.tensor * p.context):
+        raise ConfigError(f"parallel.sequence_parallel (--sequence-parallel): data.seq_length {seq} must split "
+                          f"over parallel.tensor = {p.tensor} (per context-parallel chunk)")
+    if not isinstance(p.context, int) or isinstance(p.context, bool) or p.context < 1:
+        raise ConfigError(f"parallel.context (--context-parallel-size) must be a positive integer, got {p.context!r}")
+    if p.context > 1 and seq % (2 * p.context):
+        raise ConfigError(f"parallel.context (--context-parallel-size {p.context}): data.seq_length {seq} is not "
+                          f"divisible by 2 x {p.context} (each rank holds two chunks)")
+
 
 def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> None:
     """Check ``cfg`` for ``world_size`` ranks before any process group exists; raises ``ConfigError``
@@ -472,6 +498,7 @@ def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> Non
     if s.eval_interval and data.split_weights[1] == 0:
         raise ConfigError(f"schedule.eval_interval = {s.eval_interval} needs validation documents, but "
                           f"data.split {cfg.data.split!r} gives them no share (e.g. \"98,2,0\")")
+    _check_sequence_splits(cfg)
     if cfg.model.compile and p.zero_stage == 3:
         raise ConfigError("model.compile = true with parallel.zero_stage = 3 is not supported: ZeRO-3 "
                           "gathers parameters in hooks inside the compiled blocks; use ZeRO 0-2")

@@ -35,7 +35,8 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     """The DeepSpeed JSON for ``cfg`` on ``world_size`` ranks (before the user's file is merged)."""
     gas = grad_accumulation_steps(cfg, world_size)
     ds: dict = {
-        "train_batch_size": cfg.batch.global_batch_size,
+        # DeepSpeed's data-parallel group holds the context-parallel ranks too (they read the same samples)
+        "train_batch_size": cfg.batch.global_batch_size * cfg.parallel.context,
         "train_micro_batch_size_per_gpu": cfg.batch.micro_batch_size,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": cfg.optimizer.clip_grad,

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 from megafim.model import ModelConfig
+from megafim.model.documents import Documents, token_layout
+from megafim.parallel.context_parallel import gathered_positions, local_positions
 from megafim.parallel import DeepSpeedMPU, ParallelDims
 from megafim.checkpoint import engine as ckpt_engine
 from megafim.checkpoint.state import TrainerState, load_rng
@@ -118,7 +120,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
     tokenizer, mc, notes = check_before_groups(cfg, info.world_size)
     device = init_distributed(info, cfg.parallel.backend, cfg.parallel.distributed_timeout_minutes)
     _quiet_deepspeed()
-    dims = ParallelDims.build(tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline)
+    dims = ParallelDims.build(tp=cfg.parallel.tensor, pp=cfg.parallel.pipeline, cp=cfg.parallel.context)
     gas = grad_accumulation_steps(cfg, info.world_size)
     ds_config = effective_deepspeed_config(cfg, info.world_size)
     resume = resume_point(cfg, dims, mc)
@@ -126,7 +128,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
     log = MetricsLogger(cfg.checkpoint.save, cfg.schedule.train_iters, enabled=dims.rank == 0,
                         log_interval=cfg.logging.log_interval, tensorboard=cfg.logging.tensorboard,
                         progress_bar=cfg.logging.progress_bar, start_step=saved.step if saved else 0)
-    log.info(f"megafim: {info.world_size} ranks = tp {dims.tp} x pp {dims.pp} x dp {dims.dp}, ZeRO-"
+    log.info(f"megafim: {info.world_size} ranks = tp {dims.tp} x cp {dims.cp} x pp {dims.pp} x dp {dims.dp}, ZeRO-"
              f"{cfg.parallel.zero_stage}, {resolve_precision(cfg)}, {gas} micro-batches/step, device {device}")
     log.info(f"model: {mc}")
     for note in notes:
@@ -143,7 +145,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
                  f"{ckpt_engine.layout_of(dims, cfg.parallel.zero_stage)}: loading its layout-free weights "
                  "and resharding them; the optimizer state starts fresh")
         weights = full_weights(ckpt)
-    stage = build_stage(mc, plan, cfg.schedule.seed, dims, weights)
+    stage = build_stage(mc, plan, cfg.schedule.seed, dims, weights, cfg.parallel.sequence_parallel)
     stage.to(device)
     if cfg.model.compile:
         stage.model.compile_blocks()
@@ -162,7 +164,9 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
     if ckpt is not None and same_layout and not load_rng(ckpt, dims.rank):
         log.info(f"resume: {ckpt} has no RNG state for rank {dims.rank}; continuing with the seeded state")
     dtype = torch.bfloat16 if resolve_precision(cfg) == "bf16" else torch.float32
-    comm = _stage_comm(dims, plan, (cfg.batch.micro_batch_size, cfg.data.seq_length, mc.hidden_size), dtype, device)
+    # Between stages each rank sends its own part of the sequence (context, then sequence parallel).
+    local_seq = cfg.data.seq_length // dims.cp // (dims.tp if cfg.parallel.sequence_parallel else 1)
+    comm = _stage_comm(dims, plan, (cfg.batch.micro_batch_size, local_seq, mc.hidden_size), dtype, device)
     return Run(cfg, mc, dims, device, plan, stage, engine, optimizer, comm, gas, state, log), dataset, valid
 
 
@@ -233,7 +237,7 @@ def train_step(run: Run, batches: list[dict]) -> tuple[torch.Tensor, bool, float
     # ZeRO-1/2 also skip a step by themselves when a gradient overflows while the loss is finite; their
     # overflow flag is reduced over the data- and model-parallel groups, so every rank agrees.
     skipped = nonfinite or engine.skipped_steps > before
-    finite = run.dims.dp * gas - sums[-1]
+    finite = run.dims.dp * run.dims.cp * gas - sums[-1]
     sums[:-1] /= torch.clamp(finite, min=1)
     if nonfinite:  # say so rather than average the finite micro-batches
         sums[:-1] = float("nan")
@@ -264,17 +268,42 @@ def evaluate(run: Run, valid) -> torch.Tensor:
     finally:
         run.engine.train()
     _sum_over_ranks(run, sums)
-    return (sums / (run.dims.dp * n_micro)).cpu()
+    return (sums / (run.dims.dp * run.dims.cp * n_micro)).cpu()
 
 
 def _stage_forward(run: Run, batch: dict, received: torch.Tensor | None):
     """This stage's forward of one micro-batch: the first stage reads the tokens, the others the
-    previous stage's activation; the last returns (loss, head losses), the others their output."""
-    dev = run.device
-    x = batch["tokens"].to(dev) if run.plan.is_first else received
+    previous stage's activation; the last returns (loss, head losses), the others their output.
+    Every stage reads the batch's documents (its attention layers need them)."""
+    dev, dims, seq = run.device, run.dims, batch["tokens"].shape[1]
+    docs = _documents(run.cfg, batch, dev)
+    local = keys = None  # context parallelism: this rank's positions, and where the gathered keys sit
+    if dims.cp > 1:
+        local, keys = local_positions(seq, dims.cp, dims.cp_rank, dev), gathered_positions(seq, dims.cp, dev)
+    layout = None if docs is None and local is None else \
+        token_layout(docs, seq, query_index=local, key_index=keys, device=dev)
+    tokens = batch["tokens"].to(dev)
+    x = (tokens if local is None else tokens[:, local]) if run.plan.is_first else received
     if not run.plan.is_last:
-        return run.engine(x)
-    return run.engine(x, batch["labels"].to(dev).long(), batch["loss_mask"].to(dev).float())
+        return run.engine(x, layout=layout)
+    # Shifted and normalised on the whole sequence, then this rank's positions: head k at the end of a
+    # chunk is scored on a label from another rank's chunk, with the whole sequence's weights.
+    targets = run.stage.model.targets(batch["labels"].to(dev).long(), batch["loss_mask"].to(dev).float(), docs)
+    if local is None:
+        return run.engine(x, targets, layout=layout)
+    loss, head_losses = run.engine(x, targets.select(local), layout=layout)
+    # Each rank's loss is its share of the sequence's; DeepSpeed averages gradients over dp x cp, so
+    # times cp the average over the context-parallel ranks is the sum, the gradient of the whole.
+    return loss * dims.cp, head_losses * dims.cp
+
+
+def _documents(cfg: TrainConfig, batch: dict, device) -> Documents | None:
+    """The batch's packed documents when --reset-attention-mask or --reset-position-ids is on."""
+    d = cfg.data
+    if not (d.reset_attention_mask or d.reset_position_ids):
+        return None
+    return Documents(batch["segment_ids"].to(device).long(), batch["label_segment_ids"].to(device).long(),
+                     mask_attention=d.reset_attention_mask, reset_positions=d.reset_position_ids)
 
 
 def _sum_over_ranks(run: Run, sums: torch.Tensor) -> None:

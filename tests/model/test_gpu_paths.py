@@ -36,3 +36,18 @@ def test_fast_paths_match_the_torch_paths_in_bf16(monkeypatch, n_kv_heads):
     monkeypatch.setattr(layers_module, "_apex_rms_norm", lambda: None)
     slow = _logits(model, tokens)
     torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("n_kv_heads", [8, 2])
+def test_document_attention_varlen_matches_the_masked_sdpa_in_bf16(monkeypatch, n_kv_heads):
+    """flash-attn's variable-length kernels (when installed) against SDPA with the document mask."""
+    from megafim.model.documents import Documents, token_layout
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 96, n, 16, generator=g).cuda().to(torch.bfloat16) for n in (8, n_kv_heads, n_kv_heads))
+    seg = torch.tensor([[0] * 30 + [1] * 50 + [2] * 16, [0] * 7 + [1] * 89]).cuda()
+    layout = token_layout(Documents(seg, seg), 96, device=torch.device("cuda"))
+    fast = attention_module.document_attention(q, k, v, layout).float()
+    monkeypatch.setattr(attention_module, "_flash_attn_varlen_func", lambda: None)
+    slow = attention_module.document_attention(q, k, v, layout).float()
+    torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-2)
