@@ -347,7 +347,8 @@ def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
     try:
         return check_sizes(p.tensor, p.pipeline, None, world_size, p.context)
     except ParallelSizeError as exc:
-        raise ConfigError(f"parallel: {exc}") from None
+        raise ConfigError(f"parallel: {exc} (--tensor-model-parallel-size, --pipeline-model-parallel-size, "
+                          "--context-parallel-size)") from None
 
 
 def grad_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:

@@ -68,8 +68,8 @@ def test_sequence_parallel_with_one_tensor_rank_exits_2_with_one_line(tiny_data,
 
 
 @pytest.mark.parametrize("extra, world_size, message", [
-    (["--context-parallel-size", "2"], 3, "parallel.context (--context-parallel-size 2) x parallel.tensor x "
-                                          "parallel.pipeline = 2 does not divide the world size 3"),
+    (["--context-parallel-size", "2"], 3, "world size 3 is not divisible by tensor (1) x pipeline (1) x "
+                                          "context (2) = 2"),
     (["--context-parallel-size", "2", "--seq-length", "30"], 2,
      "parallel.context (--context-parallel-size 2): data.seq_length 30 is not divisible by 2 x 2"),
     (["--context-parallel-size", "0"], 2, "parallel.context (--context-parallel-size) must be a positive integer"),

@@ -42,7 +42,7 @@ def test_wrong_data_path_fails_before_the_model_is_built(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("extra, world_size, message", [
-    (["--tensor-model-parallel-size", "3"], 1, "does not divide the world size 1"),
+    (["--tensor-model-parallel-size", "3"], 1, "world size 1 is not divisible by tensor (3)"),
     (["--tensor-model-parallel-size", "3"], 3, "model.n_heads = 8 is not divisible by the tensor-parallel size 3"),
     (["--pipeline-model-parallel-size", "2", "--zero-stage", "3"], 2,
      "parallel.zero_stage = 3 with parallel.pipeline > 1"),
