@@ -36,7 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", nargs="+", required=True,
                    help="JSONL file(s), or source files, directories or globs (one document per file)")
     p.add_argument("--output-prefix", required=True, help="outputs: <prefix>_<key>_document.bin/.idx")
-    p.add_argument("--tokenizer-model", required=True, help="a model from tools/train_tokenizer.py")
+    p.add_argument("--tokenizer-model", required=True,
+                   help="a model from tools/train_tokenizer.py, or a Hugging Face tokenizer.json / directory")
+    p.add_argument("--tokenizer-type", choices=["GPTSentencePieceTokenizer", "HuggingFaceTokenizer"],
+                   help="default: from --tokenizer-model (a JSON file or a directory is a Hugging Face one)")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenize (default: text)")
     p.add_argument("--append-eod", action="store_true", help="append the end-of-document id to each document")
     p.add_argument("--workers", type=int, default=1, help="encoding threads (default 1)")
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         config = PreprocessConfig(inputs=args.input, output_prefix=args.output_prefix,
-                                  tokenizer_model=args.tokenizer_model, json_keys=args.json_keys,
+                                  tokenizer_model=args.tokenizer_model, tokenizer_type=args.tokenizer_type,
+                                  json_keys=args.json_keys,
                                   append_eod=args.append_eod, workers=args.workers, strict=args.strict,
                                   progress=not args.quiet, log_interval=args.log_interval)
         summary = run_preprocess(config)

@@ -41,7 +41,7 @@ class PreprocessConfig:
     output_prefix: str
     """Outputs are ``<output_prefix>_<key>_document.bin/.idx``."""
     tokenizer_model: str
-    """A model trained by ``tools/train_tokenizer.py``."""
+    """A model trained by ``tools/train_tokenizer.py``, or a Hugging Face ``tokenizer.json`` / directory."""
     json_keys: list[str] = field(default_factory=lambda: ["text"])
     """JSONL: the keys whose strings are tokenized (one dataset each). Source files: the first names the output."""
     append_eod: bool = False
@@ -56,6 +56,10 @@ class PreprocessConfig:
     """Seconds between progress-bar updates."""
     block_bytes: int = 1 << 20
     """Input read per job (whole lines / whole files); bounds memory with ``workers``."""
+    tokenizer_type: str | None = None
+    """``GPTSentencePieceTokenizer`` or ``HuggingFaceTokenizer``; None: from the path (docs/tokenizer.md)."""
+    special_tokens: dict = field(default_factory=dict)
+    """Spellings of ``eod`` / ``fim_*`` in a Hugging Face tokenizer, when not the known ones."""
 
     def __post_init__(self) -> None:
         if isinstance(self.inputs, (str, os.PathLike)):
@@ -125,11 +129,10 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     """
     from megafim._native import load
     from megafim.data.indexed import CODE_OF_DTYPE, optimal_dtype
-    from megafim.data.tokenizer import Tokenizer
+    from megafim.data.tokenizer import load_tokenizer
 
     files, jsonl = resolve_inputs(config.inputs)
-    tokenizer = Tokenizer.from_file(config.tokenizer_model)
-    pieces, scores, types = tokenizer.model_spec()
+    tokenizer = load_tokenizer(config.tokenizer_model, config.tokenizer_type, config.special_tokens or None)
     native = load("preprocess_pipeline")
     cfg = native.PipelineConfig()
     cfg.inputs, cfg.jsonl = files, jsonl
@@ -141,7 +144,10 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     cfg.workers, cfg.strict, cfg.block_bytes = config.workers, config.strict, config.block_bytes
     for prefix in cfg.output_prefixes:
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    pipeline = native.Pipeline(cfg, pieces, scores, types)
+    if hasattr(tokenizer, "encode_flat"):  # Hugging Face: each job's texts in one Rust batch call
+        pipeline = native.Pipeline(cfg, tokenizer.encode_flat)
+    else:
+        pipeline = native.Pipeline(cfg, *tokenizer.model_spec())
     total_bytes = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
     start = time.perf_counter()
     finished = _run_with_progress(pipeline, total_bytes, config)
