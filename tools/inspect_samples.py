@@ -25,13 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megafim.data.fim import FimConfig, FimResult, FimTransform  # noqa: E402
 from megafim.data.gpt_dataset import GPTDataset, GPTDatasetSpec  # noqa: E402
-from megafim.data.tokenizer import Tokenizer  # noqa: E402
+from megafim.data.tokenizer import TOKENIZER_TYPES, Tokenizer, load_tokenizer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-path", required=True, help="dataset prefix (<prefix>.bin/.idx)")
-    p.add_argument("--tokenizer-model", required=True, help="the .model file the dataset was made with")
+    p.add_argument("--tokenizer-model", required=True,
+                   help="the tokenizer the dataset was made with (.model, or HF tokenizer.json / directory)")
+    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, help="default: from --tokenizer-model")
     p.add_argument("--seq-length", type=int, required=True)
     p.add_argument("--fim-rate", type=float, default=0.0)
     p.add_argument("--fim-spm-rate", type=float, default=0.5)
@@ -91,7 +93,7 @@ def emit(stream: TextIO, tok: Tokenizer, i: int, epoch: int, out: FimResult, as_
 
 def main(argv: list[str] | None = None, stream: TextIO = sys.stdout) -> int:
     args = parse_args(argv)
-    tok = Tokenizer.from_file(args.tokenizer_model)
+    tok = load_tokenizer(args.tokenizer_model, args.tokenizer_type)
     fim = FimTransform(FimConfig(rate=args.fim_rate, spm_rate=args.fim_spm_rate, level=args.fim_level,
                                  mask_sentinels=args.mask_sentinels), tok)
     spec = GPTDatasetSpec(path_prefix=args.data_path, seq_length=args.seq_length, seed=args.seed,

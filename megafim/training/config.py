@@ -70,6 +70,9 @@ class DataSection:
     """Where the sample-index cache goes; empty means next to the first dataset."""
     fim: FimSection = field(default_factory=FimSection)
     """Fill-in-the-middle transform settings."""
+    tokenizer_type: str = ""
+    """``GPTSentencePieceTokenizer`` or ``HuggingFaceTokenizer`` (a ``tokenizer.json`` or a directory);
+    empty: from ``tokenizer_model`` (a JSON file or a directory is a Hugging Face tokenizer)."""
 
 
 @dataclass
@@ -318,6 +321,7 @@ def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> Non
         if not 0 <= value <= 1:
             raise ConfigError(f"{name} must be in [0, 1], got {value}")
     _choice(cfg.data.fim.level, "data.fim.level", ("context", "document"))
+    _choice(cfg.data.tokenizer_type, "data.tokenizer_type", ("", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer"))
     _choice(p.backend, "parallel.backend", ("auto", "nccl", "gloo"))
     _choice(s.precision, "schedule.precision", ("auto", "bf16", "fp32"))
     _choice(cfg.logging.progress_bar, "logging.progress_bar", ("auto", "on", "off"))

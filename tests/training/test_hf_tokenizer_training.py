@@ -1,0 +1,62 @@
+"""Training (and exporting) with a Hugging Face byte-level BPE tokenizer given as a directory."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from tests.data.hf_tokenizer_fixtures import train_byte_level_bpe
+from tests.training.conftest import CORPUS
+from tests.training.launcher import REPO, base_args, check, launch, metrics
+
+
+@pytest.fixture(scope="module")
+def hf_data(tmp_path_factory):
+    """(data prefix, tokenizer directory with FIM tokens, tokenizer.json without them)."""
+    from megafim.data.tokenizer_hf import add_fim_tokens
+
+    out = tmp_path_factory.mktemp("hf_data")
+    plain = train_byte_level_bpe(out / "plain.json", "llama3", vocab_size=600)
+    fim_dir = add_fim_tokens(plain, out / "tok")[0].parent
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", *[str(stdlib / n) for n in CORPUS],
+                    "--output-prefix", str(out / "data"), "--tokenizer-model", str(fim_dir), "--append-eod",
+                    "--quiet"], cwd=REPO, check=True, capture_output=True)
+    return str(out / "data_text_document"), str(fim_dir), str(plain)
+
+
+@pytest.mark.parametrize("which, extra, message", [
+    ("plain", ["--fim-rate", "0.5"], "data.fim.rate 0.5: tokenizer"),
+    ("plain", ["--fim-rate", "0.5"], "add them with tools/add_fim_tokens.py"),
+    ("fim", ["--tokenizer-type", "Llama"], "data.tokenizer_type must be one of"),
+    ("fim", ["--tokenizer-type", "GPTSentencePieceTokenizer"], "data.tokenizer_model: cannot load"),
+])
+def test_tokenizer_checks_before_any_process_group(hf_data, which, extra, message):
+    from megafim.training.cli import config_from_args
+    from megafim.training.config import ConfigError
+    from megafim.training.loop import check_before_groups
+
+    data, fim_dir, plain = hf_data
+    cfg, _ = config_from_args(base_args((data, plain if which == "plain" else fim_dir)) + extra)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_before_groups(cfg, 1)
+
+
+def test_trains_with_fim_and_the_checkpoint_carries_the_tokenizer(hf_data, tmp_path):
+    from megafim.data.tokenizer import load_tokenizer
+    from megafim.inference.loading import megafim_tokenizer_path
+
+    data, fim_dir, _ = hf_data
+    save = tmp_path / "run"
+    check(launch(1, base_args((data, fim_dir)) + ["--train-iters", "3", "--fim-rate", "0.9", "--zero-stage", "0",
+                                                   "--tokenizer-type", "HuggingFaceTokenizer", "--save", str(save),
+                                                   "--save-interval", "3"], tmp_path))
+    losses = [r["loss"] for r in metrics(save)]
+    assert len(losses) == 3 and all(x == x for x in losses)
+    tok = load_tokenizer(megafim_tokenizer_path(save / "step_00000003"))
+    assert tok.special_pieces == load_tokenizer(fim_dir).special_pieces
