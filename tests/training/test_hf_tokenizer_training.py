@@ -60,3 +60,26 @@ def test_trains_with_fim_and_the_checkpoint_carries_the_tokenizer(hf_data, tmp_p
     assert len(losses) == 3 and all(x == x for x in losses)
     tok = load_tokenizer(megafim_tokenizer_path(save / "step_00000003"))
     assert tok.special_pieces == load_tokenizer(fim_dir).special_pieces
+
+    # Export: AutoTokenizer gives our ids and knows the FIM tokens; the model infills with them.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint_to_hf.py"), "--load", str(save),
+                           "--save", str(hf_out), "--dtype", "float32"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    auto = AutoTokenizer.from_pretrained(hf_out)
+    text = "def add(a, b):\n    return a + b  # 日本\n"
+    assert auto(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert auto.eos_token_id == tok.eod
+    assert [auto.convert_tokens_to_ids(s) for s in ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")] == [
+        tok.fim_prefix, tok.fim_suffix, tok.fim_middle]
+    model = AutoModelForCausalLM.from_pretrained(hf_out)
+    prompt = auto("<|fim_prefix|>def add(a, b):\n    return <|fim_suffix|>\n<|fim_middle|>", add_special_tokens=False,
+                  return_tensors="pt")
+    assert prompt["input_ids"][0, 0].item() == tok.fim_prefix  # the sentinels are single ids in the prompt
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+    assert load_tokenizer(hf_out / "megafim_tokenizer.model").special_pieces == tok.special_pieces
