@@ -37,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--megatron-dir", default=os.environ.get("MEGATRON_LM", "/tmp/megatron-lm"))
     p.add_argument("--megatron-git-dir", default=MIRROR)
     p.add_argument("--megatron-ref", default="core_v0.16.1")
+    p.add_argument("--megatron-pythonpath", default="",
+                   help="extra PYTHONPATH entries for Megatron-LM's tool (it imports `six`, which megafim does not need)")
     p.add_argument("--vocab-size", type=int, default=16384)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
@@ -85,7 +87,8 @@ def main() -> None:
     mdir = ensure_megatron(args)
     small, _, n_docs = make_corpus(work, 1)
     model = ensure_hf_tokenizer(work, args.vocab_size, small)
-    env = dict(os.environ, PYTHONPATH=str(mdir), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(mdir), args.megatron_pythonpath])),
+               PYTHONWARNINGS="ignore")
     from megafim.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model)

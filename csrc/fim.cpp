@@ -120,10 +120,15 @@ struct TokenInfo {
 constexpr uint8_t kSlow = 0x80;
 
 using EncodeFn = std::function<void(std::string_view, std::vector<int32_t>&)>;
+// Encodes texts[i] into *dst[i], all in one call.
+using BatchFn = std::function<void(const std::vector<std::string>&, const std::vector<std::vector<int32_t>*>&)>;
 
-// How the re-encoded texts are encoded: the tokenizer's C++ encoder, or a callable (Python).
+// How the re-encoded texts are encoded: the tokenizer's C++ encoder, or a callable (Python), or a
+// batch callable that takes a whole piece's texts at once (one call into Python per FIM piece
+// instead of up to six: the per-call cost of a Python tokenizer dominates these short texts).
 struct Encoder {
   EncodeFn fn;
+  BatchFn batch;
 #ifdef MEGAFIM_HAVE_BPE
   std::shared_ptr<const BpeEncoder> bpe;
 #endif
@@ -135,6 +140,11 @@ class ContextEncoder {
  public:
   explicit ContextEncoder(const Encoder& e) : e_(e) {}
   void operator()(std::string_view text, std::vector<int32_t>& dst) {
+    if (e_.batch) {  // deferred to flush()
+      texts_.emplace_back(text);
+      dsts_.push_back(&dst);
+      return;
+    }
 #ifdef MEGAFIM_HAVE_BPE
     if (e_.bpe) {
       if (!session_) session_.emplace(*e_.bpe);
@@ -144,9 +154,18 @@ class ContextEncoder {
 #endif
     e_.fn(text, dst);
   }
+  // Encodes what was deferred; the destinations must still be alive (the piece's Parts).
+  void flush() {
+    if (texts_.empty()) return;
+    e_.batch(texts_, dsts_);
+    texts_.clear();
+    dsts_.clear();
+  }
 
  private:
   const Encoder& e_;
+  std::vector<std::string> texts_;
+  std::vector<std::vector<int32_t>*> dsts_;
 #ifdef MEGAFIM_HAVE_BPE
   std::optional<BpeEncoder::Session> session_;
 #endif
@@ -495,6 +514,7 @@ uint8_t Fim::piece(const T* tok, size_t n, bool after_eod, bool before_eod, uint
   encode_part(core, m, Pos{0, 0}, A, doc_start, doc_end, encode, prefix);
   encode_part(core, m, A, B, doc_start, doc_end, encode, middle);
   encode_part(core, m, B, Pos{m, 0}, doc_start, doc_end, encode, suffix);
+  encode.flush();
   suffix.tail.insert(suffix.tail.end(), tok + n - trail, tok + n);
   int64_t pad = 0;
   if (keep_length) {
@@ -604,19 +624,31 @@ PYBIND11_MODULE(fim, m) {
       .def_static(
           "with_callable",
           [](const py::list& token_bytes, int32_t eod, int32_t pre, int32_t mid, int32_t suf, int32_t pad,
-             py::function encode, int boundaries) {
-            // For tests and tokenizers without a native encoder: encode(str) -> list[int].
+             py::function encode, int boundaries, py::object encode_batch) {
+            // For tests and tokenizers without a native encoder: encode(str) -> list[int], and
+            // optionally encode_batch(list[str]) -> list[list[int]] (then used instead).
             Encoder enc;
             enc.fn = [encode](std::string_view text, std::vector<int32_t>& dst) {
               py::str s(text.data(), text.size());
               for (const py::handle& t : encode(s)) dst.push_back(t.cast<int32_t>());
             };
+            if (!encode_batch.is_none())
+              enc.batch = [encode_batch](const std::vector<std::string>& texts,
+                                         const std::vector<std::vector<int32_t>*>& dsts) {
+                py::list in(texts.size());
+                for (size_t i = 0; i < texts.size(); ++i) in[i] = py::str(texts[i]);
+                py::sequence out = encode_batch(in);
+                if (out.size() != texts.size()) throw std::runtime_error("encode_batch: one id list per text expected");
+                for (size_t i = 0; i < texts.size(); ++i)
+                  for (const py::handle& t : out[i]) dsts[i]->push_back(t.cast<int32_t>());
+              };
             PyFim f;
             f.fim = std::make_unique<Fim>(to_strings(token_bytes), Specials{eod, pre, mid, suf, pad}, enc, boundaries);
             return f;
           },
           py::arg("token_bytes"), py::arg("eod"), py::arg("fim_prefix"), py::arg("fim_middle"),
-          py::arg("fim_suffix"), py::arg("fim_pad"), py::arg("encode"), py::arg("boundaries") = 1)
+          py::arg("fim_suffix"), py::arg("fim_pad"), py::arg("encode"), py::arg("boundaries") = 1,
+          py::arg("encode_batch") = py::none())
 #ifdef MEGAFIM_HAVE_BPE
       .def_static(
           "with_model_spec",

@@ -91,7 +91,8 @@ class FimTransform:
             self.native_encoder = True
         else:
             self._native = native.Fim.with_callable(token_bytes, **ids, encode=tokenizer.encode,
-                                                    boundaries=getattr(tokenizer, "fim_boundaries", 1))
+                                                    boundaries=getattr(tokenizer, "fim_boundaries", 1),
+                                                    encode_batch=getattr(tokenizer, "encode_texts", None))
             self.native_encoder = False
         self._transform = self._native.transform
         self._options = (float(config.rate), float(config.spm_rate), config.level == "document",

@@ -228,6 +228,10 @@ class HFTokenizer:
         encodings = self._hf.encode_batch_fast(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` of each text, in one call: FIM re-encodes a piece's few texts with it."""
+        return [e.ids for e in self._hf.encode_batch_fast(texts, add_special_tokens=False)]
+
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All texts encoded: (every id, int32, concatenated; the number of ids per text, int64).
         The preprocessing pipeline's batch encoder."""
