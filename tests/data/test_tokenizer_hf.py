@@ -152,8 +152,12 @@ def test_token_bytes_are_what_the_library_decodes(hf_fim_tokenizer):  # noqa: F8
 def test_batch_encoders_and_pickling(hf_fim_tokenizer):  # noqa: F811
     tok = hf_fim_tokenizer
     texts = [p.read_text(encoding="utf-8") for p in stdlib_files(limit=20, step=37)] + ["", "日本 x"]
+    texts.insert(3, "a " + tok.special_pieces["eod"] + " b")  # encoded in the library's other mode
+    texts.insert(7, tok.special_pieces["fim_prefix"])
     batch = tok.encode_batch(texts)
     assert [b.tolist() for b in batch] == [tok.encode(t) for t in texts]
+    assert [b.tolist() for b in batch] == [tok._hf.encode(t, add_special_tokens=False).ids for t in texts]
+    assert tok.encode_texts(texts) == [b.tolist() for b in batch]
     assert all(b.dtype == np.int32 for b in batch)
     flat, lengths = tok.encode_flat(texts)
     assert lengths.tolist() == [len(b) for b in batch] and flat.tolist() == sum((b.tolist() for b in batch), [])
