@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from megafim.data.fim import FimConfig, FimTransform, unpermute
+from megafim.data.fim_reference import split_pieces
 from megafim.data.tokenizer import load_tokenizer
 from megafim.data.tokenizer_hf import BOUNDARY_NONE
 from tests.data.hf_tokenizer_fixtures import gpt2_fim, hf_dir, hf_fim_tokenizer, llama3_fim, llama3_plain  # noqa: F401
@@ -98,3 +99,37 @@ def test_refused_without_fim_tokens(llama3_plain):  # noqa: F811
     tok = load_tokenizer(llama3_plain)
     with pytest.raises(ValueError, match="no fim_prefix, fim_middle, fim_suffix, fim_pad token.*add_fim_tokens"):
         FimTransform(FimConfig(rate=0.5), tok)
+
+
+def test_inspect_samples_with_a_tokenizer_directory(tmp_path, llama3_fim):  # noqa: F811
+    """tools/inspect_samples.py on data written with a Hugging Face tokenizer: the samples are the
+    dataset's, the sentinels are written by name, and every whole piece decodes to its document."""
+    import io
+    import json
+
+    from megafim.data.gpt_dataset import GPTDataset, GPTDatasetSpec
+    from megafim.data.indexed import IndexedDatasetBuilder
+    from tests.data.test_fim_inspect import DOCS, load_tool
+
+    tok = load_tokenizer(llama3_fim)
+    prefix = str(tmp_path / "tiny")
+    with IndexedDatasetBuilder(prefix) as b:
+        for d in DOCS:
+            b.add_document(np.asarray(tok.encode(d) + [tok.eod]))
+    out = io.StringIO()
+    assert load_tool().main(["--data-path", prefix, "--tokenizer-model", str(llama3_fim), "--tokenizer-type",
+                             "HuggingFaceTokenizer", "--seq-length", "64", "--fim-rate", "1.0", "--seed", "3",
+                             "--num-samples", "4", "--json"], stream=out) == 0
+    ds = GPTDataset(GPTDatasetSpec(path_prefix=prefix, seq_length=64, seed=3),
+                    fim=FimTransform(FimConfig(rate=1.0), tok))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4
+    for line in lines:
+        obj = json.loads(line)
+        train = ds[obj["index"]]  # the very sample the trainer gets
+        assert train["tokens"].tolist() == obj["tokens"][:-1] and train["labels"].tolist() == obj["tokens"][1:]
+        assert "<|fim_prefix|>" in obj["text"]
+        original = [b"".join(tok.token_bytes[t] for t in p)
+                    for p in split_pieces(ds.context(obj["index"]).tolist(), tok.eod)]
+        restored = unpermute(obj["tokens"], tok)
+        assert restored[:-1] == original[:len(restored) - 1]
