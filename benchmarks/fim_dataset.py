@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import sysconfig
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
               "repeats": args.repeats,
               "warmup": args.warmup, "same_samples": args.same_samples,
               "vocab_size": tok.vocab_size, "tokenizer": str(model), "tokenizer_backend": tok.backend, "rows": rows,
+              "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM"),
               "raw_cpu_seconds_per_sample": cpu,
               "raw_wall_seconds_per_sample": wall}
     write_json(args.output, result)
