@@ -73,6 +73,9 @@ class DataSection:
     tokenizer_type: str = ""
     """``GPTSentencePieceTokenizer`` or ``HuggingFaceTokenizer`` (a ``tokenizer.json`` or a directory);
     empty: from ``tokenizer_model`` (a JSON file or a directory is a Hugging Face tokenizer)."""
+    special_tokens: dict = field(default_factory=dict)
+    """Hugging Face tokenizers: spellings of ``eod``, ``fim_prefix``, ``fim_middle``, ``fim_suffix``,
+    ``fim_pad`` when not the known ones, e.g. ``{fim_pad: "<|reserved_special_token_0|>"}``."""
 
 
 @dataclass
@@ -322,6 +325,8 @@ def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> Non
             raise ConfigError(f"{name} must be in [0, 1], got {value}")
     _choice(cfg.data.fim.level, "data.fim.level", ("context", "document"))
     _choice(cfg.data.tokenizer_type, "data.tokenizer_type", ("", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer"))
+    for name in cfg.data.special_tokens:
+        _choice(name, "data.special_tokens keys", ("eod", "fim_prefix", "fim_middle", "fim_suffix", "fim_pad"))
     _choice(p.backend, "parallel.backend", ("auto", "nccl", "gloo"))
     _choice(s.precision, "schedule.precision", ("auto", "bf16", "fp32"))
     _choice(cfg.logging.progress_bar, "logging.progress_bar", ("auto", "on", "off"))

@@ -73,7 +73,8 @@ def check_before_groups(cfg: TrainConfig, world_size: int):
     from megafim.data.tokenizer import load_tokenizer, require_fim
 
     try:
-        tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type or None)
+        tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type or None,
+                                   dict(cfg.data.special_tokens) or None)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"data.tokenizer_model: cannot load {cfg.data.tokenizer_model}: {exc}") from None
     if cfg.data.fim.rate > 0:

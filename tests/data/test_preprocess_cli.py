@@ -58,6 +58,15 @@ def test_cli_hugging_face_tokenizer(tmp_path, llama3_fim):  # noqa: F811
     bad = subprocess.run(tool_cmd([src], tmp_path / "p", llama3_fim, "--tokenizer-type", "Llama"),
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--tokenizer-type" in bad.stderr
+    # a special token named by its spelling: here end-of-text is the pad token
+    named = subprocess.run(tool_cmd([src], tmp_path / "n", llama3_fim, "--append-eod", "--special-token",
+                                    "eod=<|fim_pad|>"), capture_output=True, text=True)
+    assert named.returncode == 0, named.stderr
+    assert IndexedDataset(tmp_path / "n_text_document")[0].tolist()[-1] == tok.fim_pad
+    for item, message in [("eod", "expected NAME=SPELLING"), ("eod=<nope>", "no token '<nope>' (named as eod)")]:
+        bad = subprocess.run(tool_cmd([src], tmp_path / "q", llama3_fim, "--special-token", item),
+                             capture_output=True, text=True)
+        assert bad.returncode == 1 and message in bad.stderr and bad.stderr.count("\n") == 1
 
 
 def open_when_read(fifo: Path, proc: subprocess.Popen):

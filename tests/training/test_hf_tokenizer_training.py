@@ -35,6 +35,8 @@ def hf_data(tmp_path_factory):
     ("plain", ["--fim-rate", "0.5"], "add them with tools/add_fim_tokens.py"),
     ("fim", ["--tokenizer-type", "Llama"], "data.tokenizer_type must be one of"),
     ("fim", ["--tokenizer-type", "GPTSentencePieceTokenizer"], "data.tokenizer_model: cannot load"),
+    ("fim", ["--set", "data.special_tokens={bos: x}"], "data.special_tokens keys must be one of"),
+    ("fim", ["--set", "data.special_tokens={eod: <nope>}"], "no token '<nope>' (named as eod)"),
 ])
 def test_tokenizer_checks_before_any_process_group(hf_data, which, extra, message):
     from megafim.training.cli import config_from_args
