@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import sysconfig
@@ -36,7 +37,7 @@ sys.path.insert(0, str(REPO))
 from megafim.data.fim import FimConfig, FimTransform  # noqa: E402
 from megafim.data.gpt_dataset import GPTDataset, GPTDatasetSpec  # noqa: E402
 from megafim.data.indexed import IndexedDatasetBuilder  # noqa: E402
-from megafim.data.tokenizer import Tokenizer  # noqa: E402
+from megafim.data.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from report import machine, write_json  # noqa: E402
 
 MACHINE_NOTE = "CPU shared with other processes; medians of interleaved repeats"
@@ -106,10 +107,13 @@ def stdlib_sources(limit: int) -> list[Path]:
     return files[:: max(1, len(files) // limit)][:limit]
 
 
-def prepare(work: Path, vocab_size: int, n_files: int) -> tuple[str, str]:
-    """A tokenizer and a dataset (one document per file, end-of-text appended), built once."""
+def prepare(work: Path, vocab_size: int, n_files: int, tokenizer: str | None = None) -> tuple[str, str]:
+    """A tokenizer (``tokenizer``, or one trained here) and a dataset (one document per file,
+    end-of-text appended), built once."""
     work.mkdir(parents=True, exist_ok=True)
     model, prefix = work / f"tok{vocab_size}.model", work / f"stdlib{n_files}_v{vocab_size}"
+    if tokenizer:
+        model, prefix = Path(tokenizer), work / f"stdlib{n_files}_{Path(tokenizer).name}"
     files = stdlib_sources(n_files)
     if not model.exists():
         spec = importlib.util.spec_from_file_location("train_tokenizer", REPO / "tools" / "train_tokenizer.py")
@@ -120,7 +124,7 @@ def prepare(work: Path, vocab_size: int, n_files: int) -> tuple[str, str]:
                                   output_prefix=str(work / f"tok{vocab_size}"), threads=2)
         tool.train(config, log=lambda *_: None)
     if not Path(f"{prefix}.idx").exists():
-        tok = Tokenizer.from_file(model)
+        tok = load_tokenizer(model)
         texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
         with IndexedDatasetBuilder(prefix, dtype=np.uint16 if tok.vocab_size < 65535 else np.int32) as b:
             for ids in tok.encode_batch(texts):
@@ -152,20 +156,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="re-read the same samples in every repeat (warm word cache; the old measure)")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--files", type=int, default=800, help="standard-library files in the dataset")
+    p.add_argument("--tokenizer", help="a tokenizer to use instead of training one (e.g. a Hugging Face "
+                   "tokenizer directory; benchmarks/preprocess_hf.py makes a Llama-3-style one)")
     p.add_argument("--work-dir", default=str(REPO / "benchmarks" / "_work"))
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "fim_dataset.json"))
     args = p.parse_args(argv)
 
-    model, prefix = prepare(Path(args.work_dir), args.vocab_size, args.files)
-    tok = Tokenizer.from_file(model)
+    model, prefix = prepare(Path(args.work_dir), args.vocab_size, args.files, args.tokenizer)
+    tok = load_tokenizer(model)
     fresh = 1 if args.same_samples else args.repeats
     spec = GPTDatasetSpec(path_prefix=prefix, seq_length=args.seq_length, seed=1234,
                           num_samples=args.warmup + fresh * args.samples)
     configs = {"off": None}
     for rate in (0.5, 0.9):
         # A tokenizer each: its encoder's word cache must not hold the words another config just cut.
-        configs[f"fim {rate}"] = FimTransform(FimConfig(rate=rate), Tokenizer.from_file(model))
-        configs[f"bigcode {rate}"] = BigcodeStyleFim(Tokenizer.from_file(model), rate, 0.5, seed=1234)
+        configs[f"fim {rate}"] = FimTransform(FimConfig(rate=rate), load_tokenizer(model))
+        configs[f"bigcode {rate}"] = BigcodeStyleFim(load_tokenizer(model), rate, 0.5, seed=1234)
     datasets = {name: GPTDataset(spec, fim=fim) for name, fim in configs.items()}
     n, warm = args.samples, list(range(args.warmup))
     for ds in datasets.values():  # the page cache and the encoders' word caches, alike for all
@@ -210,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine(MACHINE_NOTE), "seq_length": args.seq_length, "samples": n,
               "repeats": args.repeats,
               "warmup": args.warmup, "same_samples": args.same_samples,
-              "vocab_size": args.vocab_size, "tokenizer_backend": tok.backend, "rows": rows,
+              "vocab_size": tok.vocab_size, "tokenizer": str(model), "tokenizer_backend": tok.backend, "rows": rows,
+              "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM"),
               "raw_cpu_seconds_per_sample": cpu,
               "raw_wall_seconds_per_sample": wall}
     write_json(args.output, result)

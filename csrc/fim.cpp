@@ -6,7 +6,9 @@
 // by a space, so its encoding splits at every such "word boundary" (and the C++ encoder at every pair
 // of ASCII bytes that no piece holds side by side): tokens between the first and the last boundary
 // inside a part are the original tokens, and only the text next to the part's ends is re-encoded.
-// Characters are counted from per-token byte facts computed once.
+// Characters are counted from per-token byte facts computed once. Which token boundaries no merge
+// crosses depends on the tokenizer (BoundaryRule): a Hugging Face byte-level BPE tokenizer only
+// guarantees them after an ASCII non-whitespace byte, as its pre-tokenizer regex keeps "\n " together.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -54,6 +56,11 @@ inline uint64_t below(uint64_t r, uint64_t n) {
 enum Draw : uint64_t { kDrawFim = 0, kDrawSpm = 1, kDrawCutA = 2, kDrawCutB = 3 };
 enum Mode : uint8_t { kAr = 0, kPsm = 1, kSpm = 2 };
 enum Kind : uint8_t { kText = 0, kMiddle = 1, kSentinel = 2, kPad = 3 };
+// Where encoding a text equals encoding its two sides (megafim/data/tokenizer_hf.py BOUNDARY_*):
+// nowhere known (whole parts are re-encoded), before a space that follows a non-space (megafim's
+// sentencepiece models), before a space that follows an ASCII non-whitespace byte (byte-level BPE
+// with the GPT-2 / Llama 3 / Qwen2 pre-tokenizer regexes).
+enum BoundaryRule : int { kNoBoundary = 0, kSpaceAfterNonSpace = 1, kSpaceAfterAsciiNonWhitespace = 2 };
 
 // ---------------------------------------------------------------------------------------------
 // Strict UTF-8 (the same bytes Python's strict decoder accepts).
@@ -113,10 +120,15 @@ struct TokenInfo {
 constexpr uint8_t kSlow = 0x80;
 
 using EncodeFn = std::function<void(std::string_view, std::vector<int32_t>&)>;
+// Encodes texts[i] into *dst[i], all in one call.
+using BatchFn = std::function<void(const std::vector<std::string>&, const std::vector<std::vector<int32_t>*>&)>;
 
-// How the re-encoded texts are encoded: the tokenizer's C++ encoder, or a callable (Python).
+// How the re-encoded texts are encoded: the tokenizer's C++ encoder, or a callable (Python), or a
+// batch callable that takes a whole piece's texts at once (one call into Python per FIM piece
+// instead of up to six: the per-call cost of a Python tokenizer dominates these short texts).
 struct Encoder {
   EncodeFn fn;
+  BatchFn batch;
 #ifdef MEGAFIM_HAVE_BPE
   std::shared_ptr<const BpeEncoder> bpe;
 #endif
@@ -128,6 +140,11 @@ class ContextEncoder {
  public:
   explicit ContextEncoder(const Encoder& e) : e_(e) {}
   void operator()(std::string_view text, std::vector<int32_t>& dst) {
+    if (e_.batch) {  // deferred to flush()
+      texts_.emplace_back(text);
+      dsts_.push_back(&dst);
+      return;
+    }
 #ifdef MEGAFIM_HAVE_BPE
     if (e_.bpe) {
       if (!session_) session_.emplace(*e_.bpe);
@@ -137,9 +154,18 @@ class ContextEncoder {
 #endif
     e_.fn(text, dst);
   }
+  // Encodes what was deferred; the destinations must still be alive (the piece's Parts).
+  void flush() {
+    if (texts_.empty()) return;
+    e_.batch(texts_, dsts_);
+    texts_.clear();
+    dsts_.clear();
+  }
 
  private:
   const Encoder& e_;
+  std::vector<std::string> texts_;
+  std::vector<std::vector<int32_t>*> dsts_;
 #ifdef MEGAFIM_HAVE_BPE
   std::optional<BpeEncoder::Session> session_;
 #endif
@@ -220,8 +246,10 @@ struct Pos {
 
 class Fim {
  public:
-  Fim(std::vector<std::string> token_bytes, Specials sp, Encoder enc)
-      : bytes_(std::move(token_bytes)), sp_(sp), encode_(std::move(enc)) {
+  Fim(std::vector<std::string> token_bytes, Specials sp, Encoder enc, int rule = kSpaceAfterNonSpace)
+      : bytes_(std::move(token_bytes)), sp_(sp), encode_(std::move(enc)), rule_(rule) {
+    if (rule < kNoBoundary || rule > kSpaceAfterAsciiNonWhitespace)
+      throw std::invalid_argument("FIM boundary rule " + std::to_string(rule) + " is not 0, 1 or 2");
     info_.resize(bytes_.size());
     packed_.resize(bytes_.size());
     for (size_t t = 0; t < bytes_.size(); ++t) {
@@ -278,6 +306,7 @@ class Fim {
   std::vector<uint8_t> packed_;
   Specials sp_;
   Encoder encode_;
+  int rule_;
 
   // One pass over the context: the positions of its end-of-text tokens (into `eods`), and whether every
   // id is < the vocabulary size (negative ones wrap around). Compared in T's own width, unsigned, in
@@ -323,6 +352,9 @@ class Fim {
   bool boundary(const T* core, size_t j) const {
     const TokenInfo& a = info_[core[j - 1]];
     const TokenInfo& b = info_[core[j]];
+    if (rule_ == kNoBoundary) return false;
+    if (rule_ == kSpaceAfterAsciiNonWhitespace)  // a.last is 0xFF when not ASCII; \t..\r and ' ' are \s
+      return b.first_space && a.last < 0x80 && a.last != ' ' && !(a.last >= '\t' && a.last <= '\r');
     if (b.first_space && !a.last_space) return true;
 #ifdef MEGAFIM_HAVE_BPE
     if (encode_.bpe && encode_.bpe->splits_words()) return encode_.bpe->is_boundary(a.last, b.first);
@@ -482,6 +514,7 @@ uint8_t Fim::piece(const T* tok, size_t n, bool after_eod, bool before_eod, uint
   encode_part(core, m, Pos{0, 0}, A, doc_start, doc_end, encode, prefix);
   encode_part(core, m, A, B, doc_start, doc_end, encode, middle);
   encode_part(core, m, B, Pos{m, 0}, doc_start, doc_end, encode, suffix);
+  encode.flush();
   suffix.tail.insert(suffix.tail.end(), tok + n - trail, tok + n);
   int64_t pad = 0;
   if (keep_length) {
@@ -591,19 +624,31 @@ PYBIND11_MODULE(fim, m) {
       .def_static(
           "with_callable",
           [](const py::list& token_bytes, int32_t eod, int32_t pre, int32_t mid, int32_t suf, int32_t pad,
-             py::function encode) {
-            // For tests and tokenizers without a native encoder: encode(str) -> list[int].
+             py::function encode, int boundaries, py::object encode_batch) {
+            // For tests and tokenizers without a native encoder: encode(str) -> list[int], and
+            // optionally encode_batch(list[str]) -> list[list[int]] (then used instead).
             Encoder enc;
             enc.fn = [encode](std::string_view text, std::vector<int32_t>& dst) {
               py::str s(text.data(), text.size());
               for (const py::handle& t : encode(s)) dst.push_back(t.cast<int32_t>());
             };
+            if (!encode_batch.is_none())
+              enc.batch = [encode_batch](const std::vector<std::string>& texts,
+                                         const std::vector<std::vector<int32_t>*>& dsts) {
+                py::list in(texts.size());
+                for (size_t i = 0; i < texts.size(); ++i) in[i] = py::str(texts[i]);
+                py::sequence out = encode_batch(in);
+                if (out.size() != texts.size()) throw std::runtime_error("encode_batch: one id list per text expected");
+                for (size_t i = 0; i < texts.size(); ++i)
+                  for (const py::handle& t : out[i]) dsts[i]->push_back(t.cast<int32_t>());
+              };
             PyFim f;
-            f.fim = std::make_unique<Fim>(to_strings(token_bytes), Specials{eod, pre, mid, suf, pad}, enc);
+            f.fim = std::make_unique<Fim>(to_strings(token_bytes), Specials{eod, pre, mid, suf, pad}, enc, boundaries);
             return f;
           },
           py::arg("token_bytes"), py::arg("eod"), py::arg("fim_prefix"), py::arg("fim_middle"),
-          py::arg("fim_suffix"), py::arg("fim_pad"), py::arg("encode"))
+          py::arg("fim_suffix"), py::arg("fim_pad"), py::arg("encode"), py::arg("boundaries") = 1,
+          py::arg("encode_batch") = py::none())
 #ifdef MEGAFIM_HAVE_BPE
       .def_static(
           "with_model_spec",

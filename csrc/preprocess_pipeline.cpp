@@ -4,7 +4,9 @@
 //   reader thread   reads the inputs in blocks of whole lines (JSONL) or whole files (source mode)
 //                   and numbers them into jobs;
 //   N workers       split lines, check UTF-8, parse JSON (csrc/json_lines.h), encode the texts with
-//                   megafim::BpeEncoder (csrc/bpe.h);
+//                   megafim::BpeEncoder (csrc/bpe.h), or hand each job's texts in one call to a
+//                   Python batch encoder (a Hugging Face tokenizer: its Rust encoder runs
+//                   without the GIL, so workers hold the GIL only to pass texts and ids);
 //   calling thread  takes finished jobs back in input order and streams them into one
 //                   IndexedWriter per JSON key (csrc/indexed_writer.h).
 //
@@ -13,6 +15,7 @@
 // line report keeps counts plus the first few locations per reason. The largest single line (or
 // source file) is the only thing that can make one job bigger than a block.
 
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -89,11 +92,18 @@ struct Scratch {
   JsonLineParser parser;
   std::vector<std::string> values;
   std::vector<std::vector<int32_t>> ids;
+  std::vector<std::vector<std::string>> pending;  // batch encoder: the job's texts, per key
 };
 
 class Pipeline {
  public:
-  Pipeline(PipelineConfig cfg, BpeModelSpec spec) : cfg_(std::move(cfg)), encoder_(std::move(spec)) {
+  Pipeline(PipelineConfig cfg, BpeModelSpec spec)
+      : Pipeline(std::move(cfg), std::make_unique<BpeEncoder>(std::move(spec)), py::object()) {}
+  // batch_encode(list[str]) -> (int32 ids of every text concatenated, int64 count per text).
+  Pipeline(PipelineConfig cfg, py::object batch_encode) : Pipeline(std::move(cfg), nullptr, std::move(batch_encode)) {}
+
+  Pipeline(PipelineConfig cfg, std::unique_ptr<BpeEncoder> encoder, py::object batch_encode)
+      : cfg_(std::move(cfg)), encoder_(std::move(encoder)), batch_encode_(std::move(batch_encode)) {
     if (cfg_.keys.empty() || cfg_.keys.size() != cfg_.output_prefixes.size())
       throw std::invalid_argument("one output prefix per JSON key is needed");
     if (!cfg_.jsonl && cfg_.keys.size() != 1) throw std::invalid_argument("source-file inputs take one key");
@@ -178,7 +188,8 @@ class Pipeline {
 
  private:
   PipelineConfig cfg_;
-  BpeEncoder encoder_;
+  std::unique_ptr<BpeEncoder> encoder_;  // null: batch_encode_ encodes
+  py::object batch_encode_;
   uint64_t max_inflight_;
 
   std::atomic<bool> started_{false};
@@ -319,6 +330,7 @@ class Pipeline {
   void work_loop() {
     Scratch scratch;
     scratch.ids.resize(cfg_.keys.size());
+    scratch.pending.resize(cfg_.keys.size());
     for (;;) {
       std::unique_ptr<Job> job;
       {
@@ -333,6 +345,7 @@ class Pipeline {
       for (auto& t : job->tokens) t.reserve(job->data.size() / 3);
       if (cfg_.jsonl) encode_lines(*job, scratch);
       else encode_files(*job, scratch);
+      if (!encoder_) encode_pending(*job, scratch);
       {
         std::lock_guard<std::mutex> lock(mu_);
         done_[job->seq] = std::move(job);
@@ -360,9 +373,13 @@ class Pipeline {
     for (size_t k = 0; err == LineError::kNone && k < cfg_.keys.size(); ++k)
       if (s.values[k].empty()) err = LineError::kEmptyDocument;
     if (err != LineError::kNone) { job.skips.push_back({err, job.file, line}); return; }
+    if (!encoder_) {
+      for (size_t k = 0; k < cfg_.keys.size(); ++k) s.pending[k].push_back(std::move(s.values[k]));
+      return;
+    }
     for (size_t k = 0; k < cfg_.keys.size(); ++k) {
       s.ids[k].clear();
-      encoder_.encode(s.values[k], s.ids[k]);
+      encoder_->encode(s.values[k], s.ids[k]);
     }
     append_document(job, s);
   }
@@ -377,9 +394,45 @@ class Pipeline {
         job.skips.push_back({text.empty() ? LineError::kEmptyDocument : LineError::kInvalidUtf8, d.file, line});
         continue;
       }
+      if (!encoder_) {
+        s.pending[0].emplace_back(text);
+        continue;
+      }
       s.ids[0].clear();
-      encoder_.encode(text, s.ids[0]);
+      encoder_->encode(text, s.ids[0]);
       append_document(job, s);
+    }
+  }
+
+  // The batch encoder on the job's texts, one call per key, in document order. Python errors become
+  // C++ ones here, under the GIL (the worker reports them like any other failure).
+  void encode_pending(Job& job, Scratch& s) {
+    if (s.pending[0].empty()) return;
+    const size_t n_docs = s.pending[0].size();
+    py::gil_scoped_acquire gil;
+    try {
+      for (size_t k = 0; k < cfg_.keys.size(); ++k) {
+        py::list texts(n_docs);
+        for (size_t d = 0; d < n_docs; ++d) texts[d] = py::str(s.pending[k][d]);
+        py::tuple out = batch_encode_(texts);
+        auto flat = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(out[0]);
+        auto lengths = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(out[1]);
+        if (!flat || !lengths || static_cast<size_t>(lengths.size()) != n_docs)
+          throw std::runtime_error("the batch encoder returned no (ids, lengths) pair for every text");
+        const int32_t* ids = flat.data();
+        int64_t used = 0;
+        for (size_t d = 0; d < n_docs; ++d) {
+          const int64_t n = lengths.data()[d];
+          if (n < 0 || used + n > flat.size()) throw std::runtime_error("the batch encoder's lengths do not add up");
+          job.tokens[k].insert(job.tokens[k].end(), ids + used, ids + used + n);
+          if (cfg_.append_eod) job.tokens[k].push_back(cfg_.eod);
+          job.lengths[k].push_back(static_cast<int32_t>(n + (cfg_.append_eod ? 1 : 0)));
+          used += n;
+        }
+        s.pending[k].clear();
+      }
+    } catch (py::error_already_set& e) {
+      throw std::runtime_error(std::string("tokenizer: ") + e.what());
     }
   }
 
@@ -484,6 +537,11 @@ PYBIND11_MODULE(preprocess_pipeline, m) {
              return std::make_unique<Pipeline>(std::move(cfg), std::move(spec));
            }),
            py::arg("config"), py::arg("pieces"), py::arg("scores"), py::arg("types"))
+      .def(py::init([](PipelineConfig cfg, py::function batch_encode) {
+             return std::make_unique<Pipeline>(std::move(cfg), py::object(std::move(batch_encode)));
+           }),
+           py::arg("config"), py::arg("batch_encode"),
+           "batch_encode(list[str]) -> (int32 ids of all texts concatenated, int64 ids per text)")
       .def("run", &Pipeline::run, py::call_guard<py::gil_scoped_release>(),
            "Process every input and commit the outputs; False when cancelled (outputs discarded).")
       .def("cancel", &Pipeline::cancel, "Stop soon; run() then discards the outputs and returns False.")

@@ -27,13 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from megafim.data.fim import FimConfig, FimResult, FimTransform  # noqa: E402
 from megafim.data.gpt_dataset import GPTDataset, GPTDatasetSpec, document_segments  # noqa: E402
 from megafim.data.indexed import resolve_dataset_prefix  # noqa: E402
-from megafim.data.tokenizer import Tokenizer  # noqa: E402
+from megafim.data.tokenizer import TOKENIZER_TYPES, Tokenizer, load_tokenizer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-path", required=True, help="dataset prefix (<prefix>.bin/.idx), or its .bin/.idx path")
-    p.add_argument("--tokenizer-model", required=True, help="the .model file the dataset was made with")
+    p.add_argument("--tokenizer-model", required=True,
+                   help="the tokenizer the dataset was made with (.model, or HF tokenizer.json / directory)")
+    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, help="default: from --tokenizer-model")
     p.add_argument("--seq-length", type=int, required=True)
     p.add_argument("--fim-rate", type=float, default=0.0)
     p.add_argument("--fim-spm-rate", type=float, default=0.5)
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None, stream: TextIO = sys.stdout) -> int:
 
 def inspect(args: argparse.Namespace, stream: TextIO) -> None:
     try:
-        tok = Tokenizer.from_file(args.tokenizer_model)
+        tok = load_tokenizer(args.tokenizer_model, args.tokenizer_type)
     except (ValueError, OSError) as err:
         raise ValueError(f"--tokenizer-model: {err}") from None
     prefix = resolve_dataset_prefix(args.data_path, "--data-path")

@@ -38,7 +38,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", nargs="+", required=True,
                    help="JSONL file(s), or source files, directories or globs (one document per file)")
     p.add_argument("--output-prefix", required=True, help="outputs: <prefix>_<key>_document.bin/.idx")
-    p.add_argument("--tokenizer-model", required=True, help="a model from tools/train_tokenizer.py")
+    p.add_argument("--tokenizer-model", required=True,
+                   help="a model from tools/train_tokenizer.py, or a Hugging Face tokenizer.json / directory")
+    p.add_argument("--tokenizer-type", choices=["GPTSentencePieceTokenizer", "HuggingFaceTokenizer"],
+                   help="default: from --tokenizer-model (a JSON file or a directory is a Hugging Face one)")
+    p.add_argument("--special-token", action="append", default=[], metavar="NAME=SPELLING",
+                   help="a Hugging Face tokenizer's eod / fim_prefix / fim_middle / fim_suffix / fim_pad token, "
+                        "when not a known spelling (repeatable)")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenize (default: text)")
     p.add_argument("--append-eod", action="store_true", help="append the end-of-document id to each document")
     p.add_argument("--workers", type=int, default=1, help="encoding threads (default 1)")
@@ -49,12 +55,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def parse_special_tokens(items: list[str]) -> dict[str, str]:
+    """``["eod=<|eot_id|>"]`` -> ``{"eod": "<|eot_id|>"}``; a malformed item is a ValueError."""
+    out = {}
+    for item in items:
+        name, sep, spelling = item.partition("=")
+        if not sep or not spelling:
+            raise ValueError(f"--special-token {item!r}: expected NAME=SPELLING, e.g. eod='<|eot_id|>'")
+        out[name] = spelling
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         config = PreprocessConfig(inputs=args.input, output_prefix=args.output_prefix,
-                                  tokenizer_model=args.tokenizer_model, json_keys=args.json_keys,
+                                  tokenizer_model=args.tokenizer_model, tokenizer_type=args.tokenizer_type,
+                                  special_tokens=parse_special_tokens(args.special_token),
+                                  json_keys=args.json_keys,
                                   append_eod=args.append_eod, workers=args.workers, strict=args.strict,
                                   progress=not args.quiet, log_interval=args.log_interval)
         summary = run_preprocess(config)

@@ -14,6 +14,7 @@ import numpy as np
 
 from megafim._native import load as _load_native
 from megafim.data import fim_reference as _ref
+from megafim.data.tokenizer import require_fim
 
 LEVELS = ("context", "document")
 _MASK64 = _ref.MASK64
@@ -63,7 +64,10 @@ class FimTransform:
     The tokenizer needs ``token_bytes``, ``encode`` and the ids ``eod``, ``fim_prefix``,
     ``fim_middle``, ``fim_suffix``, ``fim_pad``. When it encodes with the C++ encoder
     (``backend == "native"``), re-encoding runs in C++ without the GIL on the same model
-    (``model_spec()``); otherwise the C++ code calls ``tokenizer.encode`` for the words it re-encodes.
+    (``model_spec()``); otherwise the C++ code calls ``tokenizer.encode`` for the words it re-encodes,
+    re-encoding up to the token boundaries the tokenizer's ``fim_boundaries`` rule vouches for (a
+    Hugging Face byte-level BPE tokenizer: docs/fim.md). A rate > 0 needs the four FIM tokens
+    (``require_fim``: one-line ValueError).
 
     ``sample(context, seed, epoch, index) -> (tokens, loss_mask, middle_mask)`` is the same transform
     without the modes, for ``GPTDataset.__getitem__``: one native call, arguments by position,
@@ -74,6 +78,8 @@ class FimTransform:
     def __init__(self, config: FimConfig, tokenizer) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        if config.rate > 0:
+            require_fim(tokenizer)
         native = _load_native("fim")
         ids = dict(eod=tokenizer.eod, fim_prefix=tokenizer.fim_prefix, fim_middle=tokenizer.fim_middle,
                    fim_suffix=tokenizer.fim_suffix, fim_pad=tokenizer.fim_pad)
@@ -84,7 +90,9 @@ class FimTransform:
                                                       scores=list(scores), types=list(types))
             self.native_encoder = True
         else:
-            self._native = native.Fim.with_callable(token_bytes, **ids, encode=tokenizer.encode)
+            self._native = native.Fim.with_callable(token_bytes, **ids, encode=tokenizer.encode,
+                                                    boundaries=getattr(tokenizer, "fim_boundaries", 1),
+                                                    encode_batch=getattr(tokenizer, "encode_texts", None))
             self.native_encoder = False
         self._transform = self._native.transform
         self._options = (float(config.rate), float(config.spm_rate), config.level == "document",

@@ -31,7 +31,7 @@ class PreprocessConfig:
     output_prefix: str
     """Outputs are ``<output_prefix>_<key>_document.bin/.idx``."""
     tokenizer_model: str
-    """A model trained by ``tools/train_tokenizer.py``."""
+    """A model trained by ``tools/train_tokenizer.py``, or a Hugging Face ``tokenizer.json`` / directory."""
     json_keys: list[str] = field(default_factory=lambda: ["text"])
     """JSONL: the keys whose strings are tokenized (one dataset each). Source files: the first names the output."""
     append_eod: bool = False
@@ -46,6 +46,10 @@ class PreprocessConfig:
     """Seconds between progress-bar updates."""
     block_bytes: int = 1 << 20
     """Input read per job (whole lines / whole files); bounds memory with ``workers``."""
+    tokenizer_type: str | None = None
+    """``GPTSentencePieceTokenizer`` or ``HuggingFaceTokenizer``; None: from the path (docs/tokenizer.md)."""
+    special_tokens: dict = field(default_factory=dict)
+    """Spellings of ``eod`` / ``fim_*`` in a Hugging Face tokenizer, when not the known ones."""
 
     def __post_init__(self) -> None:
         if isinstance(self.inputs, (str, os.PathLike)):
@@ -99,11 +103,10 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     """
     from megafim._native import load
     from megafim.data.indexed import CODE_OF_DTYPE, optimal_dtype
-    from megafim.data.tokenizer import Tokenizer
+    from megafim.data.tokenizer import load_tokenizer
 
     files, jsonl = resolve_inputs(config.inputs)
-    tokenizer = Tokenizer.from_file(config.tokenizer_model)
-    pieces, scores, types = tokenizer.model_spec()
+    tokenizer = load_tokenizer(config.tokenizer_model, config.tokenizer_type, config.special_tokens or None)
     native = load("preprocess_pipeline")
     cfg = native.PipelineConfig()
     cfg.inputs, cfg.jsonl = files, jsonl
@@ -119,7 +122,10 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     start = time.perf_counter()
     # Held until the outputs are renamed into place: a second run at these prefixes fails at once.
     with OutputLock(cfg.output_prefixes) as lock:
-        pipeline = native.Pipeline(cfg, pieces, scores, types)
+        if hasattr(tokenizer, "encode_flat"):  # Hugging Face: each job's texts in one Rust batch call
+            pipeline = native.Pipeline(cfg, tokenizer.encode_flat)
+        else:
+            pipeline = native.Pipeline(cfg, *tokenizer.model_spec())
         try:
             finished = _run_with_progress(pipeline, total_bytes, config)
         except native.NoDocuments:

@@ -1,6 +1,11 @@
-"""The tokenizer every part of megafim uses: a sentencepiece BPE model, lossless on any text.
+"""megafim's tokenizers: one interface, two backends, chosen by ``load_tokenizer``.
 
-``Tokenizer.from_file(path)`` loads a model trained by ``tools/train_tokenizer.py``. Encoding runs in
+``load_tokenizer(path, tokenizer_type=None)`` gives a ``Tokenizer`` (``GPTSentencePieceTokenizer``: a
+sentencepiece BPE model trained by ``tools/train_tokenizer.py``) or an ``HFTokenizer``
+(``HuggingFaceTokenizer``: a byte-level BPE ``tokenizer.json``, ``megafim/data/tokenizer_hf.py``). Both
+have ``encode``, ``encode_batch``, ``decode``, ``vocab_size``, ``token_bytes``, ``eod`` and the FIM ids.
+
+``Tokenizer.from_file(path)`` loads a sentencepiece model (and hands a tokenizer.json to the loader). Encoding runs in
 the C++ encoder (``csrc/bpe.h``, module ``megafim._native.bpe_tokenizer``) when it is built, and in
 sentencepiece otherwise; both give the same ids. One deliberate difference from plain sentencepiece:
 a literal U+2581 ("▁", which sentencepiece uses for a space and would decode as one) is always
@@ -157,6 +162,40 @@ def _load_native():
 
 
 # ---------------------------------------------------------------------------------------------------
+# The loader
+
+TOKENIZER_TYPES = ("GPTSentencePieceTokenizer", "HuggingFaceTokenizer")  # Megatron-LM's names
+
+
+def load_tokenizer(path: str | os.PathLike, tokenizer_type: str | None = None,
+                   special_tokens: dict[str, str] | None = None):
+    """The tokenizer at ``path``, with the backend ``tokenizer_type`` names (None: a directory or a
+    JSON file is a Hugging Face tokenizer, anything else a sentencepiece model). ``special_tokens``
+    names the spellings of ``eod`` / ``fim_*`` tokens of a Hugging Face tokenizer."""
+    from megafim.data.tokenizer_hf import HFTokenizer, is_hf_tokenizer_path
+
+    if tokenizer_type not in (None, *TOKENIZER_TYPES):
+        raise ValueError(f"tokenizer type {tokenizer_type!r}: expected one of {', '.join(TOKENIZER_TYPES)}")
+    if tokenizer_type is None:
+        tokenizer_type = TOKENIZER_TYPES[1] if is_hf_tokenizer_path(path) else TOKENIZER_TYPES[0]
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HFTokenizer.from_file(path, special_tokens)
+    if special_tokens:
+        raise ValueError("special token names apply to Hugging Face tokenizers only; a sentencepiece "
+                         "model has megafim's fixed special pieces")
+    return Tokenizer._from_sentencepiece_file(path)
+
+
+def require_fim(tokenizer) -> None:
+    """Raise ValueError (one line) unless the tokenizer has the four FIM tokens FIM training needs."""
+    missing = [n for n in ("fim_prefix", "fim_middle", "fim_suffix", "fim_pad") if getattr(tokenizer, n, None) is None]
+    if missing:
+        raise ValueError(f"tokenizer {tokenizer.model_path}: no {', '.join(missing)} token, needed for FIM rates > 0; "
+                         "add them with tools/add_fim_tokens.py (and resize the model's embeddings) or name "
+                         "existing tokens with --fim-prefix-token/--fim-middle-token/--fim-suffix-token/--fim-pad-token")
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 class Tokenizer:
@@ -187,9 +226,23 @@ class Tokenizer:
         if backend != "sentencepiece":
             self._init_native(required=backend == "native")
 
+    tokenizer_type = "GPTSentencePieceTokenizer"
+    fim_boundaries = 1  # tokenizer_hf.BOUNDARY_SPACE: no piece holds a non-space byte followed by a space
+
     @classmethod
-    def from_file(cls, path: str | os.PathLike, backend: str = "auto") -> "Tokenizer":
-        """Load ``path`` (a ``.model`` file, or the prefix ``tools/train_tokenizer.py`` was given)."""
+    def from_file(cls, path: str | os.PathLike, backend: str = "auto"):
+        """Load ``path`` (a ``.model`` file, or the prefix ``tools/train_tokenizer.py`` was given).
+
+        A Hugging Face ``tokenizer.json`` (or a directory holding one) is handed to ``load_tokenizer``,
+        so that every caller of ``from_file`` takes both kinds."""
+        from megafim.data.tokenizer_hf import is_hf_tokenizer_path
+
+        if backend == "auto" and is_hf_tokenizer_path(path):
+            return load_tokenizer(path, "HuggingFaceTokenizer")
+        return cls._from_sentencepiece_file(path, backend)
+
+    @classmethod
+    def _from_sentencepiece_file(cls, path: str | os.PathLike, backend: str = "auto") -> "Tokenizer":
         p = Path(path)
         if not p.exists() and Path(f"{p}.model").is_file():
             p = Path(f"{p}.model")
@@ -210,6 +263,7 @@ class Tokenizer:
             if self._sp.id_to_piece(i) != piece or self._proto.types[i] != CONTROL:
                 missing.append(piece)
             setattr(self, attr, i)
+        self.special_pieces = dict(SPECIAL_PIECES)
         if missing:
             raise ValueError(f"{self.model_path}: the model lacks the special tokens {', '.join(missing)} "
                              "(as control symbols); train it with tools/train_tokenizer.py")

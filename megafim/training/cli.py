@@ -22,7 +22,8 @@ from megafim.training.field_docs import reference_markdown, reference_text
 # Megatron-LM flag -> (config path, type). The help text is the field's meaning.
 MEGATRON_FLAGS: dict[str, tuple[str, type, str]] = {
     "--data-path": ("data.data_path", str, "dataset prefixes, optionally weighted: 0.7 A 0.3 B"),
-    "--tokenizer-model": ("data.tokenizer_model", str, "sentencepiece .model file"),
+    "--tokenizer-model": ("data.tokenizer_model", str, "sentencepiece .model, or HF tokenizer.json / directory"),
+    "--tokenizer-type": ("data.tokenizer_type", str, "GPTSentencePieceTokenizer or HuggingFaceTokenizer"),
     "--seq-length": ("data.seq_length", int, "tokens per sample"),
     "--micro-batch-size": ("batch.micro_batch_size", int, "samples per rank per micro-step"),
     "--global-batch-size": ("batch.global_batch_size", int, "samples per optimizer step"),

@@ -51,6 +51,9 @@ def _mirrored(domain: type, names: tuple[str, ...], defaults: dict[str, Any] | N
     return spec
 
 
+# The special tokens a Hugging Face tokenizer's spellings can be named for (data.special_tokens).
+SPECIAL_TOKEN_NAMES = ("eod", "fim_prefix", "fim_middle", "fim_suffix", "fim_pad")
+
 MODEL_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 # ``model:``: a named size and ``compile``, then every ModelConfig field as an optional override of the
@@ -109,6 +112,13 @@ DataSection = _section("DataSection", "Datasets, tokenizer, sequence length, FIM
         "after FIM); labels of a later document than their position are not trained on (docs/model.md)."))),
     ("reset_position_ids", bool, _setting(False, "Rotary positions restart at 0 at the first token of every "
                                                  "document of a packed context.")),
+    ("tokenizer_type", str, _setting("", (
+        "``GPTSentencePieceTokenizer`` or ``HuggingFaceTokenizer`` (a ``tokenizer.json`` or a directory); "
+        "empty: from ``tokenizer_model`` (a JSON file or a directory is a Hugging Face tokenizer)."),
+        choices=("", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer"))),
+    ("special_tokens", dict, field(default_factory=dict, metadata={"doc": (
+        "Hugging Face tokenizers: spellings of ``eod``, ``fim_prefix``, ``fim_middle``, ``fim_suffix``, "
+        "``fim_pad`` when not the known ones, e.g. ``{fim_pad: \"<|reserved_special_token_0|>\"}``.")})),
 ])
 
 
@@ -492,6 +502,9 @@ def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> Non
         if not 0 <= value < 1:
             raise ConfigError(f"{name} must be in [0, 1), got {value}")
     data = build_data_config(cfg)
+    unknown = sorted(set(cfg.data.special_tokens) - set(SPECIAL_TOKEN_NAMES))
+    if unknown:
+        raise ConfigError(f"data.special_tokens: unknown name {unknown[0]!r} (known: {', '.join(SPECIAL_TOKEN_NAMES)})")
     _check_profiling(cfg)
     _check_checkpoint(cfg)
     _positive(s.eval_interval, "schedule.eval_interval", allow_zero=True)

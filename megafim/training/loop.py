@@ -77,12 +77,18 @@ def check_before_groups(cfg: TrainConfig, world_size: int):
         raise ConfigError("parallel.zero_stage = 3 with parallel.pipeline > 1 is not supported: ZeRO-3 checks "
                           "that every rank ran the same modules, which pipeline stages never do. Use ZeRO 0-2 "
                           "with pipeline parallelism (docs/training.md)")
-    from megafim.data.tokenizer import Tokenizer
+    from megafim.data.tokenizer import load_tokenizer, require_fim
 
     try:
-        tokenizer = Tokenizer.from_file(cfg.data.tokenizer_model)
+        tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type or None,
+                                   dict(cfg.data.special_tokens) or None)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"data.tokenizer_model: cannot load {cfg.data.tokenizer_model}: {exc}") from None
+    if cfg.data.fim.rate > 0:
+        try:
+            require_fim(tokenizer)
+        except ValueError as exc:
+            raise ConfigError(f"data.fim.rate {cfg.data.fim.rate}: {exc}") from None
     notes: list[str] = []
     mc = resolve_model_config(cfg, tokenizer.vocab_size, notes)
     validate(cfg, world_size, mc)

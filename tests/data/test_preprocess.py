@@ -16,7 +16,8 @@ import torch
 
 from megafim.data.indexed import IndexedDataset
 from megafim.data.preprocess import PreprocessConfig, format_summary, resolve_inputs, run_preprocess
-from megafim.data.tokenizer import Tokenizer
+from megafim.data.tokenizer import Tokenizer, load_tokenizer
+from tests.data.hf_tokenizer_fixtures import gpt2_fim, hf_dir  # noqa: F401
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TEXTS = [
@@ -29,8 +30,12 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok(small_tokenizer_path) -> Tokenizer:
+@pytest.fixture(scope="module", params=["sentencepiece", "huggingface"])
+def tok(request, small_tokenizer_path) -> Tokenizer:
+    """Every test runs with both backends: the C++ encoder, and a Hugging Face byte-level BPE
+    tokenizer.json whose texts the pipeline hands to the tokenizers library one job at a time."""
+    if request.param == "huggingface":
+        return load_tokenizer(request.getfixturevalue("gpt2_fim"))
     return Tokenizer.from_file(small_tokenizer_path)
 
 
@@ -227,3 +232,28 @@ def test_stdlib_sample_round_trip(tmp_path, tok):
     assert len(ds) == len(texts) == summary["documents"]
     for i, text in enumerate(texts):
         assert ds[i][-1] == tok.eod and tok.decode(ds[i][:-1]) == text
+
+
+def test_a_failing_batch_encoder_leaves_no_output(tmp_path, gpt2_fim, monkeypatch):  # noqa: F811
+    from megafim.data.tokenizer_hf import HFTokenizer
+
+    def broken(self, texts):
+        raise RuntimeError("encoder broke")
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in TEXTS])
+    monkeypatch.setattr(HFTokenizer, "encode_flat", broken)
+    config = PreprocessConfig(inputs=[str(src)], tokenizer_model=str(gpt2_fim), progress=False,
+                              output_prefix=str(tmp_path / "out"), workers=2)
+    with pytest.raises(RuntimeError, match="tokenizer: RuntimeError: encoder broke"):
+        run_preprocess(config)
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_tokenizer_type_is_checked(tmp_path, gpt2_fim, small_tokenizer_path):  # noqa: F811
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "x"}])
+    for model, kind, message in [(str(gpt2_fim), "GPTSentencePieceTokenizer", "not a sentencepiece model"),
+                                 (small_tokenizer_path, "HuggingFaceTokenizer", "not a Hugging Face tokenizer")]:
+        config = PreprocessConfig(inputs=[str(src)], tokenizer_model=model, tokenizer_type=kind, progress=False,
+                                  output_prefix=str(tmp_path / "out"))
+        with pytest.raises(ValueError, match=message):
+            run_preprocess(config)

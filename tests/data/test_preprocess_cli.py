@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from megafim.data.indexed import IndexedDataset
+from tests.data.hf_tokenizer_fixtures import hf_dir, llama3_fim, llama3_plain  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "preprocess_data.py"
@@ -41,6 +42,31 @@ def test_cli_summary_and_json(tmp_path, small_tokenizer_path):
                             capture_output=True, text=True)
     assert strict.returncode == 2 and f"{src}:2: empty_document" in strict.stderr
     assert not list(tmp_path.glob("s_*"))
+
+
+def test_cli_hugging_face_tokenizer(tmp_path, llama3_fim):  # noqa: F811
+    from megafim.data.tokenizer import load_tokenizer
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "a = 1\\n"}\n{"text": "日本 b"}\n')
+    out = subprocess.run(tool_cmd([src], tmp_path / "o", llama3_fim, "--append-eod",
+                                  "--tokenizer-type", "HuggingFaceTokenizer"), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    tok = load_tokenizer(llama3_fim)
+    ds = IndexedDataset(tmp_path / "o_text_document")
+    assert [ds[i].tolist() for i in range(2)] == [tok.encode("a = 1\n") + [tok.eod], tok.encode("日本 b") + [tok.eod]]
+    bad = subprocess.run(tool_cmd([src], tmp_path / "p", llama3_fim, "--tokenizer-type", "Llama"),
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--tokenizer-type" in bad.stderr
+    # a special token named by its spelling: here end-of-text is the pad token
+    named = subprocess.run(tool_cmd([src], tmp_path / "n", llama3_fim, "--append-eod", "--special-token",
+                                    "eod=<|fim_pad|>"), capture_output=True, text=True)
+    assert named.returncode == 0, named.stderr
+    assert IndexedDataset(tmp_path / "n_text_document")[0].tolist()[-1] == tok.fim_pad
+    for item, message in [("eod", "expected NAME=SPELLING"), ("eod=<nope>", "no token '<nope>' (named as eod)")]:
+        bad = subprocess.run(tool_cmd([src], tmp_path / "q", llama3_fim, "--special-token", item),
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and message in bad.stderr and bad.stderr.count("\n") == 1
 
 
 def open_when_read(fifo: Path, proc: subprocess.Popen):

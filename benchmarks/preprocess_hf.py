@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Preprocessing with a Hugging Face byte-level BPE tokenizer: megafim against Megatron-LM's
+``tools/preprocess_data.py --tokenizer-type HuggingFaceTokenizer``, same tokenizer, same workers.
+
+    python benchmarks/preprocess_hf.py [--workers 2] [--repeats 3] [--vocab-size 16384]
+
+The corpus is the standard library's *.py files as JSONL (benchmarks/preprocess.py's). The tokenizer
+is a Llama-3-style byte-level BPE trained here with the ``tokenizers`` library on the same files, FIM
+tokens added (tools/add_fim_tokens.py), written as a transformers directory that both tools load.
+Megatron-LM comes from ``--megatron-dir`` or ``$MEGATRON_LM`` (a checkout; made from the git mirror
+``--megatron-git-dir`` at ``--megatron-ref`` when missing). The tools run alternately; medians are
+reported, with docs/s, peak RSS over the process tree, and whether the ids agree document by document.
+Writes benchmarks/results/preprocess_hf.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import json
+import shlex
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from preprocess import (MIRROR, compare_outputs, ensure_megatron, make_corpus, medians, one_run,  # noqa: E402
+                        ours_cmd, print_table, shared_machine)
+from report import write_json  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default="/tmp/megafim-bench-preprocess-hf")
+    p.add_argument("--megatron-dir", default=os.environ.get("MEGATRON_LM", "/tmp/megatron-lm"))
+    p.add_argument("--megatron-git-dir", default=MIRROR)
+    p.add_argument("--megatron-ref", default="core_v0.16.1")
+    p.add_argument("--megatron-pythonpath", default="",
+                   help="extra PYTHONPATH entries for Megatron-LM's tool (it imports `six`, which megafim does not need)")
+    p.add_argument("--vocab-size", type=int, default=16384)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "preprocess_hf.json"))
+    return p.parse_args()
+
+
+def ensure_hf_tokenizer(workdir: Path, vocab_size: int, corpus: Path) -> Path:
+    """A Llama-3-style tokenizer with FIM tokens, as a transformers directory (tokenizer_config.json
+    names its end-of-text, which Megatron-LM appends for --append-eod)."""
+    out = workdir / f"llama3_style_{vocab_size}"
+    if (out / "tokenizer_config.json").is_file():
+        return out
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from megafim.convert.hf_tokenizer import save_hf_tokenizer
+    from megafim.data.tokenizer import load_tokenizer
+    from megafim.data.tokenizer_hf import SPACE_SAFE_REGEXES, add_fim_tokens
+
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPACE_SAFE_REGEXES[1]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|end_of_text|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    with open(corpus, encoding="utf-8") as f:
+        tok.train_from_iterator((json.loads(line)["text"] for line in f), trainer)
+    tok.save(str(workdir / "plain.json"))
+    add_fim_tokens(workdir / "plain.json", out)
+    save_hf_tokenizer(load_tokenizer(out), out)
+    return out
+
+
+def megatron_hf_cmd(mdir: Path, inp: Path, prefix: Path, model: Path, workers: int) -> list[str]:
+    return [sys.executable, str(mdir / "tools" / "preprocess_data.py"), "--input", str(inp), "--output-prefix",
+            str(prefix), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(model),
+            "--workers", str(workers), "--append-eod", "--log-interval", "200"]
+
+
+def main() -> None:
+    args = parse_args()
+    load_at_start = os.getloadavg()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    mdir = ensure_megatron(args)
+    small, _, n_docs = make_corpus(work, 1)
+    model = ensure_hf_tokenizer(work, args.vocab_size, small)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(mdir), args.megatron_pythonpath])),
+               PYTHONWARNINGS="ignore")
+    from megafim.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model)
+    print(f"corpus: {small} ({small.stat().st_size / 2**20:.1f} MiB, {n_docs} documents); tokenizer {model} "
+          f"(vocab {tok.vocab_size}); workers {args.workers}; {args.repeats} alternating runs each", flush=True)
+    commands = {"megafim": ours_cmd(small, work / "ours", model, args.workers),
+                "megatron-lm": megatron_hf_cmd(mdir, small, work / "megatron", model, args.workers)}
+    runs: dict[str, list[dict]] = {"megafim": [], "megatron-lm": []}
+    for i in range(args.repeats):
+        for name in runs:
+            prefix = work / ("ours" if name == "megafim" else "megatron")
+            runs[name].append(one_run(name, commands[name], prefix, small.stat().st_size,
+                                      None if name == "megafim" else env))
+        print(f"  run {i + 1}: megafim {runs['megafim'][-1]['wall_s']:.1f} s, "
+              f"megatron-lm {runs['megatron-lm'][-1]['wall_s']:.1f} s", flush=True)
+    med = {k: medians(v) for k, v in runs.items()}
+    agreement = compare_outputs(str(work / "ours_text_document"), str(work / "megatron_text_document"),
+                                tok.eod, tok.eod)
+    ratios = {k: med["megafim"][k] / med["megatron-lm"][k] for k in ("docs_per_s", "tokens_per_s", "mb_per_s",
+                                                                    "steady_docs_per_s", "tokens_per_cpu_s")}
+    ratios["peak_rss"] = med["megafim"]["peak_rss_mib"] / med["megatron-lm"]["peak_rss_mib"]
+    print_table(f"stdlib JSONL, Hugging Face tokenizer, {args.workers} workers, median of {args.repeats}", med)
+    print("\nmegafim / megatron-lm: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    print(f"output agreement: {agreement}")
+    for rows in runs.values():
+        for r in rows:
+            r.pop("stderr", None)
+    write_json(args.output, {
+        "benchmark": "preprocess_hf", "machine": shared_machine(load_at_start),
+        "command": "python benchmarks/preprocess_hf.py " + " ".join(sys.argv[1:]),
+        "megatron_lm": {"ref": args.megatron_ref, "dir": str(mdir)},
+        "corpus": {"path": str(small), "bytes": small.stat().st_size, "documents": n_docs},
+        "tokenizer": {"path": str(model), "vocab_size": tok.vocab_size, "eod": tok.eod},
+        "commands": {k: shlex.join(v) for k, v in commands.items()},
+        "runs": runs, "medians": med, "ratios_megafim_over_megatron": ratios, "output_agreement": agreement,
+    })
+
+
+if __name__ == "__main__":
+    main()
