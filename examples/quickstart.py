@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     run(["tools/convert_checkpoint_to_hf.py", "--load", str(ckpt), "--save", str(hf_dir), "--dtype", "float32"])
 
     banner("8/8 fill in the middle (SPM prompt, greedy)")
+    print("(a demonstration of the path, not of quality: this model is tiny and trained for minutes on a CPU)")
     demo = out / "demo"
     demo.mkdir(exist_ok=True)
     (demo / "prefix.py").write_text("import os\n\n\ndef list_python_files(root):\n    for dirpath, dirnames, filenames in os.walk(root):\n")
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
           f"--seq-length 2048 --fim-rate 0.5 --json | head")
     print("  python -m megafim.train --config examples/configs/tiny.yaml ... --tensor-model-parallel-size 2  "
           "(under torchrun; examples/launch/ has single-node, multi-node and SLURM scripts)")
-    print(f"  python -m megafim.eval.humaneval_infilling --load {ckpt} --data-dir DIR --benchmark random-span-light")
+    print(f"  python -m megafim.eval.humaneval_infilling --load {ckpt} --benchmark random-span-light")
     print("  python examples/fim_for_free/run.py   (the paper's FIM-for-free comparison at small scale)")
 
 

@@ -10,7 +10,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 # Without a GPU, Triton kernels run on CPU tensors only through the interpreter, and it must be chosen
-# before the @triton.jit decorators execute (ENVIRONMENT.md). With one, the GPU tests (-m gpu) must run
+# before the @triton.jit decorators execute (docs/platform_notes.md). With one, the GPU tests (-m gpu) must run
 # the compiled kernels, so the interpreter stays off.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -7,7 +7,7 @@ output and the head's parameters. The gradients are accumulated and the head's a
 freed before the next head starts, so peak memory holds one head's activations and one logits chunk
 whatever the number of heads. The function's backward hands the stored gradients (times grad_output)
 to autograd, so the trainer calls backward once: calling DeepSpeed's ``engine.backward`` once per
-head gives silently wrong gradients under ZeRO-1/2 (ENVIRONMENT.md).
+head gives silently wrong gradients under ZeRO-1/2 (docs/platform_notes.md).
 """
 
 from __future__ import annotations

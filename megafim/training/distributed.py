@@ -1,7 +1,7 @@
 """Process-group start-up and shut-down for the trainer (torchrun environment variables).
 
 Runs after the config is validated. On the CPU it keeps DeepSpeed from JIT-building its shared-memory
-communication op (~40 s per fresh machine, ENVIRONMENT.md): gloo does the collectives instead.
+communication op (~40 s per fresh machine, docs/platform_notes.md): gloo does the collectives instead.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def _free_port() -> int:
 
 
 def shutdown() -> None:
-    """Barrier, then destroy the group: exiting without it aborts ~1 run in 10 (ENVIRONMENT.md)."""
+    """Barrier, then destroy the group: exiting without it aborts ~1 run in 10 (docs/platform_notes.md)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

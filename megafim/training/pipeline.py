@@ -7,7 +7,7 @@ backwards and moves activations between neighbouring stages (docs/training.md ar
 - The last stage's backward is ``engine.backward(loss)`` (DeepSpeed divides by the accumulation
   steps); every other stage calls ``engine.backward((output * grad).sum(), scale_wrt_gas=False)``,
   a scalar whose gradient with respect to ``output`` is exactly the received ``grad``, so each stage
-  calls ``engine.backward`` once per micro-batch (ENVIRONMENT.md: more than once is wrong under ZeRO).
+  calls ``engine.backward`` once per micro-batch (docs/platform_notes.md: more than once is wrong under ZeRO).
 - ``engine.step()`` follows every backward, after the input gradient was sent; DeepSpeed updates only
   at the accumulation boundary.
 - Sends are non-blocking and waited for at the end of the step; receives block. Activations travel

@@ -1,6 +1,6 @@
 """multi_token_loss under DeepSpeed ZeRO 0-3 (2 ranks, gloo, CPU): one torchrun launch for every stage.
 
-ENVIRONMENT.md: calling engine.backward once per head silently loses gradients under ZeRO-1/2; the
+docs/platform_notes.md: calling engine.backward once per head silently loses gradients under ZeRO-1/2; the
 single autograd function must give exactly plain torch's gradients under every stage, including
 ZeRO-3 with every parameter partitioned (see tests/ops/zero_worker.py).
 """
