@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Give a Hugging Face tokenizer the FIM tokens (and end-of-text) it lacks.
 
     python tools/add_fim_tokens.py --tokenizer hf/llama-3.2-1b --output tok/llama-3.2-1b-fim

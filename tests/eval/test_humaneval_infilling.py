@@ -217,7 +217,9 @@ def test_cli_table_and_load_hook(tmp_path, capsys):
              "--output", str(tmp_path / "c.jsonl")])
     table = capsys.readouterr().out
     assert "pass@1" in table and "100.00%" in table and "3/164" in table
-    with pytest.raises(FileNotFoundError, match="latest"):
+    from megafim.checkpoint.format import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no 'latest' file"):
         he.main(["--load", str(tmp_path), "--data-dir", str(DATA_DIR)])
     assert "WARNING" in he.build_parser().format_help()
     # From the command line: one clear line and a non-zero status, not a traceback.

@@ -35,7 +35,7 @@ def test_two_agents_tp2_pp2(tiny_data, tmp_path):
     outputs = [a.communicate(timeout=400) for a in agents]
     for agent, (out, err) in zip(agents, outputs):
         assert agent.returncode == 0, f"{out[-2000:]}\n{err[-4000:]}"
-    assert "tp 2 x pp 2 x dp 1" in outputs[0][0]
+    assert "tp 2 x cp 1 x pp 2 x dp 1" in outputs[0][0]
     rows = metrics(save)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["loss"] == pytest.approx(r["loss_head_1"] + r["loss_head_2"]) for r in rows)
