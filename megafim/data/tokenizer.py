@@ -63,6 +63,16 @@ class ModelProto:
     treat_whitespace_as_suffix: bool = False
 
 
+def decode_with_table(table: Sequence[bytes], ids: Iterable[int]) -> str:
+    """The text of ``ids``, where ``table[i]`` holds id i's bytes (both tokenizer backends); ids outside
+    the table raise naming the first one, bytes that are not valid UTF-8 become U+FFFD."""
+    ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= len(table)):
+        bad = int(ids[(ids < 0) | (ids >= len(table))][0])
+        raise ValueError(f"decode: id {bad} is outside the vocabulary [0, {len(table)})")
+    return b"".join([table[i] for i in ids.tolist()]).decode("utf-8", errors="replace")
+
+
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
@@ -351,12 +361,7 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """The text of ``ids``; special tokens appear as their names, e.g. ``<fim_prefix>``. Bytes that do
         not form valid UTF-8 (only possible for ids that ``encode`` did not make) become U+FFFD."""
-        ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            bad = int(ids[(ids < 0) | (ids >= self.vocab_size)][0])
-            raise ValueError(f"decode: id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        table = self._decode_table
-        return b"".join([table[i] for i in ids.tolist()]).decode("utf-8", errors="replace")
+        return decode_with_table(self._decode_table, ids)
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(i)

@@ -18,6 +18,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from megafim.data.tokenizer import decode_with_table
+
 # The names of the special tokens megafim uses, with their spellings in the tokenizers people have,
 # first match wins. StarCoder / SantaCoder, Qwen2.5-Coder, DeepSeek-Coder (its "hole" marks where the
 # middle was, i.e. the suffix follows; its "end" starts the middle), and common pad tokens.
@@ -265,12 +267,7 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """The text of ``ids``; special tokens appear as their spellings. Bytes that are not valid
         UTF-8 (ids ``encode`` did not make, e.g. half a character) become U+FFFD."""
-        ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            bad = int(ids[(ids < 0) | (ids >= self.vocab_size)][0])
-            raise ValueError(f"decode: id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        table = self._decode_table
-        return b"".join([table[i] for i in ids.tolist()]).decode("utf-8", errors="replace")
+        return decode_with_table(self._decode_table, ids)
 
     def id_to_piece(self, i: int) -> str:
         return self._hf.id_to_token(i)

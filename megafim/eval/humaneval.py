@@ -13,17 +13,15 @@ WARNING: this runs code written by a model; see docs/evaluation.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from megafim.eval.execution import Check, SandboxConfig, SandboxError, isolation_notes, \
-    isolation_report
-from megafim.eval.humaneval_infilling import (WARNING, Sample, _read_jsonl, evaluate_samples,
-                                              format_table, parse_ks, read_samples,
-                                              results_path_for, write_jsonl)
+from megafim.eval.execution import Check, SandboxConfig, isolation_report
+from megafim.eval.humaneval_infilling import (WARNING, Sample, _read_jsonl, parse_ks, read_samples, run_cli,
+                                              score_and_report, write_jsonl)
+from megafim.eval.humaneval_infilling import evaluate_samples  # noqa: F401 (part of this module's API)
 
 BENCHMARK = "humaneval"
 _FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
@@ -256,27 +254,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems = load_problems(args.data_file)
     samples, samples_path = _samples_from_args(args, problems)
     config = SandboxConfig(timeout_s=args.timeout, memory_mb=args.memory_mb)
-    isolation = isolation_report(config)
-    for note in isolation_notes(isolation):
-        print(note, file=sys.stderr)
-    report = evaluate_samples(BENCHMARK, problems, samples, args.k,
-                              results_path=args.results or results_path_for(samples_path),
-                              config=config, workers=args.workers, progress=True)
-    if args.json:
-        print(json.dumps(report.to_json(isolation)))
-    else:
-        print(format_table(report))
-        print(f"per-sample results: {report.results_path}")
-    return 0
+    return score_and_report(BENCHMARK, problems, samples, samples_path, args, config, isolation_report(config))
 
 
 def cli() -> int:
     """``main`` with expected errors as one line on stderr and exit status 2."""
-    try:
-        return main()
-    except (FileNotFoundError, ValueError, SandboxError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(main)
 
 
 if __name__ == "__main__":

@@ -325,10 +325,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = SandboxConfig(timeout_s=args.timeout, memory_mb=args.memory_mb)
     isolation = isolation_report(config)
     print(f"sandbox: {isolation}", file=sys.stderr)
+    return score_and_report(args.benchmark, problems, samples, samples_path, args, config, isolation)
+
+
+def score_and_report(benchmark: str, problems, samples, samples_path: Path, args: argparse.Namespace,
+                     config: SandboxConfig, isolation) -> int:
+    """Run ``samples`` through the sandbox, write the per-sample results, print the pass@k table (or
+    JSON with ``args.json``); shared by this module and ``megafim.eval.humaneval``."""
     for note in isolation_notes(isolation):
         print(note, file=sys.stderr)
     report = evaluate_samples(
-        args.benchmark, problems, samples, args.k,
+        benchmark, problems, samples, args.k,
         results_path=args.results or results_path_for(samples_path),
         config=config, workers=args.workers, progress=True,
     )
@@ -340,15 +347,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def cli() -> int:
-    """``main`` with the expected errors (bad input, missing data, no generator, a broken
+def run_cli(main_fn) -> int:
+    """``main_fn()`` with the expected errors (bad input, missing data, no generator, a broken
     sandbox) as one line on stderr and exit status 2 instead of a traceback."""
     from megafim.eval.execution import SandboxError
     try:
-        return main()
+        return main_fn()
     except (FileNotFoundError, ValueError, SandboxError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def cli() -> int:
+    return run_cli(main)
 
 
 if __name__ == "__main__":
