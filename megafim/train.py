@@ -29,10 +29,22 @@ def main(argv: list[str] | None = None) -> int:
 
         return train(cfg)
     except ConfigError as exc:
-        # Every rank finds the same error; under torchrun only rank 0 prints it, and every rank exits 2.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"megafim.train: error: {exc}", file=sys.stderr)
+        _report_config_error(exc)
         return 2
+
+
+def _report_config_error(exc: Exception, grace_s: float = 15.0) -> None:
+    """Print a config error once per job rather than once per rank.
+
+    Every rank checks the same config, so rank 0 prints and exits at once. The other ranks wait: if
+    rank 0 failed too, torchrun stops them within a second and the job shows one line. Exiting at once
+    instead raced rank 0, whose line was lost when torchrun killed it first. A rank that is still alive
+    after the grace period hit an error of its own (a file missing on its node) and prints it."""
+    import time
+
+    if os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(grace_s)
+    print(f"megafim.train: error: {exc}", file=sys.stderr, flush=True)
 
 
 def _has_cuda() -> bool:

@@ -264,3 +264,13 @@ def test_every_setting_is_documented_and_the_reference_page_is_current():
     page = (repo / "docs/config_reference.md").read_text()
     assert page == config_reference(markdown=True), \
         "docs/config_reference.md is stale: python -m megafim.train --help-config --markdown > docs/config_reference.md"
+
+
+def test_config_error_of_a_nonzero_rank_alone_is_still_printed(monkeypatch, capsys):
+    # A rank that outlives the grace period failed on its own (rank 0 did not), so it must say why.
+    from megafim.train import _report_config_error
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _report_config_error(ValueError("data.data_path: missing on this node"), grace_s=0.0)
+    assert capsys.readouterr().err == "megafim.train: error: data.data_path: missing on this node\n"
