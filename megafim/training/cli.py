@@ -51,6 +51,9 @@ MEGATRON_FLAGS: dict[str, tuple[str, type, str]] = {
     "--profile-step-start": ("logging.profile_step_start", int, "first step recorded by torch.profiler"),
     "--profile-step-end": ("logging.profile_step_end", int, "last step recorded by torch.profiler"),
     "--profile-ranks": ("logging.profile_ranks", int, "global ranks that profile"),
+    "--wandb-project": ("logging.wandb_project", str, "log the metrics to this Weights & Biases project"),
+    "--wandb-exp-name": ("logging.wandb_exp_name", str, "the W&B run's name"),
+    "--wandb-save-dir": ("logging.wandb_save_dir", str, "where W&B writes its local run files"),
 }
 
 

@@ -207,6 +207,13 @@ class LoggingSection:
     """The global ranks that profile."""
     profile_dir: str = ""
     """Where each profiled rank writes its trace and op table (default ``<checkpoint.save>/profile``)."""
+    wandb_project: str = ""
+    """Weights & Biases project to log the metrics.jsonl scalars to (needs ``pip install wandb``); empty: no
+    W&B. ``WANDB_MODE=offline`` keeps the run on disk (``wandb sync`` uploads it later)."""
+    wandb_exp_name: str = ""
+    """The W&B run's name (empty: W&B picks one)."""
+    wandb_save_dir: str = ""
+    """Where W&B writes its local run files (default ``<checkpoint.save>/wandb``, else W&B's own default)."""
 
 
 @dataclass
@@ -361,6 +368,20 @@ def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
                           "--context-parallel-size)") from None
 
 
+def _check_wandb(lg: LoggingSection) -> None:
+    if not lg.wandb_project:
+        for name in ("wandb_exp_name", "wandb_save_dir"):
+            if getattr(lg, name):
+                raise ConfigError(f"logging.{name} is set but logging.wandb_project (--wandb-project) is empty, "
+                                  "so nothing would be logged to W&B")
+        return
+    try:  # the real import (not a lookup): a broken install fails here, not after the model is built
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError("logging.wandb_project (--wandb-project) is set but wandb is not installed: "
+                          "pip install wandb") from None
+
+
 def grad_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     """Micro-batches per optimizer step on each data-parallel rank."""
     dp = data_parallel_size(cfg, world_size)
@@ -506,6 +527,7 @@ def validate(cfg: TrainConfig, world_size: int, model_config: Any = None) -> Non
     if unknown:
         raise ConfigError(f"data.special_tokens: unknown name {unknown[0]!r} (known: {', '.join(SPECIAL_TOKEN_NAMES)})")
     _check_profiling(cfg)
+    _check_wandb(cfg.logging)
     _check_checkpoint(cfg)
     _positive(s.eval_interval, "schedule.eval_interval", allow_zero=True)
     _positive(s.eval_iters, "schedule.eval_iters")

@@ -42,6 +42,7 @@ from megafim.training.pipeline import StageComm, run_1f1b
 from megafim.training.profiling import StepProfiler
 from megafim.training.sampler import MicroBatches, ResumableSampler
 from megafim.training.signals import StopRequest
+from megafim.training.wandb_logger import WandbRun
 
 EXIT_OK, EXIT_NONFINITE = 0, 3
 
@@ -133,7 +134,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
     ckpt, saved, same_layout = resume.ckpt, resume.state, resume.same_layout
     log = MetricsLogger(cfg.checkpoint.save, cfg.schedule.train_iters, enabled=dims.rank == 0,
                         log_interval=cfg.logging.log_interval, tensorboard=cfg.logging.tensorboard,
-                        progress_bar=cfg.logging.progress_bar, start_step=saved.step if saved else 0)
+                        progress_bar=cfg.logging.progress_bar, start_step=saved.step if saved else 0,
+                        wandb=WandbRun.open(cfg) if dims.rank == 0 else None)
     log.info(f"megafim: {info.world_size} ranks = tp {dims.tp} x cp {dims.cp} x pp {dims.pp} x dp {dims.dp}, ZeRO-"
              f"{cfg.parallel.zero_stage}, {resolve_precision(cfg)}, {gas} micro-batches/step, device {device}")
     log.info(f"model: {mc}")

@@ -1,4 +1,5 @@
-"""Per-step metrics to the console, TensorBoard and ``<save>/metrics.jsonl`` (one JSON object a line).
+"""Per-step metrics to the console, TensorBoard, Weights & Biases and ``<save>/metrics.jsonl`` (one JSON
+object a line).
 
 Only the logging rank (global rank 0 by default; with pipeline parallelism the loop passes the
 metrics from the last stage to it) writes anything. ``metrics.jsonl`` is appended to, so a resumed
@@ -74,6 +75,17 @@ def drop_lines_after(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
+def scalar_tags(record: dict) -> dict[str, float]:
+    """The numbers of one metrics.jsonl record as TensorBoard / W&B tags: ``train/<key>``, and
+    ``valid/<rest>`` for ``valid_<rest>``. Left out: the step (the x axis), ``skipped`` (a flag) and
+    what is not a finite number (NaN/inf are strings in the record; MFU and memory may be None)."""
+    tags = {}
+    for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            tags[f"valid/{key[len('valid_'):]}" if key.startswith("valid_") else f"train/{key}"] = value
+    return tags
+
+
 def _num(x: float) -> float | str:
     """JSON has no NaN/inf: write them as strings so every line stays valid JSON."""
     return x if math.isfinite(x) else str(x)
@@ -97,18 +109,19 @@ def default_peak_flops() -> float:
 
 
 class MetricsLogger:
-    """Console lines, an optional progress bar, TensorBoard scalars and metrics.jsonl."""
+    """Console lines, an optional progress bar, TensorBoard scalars, W&B scalars and metrics.jsonl."""
 
     def __init__(self, save_dir: str, total_steps: int, *, enabled: bool, log_interval: int = 1,
-                 tensorboard: bool = True, progress_bar: str = "auto", start_step: int = 0):
+                 tensorboard: bool = True, progress_bar: str = "auto", start_step: int = 0, wandb=None):
         """``start_step``: the step a resume starts from; lines of later steps in an existing
         metrics.jsonl (a run that went on past its last checkpoint) are dropped, so that every step
-        appears once."""
+        appears once. ``wandb``: an open ``WandbRun`` (the logging rank's) or None."""
         self.enabled = enabled
         self.log_interval = log_interval
         self.jsonl = None
         self.tb = None
         self.bar = None
+        self.wandb = wandb
         if not enabled:
             return
         if save_dir:
@@ -132,11 +145,12 @@ class MetricsLogger:
         if self.jsonl is not None:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
+        tags = scalar_tags(record)
         if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    tag = f"valid/{key[len('valid_'):]}" if key.startswith("valid_") else f"train/{key}"
-                    self.tb.add_scalar(tag, value, m.step)
+            for tag, value in tags.items():
+                self.tb.add_scalar(tag, value, m.step)
+        if self.wandb is not None:
+            self.wandb.log(tags, m.step)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{m.loss:.4f}", lr=f"{m.lr:.2e}", tok_s=f"{m.tokens_per_s:.0f}")
@@ -152,10 +166,10 @@ class MetricsLogger:
             print(text, flush=True)
 
     def close(self) -> None:
-        for handle in (self.jsonl, self.tb, self.bar):
+        for handle in (self.jsonl, self.tb, self.bar, self.wandb):
             if handle is not None:
                 handle.close()
-        self.jsonl = self.tb = self.bar = None
+        self.jsonl = self.tb = self.bar = self.wandb = None
 
 
 def validation_line(step: int, losses, seconds: float) -> str:

@@ -1,0 +1,88 @@
+"""Weights & Biases logging: an offline 1-rank run logs the numbers of metrics.jsonl step by step; asking
+for W&B without wandb installed, or naming a run without a project, is one line and exit 2."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from megafim.training.cli import config_from_args
+from megafim.training.config import ConfigError, validate
+from tests.training.launcher import REPO, base_args, check, launch, metrics, trainer_env
+from tests.training.wandb_records import history
+
+
+def expected_scalars(record: dict) -> dict[str, float]:
+    """What W&B should hold for one metrics.jsonl line, spelled out: every finite number but the step
+    and the ``skipped`` flag, training ones under ``train/``, validation ones under ``valid/``."""
+    out = {}
+    for key, value in record.items():
+        if key in ("step", "skipped") or value is None or isinstance(value, str):
+            continue
+        assert math.isfinite(value)
+        out["valid/" + key.removeprefix("valid_") if key.startswith("valid_") else "train/" + key] = value
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_offline_run_logs_the_scalars_of_metrics_jsonl(tiny_data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_env"))  # nothing lands in the home directory
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    save = tmp_path / "run"
+    proc = launch(1, base_args(tiny_data) + ["--train-iters", "3", "--save", str(save), "--eval-interval", "2",
+                                             "--eval-iters", "1", "--wandb-project", "megafim-test",
+                                             "--wandb-exp-name", "tiny"], tmp_path)
+    check(proc)
+    runs = list((save / "wandb" / "wandb").glob("offline-run-*"))  # the default: <checkpoint.save>/wandb
+    assert len(runs) == 1, runs
+    logged = history(runs[0])
+    lines = metrics(save)
+    assert sorted(logged) == [line["step"] for line in lines] == [1, 2, 3]
+    for line in lines:
+        want = expected_scalars(line)
+        assert {"train/loss", "train/loss_head_1", "train/loss_head_2", "train/lr", "train/grad_norm"} <= set(want)
+        assert ("valid/loss" in want) == (line["step"] >= 2)
+        assert logged[line["step"]] == pytest.approx(want, rel=1e-12), line["step"]
+
+
+def test_wandb_project_without_wandb_is_one_line_and_exit_2(tiny_data, tmp_path):
+    """With wandb not importable the trainer stops in ``validate``, before the data path (missing here)
+    is even looked at."""
+    no_wandb = "import sys; sys.modules['wandb'] = None; from megafim.train import main; sys.exit(main())"
+    args = base_args(tiny_data) + ["--data-path", str(tmp_path / "missing_text_document"), "--wandb-project", "p"]
+    proc = subprocess.run([sys.executable, "-c", no_wandb, *args], cwd=REPO, env=trainer_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    check(proc, code=2)
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "logging.wandb_project (--wandb-project)" in proc.stderr and "pip install wandb" in proc.stderr
+
+
+@pytest.mark.parametrize("field", ["wandb_exp_name", "wandb_save_dir"])
+def test_wandb_settings_without_a_project_are_refused(field):
+    cfg, _ = config_from_args(["--set", f"logging.{field}=x"])
+    with pytest.raises(ConfigError, match=f"logging.{field} is set but logging.wandb_project"):
+        validate(cfg, 1)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_wandb_that_cannot_start_is_one_line_and_exit_2(tiny_data, tmp_path, monkeypatch):
+    """Online without an API key: ``wandb.init`` refuses, the trainer says so in one line naming the
+    setting, before the model is built and before metrics.jsonl is opened."""
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for name in ("HOME", "WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "no_login"))  # no ~/.netrc, no saved login
+    monkeypatch.setenv("WANDB_MODE", "online")
+    save = tmp_path / "run"
+    proc = launch(1, base_args(tiny_data) + ["--train-iters", "2", "--save", str(save), "--wandb-project", "p"],
+                  tmp_path, timeout=180)
+    check(proc, code=2)
+    assert "megafim.train: error: logging.wandb_project 'p': W&B could not start the run" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert not (save / "metrics.jsonl").exists()
