@@ -25,7 +25,8 @@ from megafim.model.attention import Attention, KVCache
 from megafim.model.config import ModelConfig
 from megafim.model.documents import Documents, TokenLayout, token_layout
 from megafim.model.layers import RMSNorm, SwiGLU, rotary_cos_sin
-from megafim.ops.multi_token_loss import HeadTargets, head_targets, multi_token_loss_for_targets
+from megafim.ops.multi_token_loss import (HeadTargets, PartitionedParamsFactory, head_targets,
+                                         multi_token_loss_for_targets)
 
 
 def initial_value(config: ModelConfig, name: str, shape: Sequence[int], init_seed: int) -> Tensor:
@@ -95,6 +96,9 @@ class GPT(nn.Module):
         self.sequence_gather: nn.Module = nn.Identity()
         self.sequence_scatter: nn.Module = nn.Identity()
         self.sequence_shards = 1
+        # Parameters partitioned outside their module's forward (ZeRO-3; megafim.parallel.zero3 fills it):
+        # finds and gathers those the loss uses (megafim.ops.multi_token_loss.PartitionedParams).
+        self.partitioned_params: PartitionedParamsFactory | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -210,6 +214,7 @@ class GPT(nn.Module):
             # a vocab-parallel lm_head (megafim.parallel) carries its group and first row; plain: None, 0
             tp_group=getattr(self.lm_head, "process_group", None),
             vocab_start=getattr(self.lm_head, "vocab_start", 0),
+            partitioned=self.partitioned_params,
         )
 
     # -- whole-model entry points ---------------------------------------------------------------------

@@ -6,14 +6,19 @@ the head's normed output and of the shared unembedding), and ``torch.autograd.gr
 output and the head's parameters. The gradients are accumulated and the head's activations and logits
 freed before the next head starts, so peak memory holds one head's activations and one logits chunk
 whatever the number of heads. The function's backward hands the stored gradients (times grad_output)
-to autograd, so the trainer calls backward once: calling DeepSpeed's ``engine.backward`` once per
-head gives silently wrong gradients under ZeRO-1/2 (docs/platform_notes.md).
+to autograd, so the trainer calls backward once: one backward per head gives silently wrong
+gradients under ZeRO-1/2 (docs/platform_notes.md).
+
+Parameters that a data-parallel wrapper keeps partitioned outside their module's forward (ZeRO-3) are
+gathered through ``PartitionedParams``, an interface the caller supplies (megafim.parallel.part);
+this module knows nothing of any particular wrapper.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -24,6 +29,48 @@ from megafim.ops.linear_cross_entropy import fused_linear_cross_entropy
 from megafim.ops.linear_cross_entropy_reference import IGNORE_INDEX, token_weights
 
 Head = Callable[[Tensor], Tensor]
+
+
+class PartitionedParams(Protocol):
+    """The partitioned parameters among the loss's inputs, and their gathering.
+
+    Outside its module's forward a partitioned parameter has shape [0]. Autograd records an input's
+    shape when the function is applied and checks gradients against it, and the parameter's gradient
+    accumulator copies a gradient into the parameter's current layout: so the parameters must be
+    gathered (full shape) both when the function is applied and when their gradients are accumulated
+    in backward, as the wrapper's own module hooks arrange for ordinary layers. Around the loss's
+    backward node, ``_GatherInBackward`` gathers them before it and ``_ReleaseInBackward`` (on the
+    trunk output, downstream of the accumulators, which autograd runs first) partitions them after.
+    This holds every head's parameters and W at once during those calls: the price of partitioning here.
+    """
+
+    params: Sequence[Tensor]
+    """The partitioned ones among the tensors given (empty: nothing to gather)."""
+
+    def gather(self) -> None:
+        """Make every partitioned parameter whole."""
+
+    def release(self) -> None:
+        """Partition again what ``gather`` made whole (and no module holds now)."""
+
+
+# Given the loss's parameter tensors, the ``PartitionedParams`` among them.
+PartitionedParamsFactory = Callable[[Sequence[Tensor]], PartitionedParams]
+
+
+class _NothingPartitioned:
+    """``PartitionedParams`` for plain tensors."""
+
+    params: Sequence[Tensor] = ()
+
+    def __init__(self, tensors: Sequence[Tensor] = ()):
+        pass
+
+    def gather(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -200,6 +247,7 @@ def multi_token_loss(
     impl: str = "auto",
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
+    partitioned: PartitionedParamsFactory | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sum over heads of each head's masked mean cross-entropy, with sequential head backward.
 
@@ -208,7 +256,8 @@ def multi_token_loss(
     params: every parameter the heads use, deduplicated (shared ones such as the final norm once).
     unembed_weight (V_local, d): this tensor-parallel rank's vocabulary rows from ``vocab_start``.
     labels (B, T): next-token labels (``ignore_index`` for none). loss_mask (B, T) float, aligned with
-    labels: head k weights ``labels[t + k]`` by ``loss_mask[t + k]``.
+    labels: head k weights ``labels[t + k]`` by ``loss_mask[t + k]``. partitioned: finds and gathers
+    the parameters that are partitioned outside their module's forward (``PartitionedParams``), if any.
     Returns (loss, differentiable; head_losses (n,), detached).
     """
     _validate(hidden, heads, params, unembed_weight, None)
@@ -217,7 +266,8 @@ def multi_token_loss(
                          f"{tuple(loss_mask.shape)} must be (B, T) = {tuple(hidden.shape[:2])}")
     targets = head_targets(labels, loss_mask, len(heads), ignore_index=ignore_index)
     return multi_token_loss_for_targets(hidden, heads, params, unembed_weight, targets, tp_group=tp_group,
-                                        vocab_start=vocab_start, impl=impl, chunk_size=chunk_size)
+                                        vocab_start=vocab_start, impl=impl, chunk_size=chunk_size,
+                                        partitioned=partitioned)
 
 
 def multi_token_loss_for_targets(
@@ -231,91 +281,57 @@ def multi_token_loss_for_targets(
     vocab_start: int = 0,
     impl: str = "auto",
     chunk_size: int | None = None,
+    partitioned: PartitionedParamsFactory | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``multi_token_loss`` with every head's targets and weights given (``head_targets``): the loss
     is ``sum_k sum_t weights[k, t] * CE_k(t)``. Returns (loss, head_losses (n,), detached)."""
     _validate(hidden, heads, params, unembed_weight, targets)
     spec = _Spec(tuple(heads), targets, tp_group, vocab_start, impl, chunk_size)
-    zero3 = _Zero3Params([unembed_weight, *params])
+    part = (partitioned or _NothingPartitioned)([unembed_weight, *params])
     needs_grad = any(t.requires_grad for t in (hidden, unembed_weight, *params))
     if not (torch.is_grad_enabled() and needs_grad):
-        zero3.gather()
+        part.gather()
         try:  # evaluation: the same losses, without any backward work
             head_losses = _losses_only(spec, hidden, unembed_weight)
         finally:
-            zero3.release()
+            part.release()
         return head_losses.sum(), head_losses
-    if not zero3.params:
+    if not part.params:
         return SequentialHeadsLoss.apply(spec, hidden, unembed_weight, *params)
     if not hidden.requires_grad:
-        raise ValueError("multi_token_loss: under ZeRO-3 the trunk output must require grad")
-    hidden = _Zero3ReleaseInBackward.apply(hidden, zero3)
-    zero3.gather()
+        raise ValueError("multi_token_loss: with partitioned parameters the trunk output must require grad")
+    hidden = _ReleaseInBackward.apply(hidden, part)
+    part.gather()
     try:
         loss, head_losses = SequentialHeadsLoss.apply(spec, hidden, unembed_weight, *params)
     finally:
-        zero3.release()
-    return _Zero3GatherInBackward.apply(loss, zero3), head_losses
+        part.release()
+    return _GatherInBackward.apply(loss, part), head_losses
 
 
-class _Zero3Params:
-    """DeepSpeed ZeRO-3 partitioned parameters among the loss's inputs, and their gathering.
-
-    Outside its module's forward a ZeRO-3 parameter has shape [0]. Autograd records an input's shape
-    when the function is applied and checks gradients against it, and the parameter's gradient
-    accumulator copies a gradient into the parameter's current layout: so the parameters must be
-    gathered (full shape) both when the function is applied and when their gradients are accumulated
-    in backward, as ZeRO-3's own module hooks arrange for ordinary layers. Around the loss's backward
-    node, ``_Zero3GatherInBackward`` gathers them before it and ``_Zero3ReleaseInBackward`` (on the
-    trunk output, downstream of the accumulators, which autograd runs first) partitions them after.
-    This holds every head's parameters and W at once during those calls: the price of ZeRO-3 here.
-    """
-
-    def __init__(self, tensors: Sequence[Tensor]):
-        self.params = [t for t in tensors if hasattr(t, "ds_id")]
-        self._gathered: list[Tensor] = []
-
-    def gather(self) -> None:
-        """Gather the parameters that are partitioned now (others are held by ZeRO-3's module hooks)."""
-        if not self.params:
-            return
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        self._gathered = [p for p in self.params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-        if self._gathered:
-            self._gathered[0].all_gather(param_list=self._gathered)
-
-    def release(self) -> None:
-        """Partition what ``gather`` gathered, except parameters a module hook has claimed since."""
-        free = [p for p in self._gathered if not p.ds_active_sub_modules]
-        self._gathered = []
-        if free:
-            free[0].partition(param_list=free)
-
-
-class _Zero3GatherInBackward(torch.autograd.Function):
-    """forward: identity on the loss; backward: gather the ZeRO-3 parameters."""
+class _GatherInBackward(torch.autograd.Function):
+    """forward: identity on the loss; backward: gather the partitioned parameters."""
 
     @staticmethod
-    def forward(ctx, loss: Tensor, zero3: _Zero3Params):
-        ctx.zero3 = zero3
+    def forward(ctx, loss: Tensor, partitioned: PartitionedParams):
+        ctx.partitioned = partitioned
         return loss.view_as(loss)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        ctx.zero3.gather()
+        ctx.partitioned.gather()
         return grad, None
 
 
-class _Zero3ReleaseInBackward(torch.autograd.Function):
-    """forward: identity on the trunk output; backward: partition the ZeRO-3 parameters again."""
+class _ReleaseInBackward(torch.autograd.Function):
+    """forward: identity on the trunk output; backward: partition the parameters again."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, zero3: _Zero3Params):
-        ctx.zero3 = zero3
+    def forward(ctx, hidden: Tensor, partitioned: PartitionedParams):
+        ctx.partitioned = partitioned
         return hidden.view_as(hidden)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        ctx.zero3.release()
+        ctx.partitioned.release()
         return grad, None

@@ -24,6 +24,7 @@ from megafim.model import ModelConfig
 from megafim.model.documents import Documents, token_layout
 from megafim.parallel.context_parallel import gathered_positions, local_positions
 from megafim.parallel import DeepSpeedMPU, ParallelDims
+from megafim.parallel.zero3 import apply_zero3
 from megafim.checkpoint import engine as ckpt_engine
 from megafim.checkpoint.state import TrainerState, load_rng
 from megafim.checkpoint.weights import full_weights
@@ -155,6 +156,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
         weights = full_weights(ckpt)
     stage = build_stage(mc, plan, cfg.schedule.seed, dims, weights, cfg.parallel.sequence_parallel)
     stage.to(device)
+    if cfg.parallel.zero_stage == 3:
+        apply_zero3(stage.model)
     if cfg.model.compile:
         stage.model.compile_blocks()
         log.info("model: transformer blocks compiled with torch.compile (the first steps include compiling)")

@@ -23,6 +23,7 @@ import deepspeed
 import deepspeed.ops
 from deepspeed.utils import safe_get_full_grad
 from megafim.ops.multi_token_loss import multi_token_loss
+from megafim.parallel.zero3 import Zero3Params
 
 DIM, HIDDEN, VOCAB, N_HEADS, BATCH, SEQ = 8, 12, 29, 3, 2, 6
 
@@ -57,7 +58,7 @@ class TinyMTP(nn.Module):
         hidden = torch.tanh(self.trunk(x))  # (B, T, d)
         heads = [lambda h, b=b: self.norm(b(h)) for b in self.blocks]
         loss, _ = multi_token_loss(hidden, heads, self.head_params(), self.unembed.weight, labels, mask,
-                                   impl="torch", chunk_size=5)
+                                   impl="torch", chunk_size=5, partitioned=Zero3Params)
         return loss
 
 
