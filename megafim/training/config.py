@@ -213,7 +213,8 @@ class LoggingSection:
     wandb_exp_name: str = ""
     """The W&B run's name (empty: W&B picks one)."""
     wandb_save_dir: str = ""
-    """Where W&B writes its local run files (default ``<checkpoint.save>/wandb``, else W&B's own default)."""
+    """W&B writes its local run files under ``<this>/wandb`` (default: ``checkpoint.save``, else W&B's own
+    default, ``WANDB_DIR`` or the working directory)."""
 
 
 @dataclass

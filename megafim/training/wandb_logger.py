@@ -28,7 +28,7 @@ class WandbRun:
             return None
         import wandb
 
-        save_dir = lg.wandb_save_dir or (str(Path(cfg.checkpoint.save) / "wandb") if cfg.checkpoint.save else None)
+        save_dir = lg.wandb_save_dir or cfg.checkpoint.save or None  # W&B writes under <save_dir>/wandb
         if save_dir:
             Path(save_dir).mkdir(parents=True, exist_ok=True)
         try:
