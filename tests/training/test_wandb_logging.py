@@ -87,3 +87,18 @@ def test_wandb_that_cannot_start_is_one_line_and_exit_2(tiny_data, tmp_path, mon
     assert "megafim.train: error: logging.wandb_project 'p': W&B could not start the run" in proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert not (save / "metrics.jsonl").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_only_the_logging_rank_opens_a_wandb_run(tiny_data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_env"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    save = tmp_path / "run"
+    check(launch(2, base_args(tiny_data) + ["--train-iters", "1", "--save", str(save), "--wandb-project", "p"],
+                 tmp_path))
+    runs = list((save / "wandb").glob("offline-run-*")) + list((tmp_path / "wandb_env").rglob("offline-run-*"))
+    assert len(runs) == 1, runs
+    assert sorted(history(runs[0])) == [1]
