@@ -373,8 +373,8 @@ def _check_wandb(lg: LoggingSection) -> None:
     if not lg.wandb_project:
         for name in ("wandb_exp_name", "wandb_save_dir"):
             if getattr(lg, name):
-                raise ConfigError(f"logging.{name} is set but logging.wandb_project (--wandb-project) is empty, "
-                                  "so nothing would be logged to W&B")
+                raise ConfigError(f"logging.{name} is set but logging.wandb_project (--wandb-project) is "
+                                  "empty, so nothing would be logged to W&B")
         return
     try:  # the real import (not a lookup): a broken install fails here, not after the model is built
         import wandb  # noqa: F401

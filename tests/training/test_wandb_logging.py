@@ -34,9 +34,10 @@ def test_offline_run_logs_the_scalars_of_metrics_jsonl(tiny_data, tmp_path, monk
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     save = tmp_path / "run"
-    proc = launch(1, base_args(tiny_data) + ["--train-iters", "3", "--save", str(save), "--eval-interval", "2",
-                                             "--eval-iters", "1", "--wandb-project", "megafim-test",
-                                             "--wandb-exp-name", "tiny"], tmp_path)
+    args = base_args(tiny_data) + ["--train-iters", "3", "--save", str(save), "--eval-interval", "2",
+                                   "--eval-iters", "1", "--wandb-project", "megafim-test",
+                                   "--wandb-exp-name", "tiny"]
+    proc = launch(1, args, tmp_path)
     check(proc)
     assert "step      3 | loss" in proc.stdout  # W&B's console capture leaves the trainer's lines alone
     runs = list((save / "wandb").glob("offline-run-*"))  # the default: under <checkpoint.save>/wandb
@@ -46,7 +47,8 @@ def test_offline_run_logs_the_scalars_of_metrics_jsonl(tiny_data, tmp_path, monk
     assert sorted(logged) == [line["step"] for line in lines] == [1, 2, 3]
     for line in lines:
         want = expected_scalars(line)
-        assert {"train/loss", "train/loss_head_1", "train/loss_head_2", "train/lr", "train/grad_norm"} <= set(want)
+        assert {"train/loss", "train/loss_head_1", "train/loss_head_2", "train/lr", "train/grad_norm"} \
+            <= set(want)
         assert ("valid/loss" in want) == (line["step"] >= 2)
         assert logged[line["step"]] == pytest.approx(want, rel=1e-12), line["step"]
 
@@ -55,7 +57,8 @@ def test_wandb_project_without_wandb_is_one_line_and_exit_2(tiny_data, tmp_path)
     """With wandb not importable the trainer stops in ``validate``, before the data path (missing here)
     is even looked at."""
     no_wandb = "import sys; sys.modules['wandb'] = None; from megafim.train import main; sys.exit(main())"
-    args = base_args(tiny_data) + ["--data-path", str(tmp_path / "missing_text_document"), "--wandb-project", "p"]
+    args = base_args(tiny_data) + ["--data-path", str(tmp_path / "missing_text_document"),
+                                   "--wandb-project", "p"]
     proc = subprocess.run([sys.executable, "-c", no_wandb, *args], cwd=REPO, env=trainer_env(tmp_path),
                           capture_output=True, text=True, timeout=120)
     check(proc, code=2)
@@ -81,8 +84,8 @@ def test_wandb_that_cannot_start_is_one_line_and_exit_2(tiny_data, tmp_path, mon
         monkeypatch.setenv(name, str(tmp_path / "no_login"))  # no ~/.netrc, no saved login
     monkeypatch.setenv("WANDB_MODE", "online")
     save = tmp_path / "run"
-    proc = launch(1, base_args(tiny_data) + ["--train-iters", "2", "--save", str(save), "--wandb-project", "p"],
-                  tmp_path, timeout=180)
+    args = base_args(tiny_data) + ["--train-iters", "2", "--save", str(save), "--wandb-project", "p"]
+    proc = launch(1, args, tmp_path, timeout=180)
     check(proc, code=2)
     assert "megafim.train: error: logging.wandb_project 'p': W&B could not start the run" in proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
@@ -97,8 +100,8 @@ def test_only_the_logging_rank_opens_a_wandb_run(tiny_data, tmp_path, monkeypatc
         monkeypatch.setenv(name, str(tmp_path / "wandb_env"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     save = tmp_path / "run"
-    check(launch(2, base_args(tiny_data) + ["--train-iters", "1", "--save", str(save), "--wandb-project", "p"],
-                 tmp_path))
-    runs = list((save / "wandb").glob("offline-run-*")) + list((tmp_path / "wandb_env").rglob("offline-run-*"))
+    args = base_args(tiny_data) + ["--train-iters", "1", "--save", str(save), "--wandb-project", "p"]
+    check(launch(2, args, tmp_path))
+    runs = [*(save / "wandb").glob("offline-run-*"), *(tmp_path / "wandb_env").rglob("offline-run-*")]
     assert len(runs) == 1, runs
     assert sorted(history(runs[0])) == [1]

@@ -57,7 +57,8 @@ def history(run_dir: Path) -> dict[int, dict[str, float]]:
         record.ParseFromString(payload)
         if record.WhichOneof("record_type") != "history":
             continue
-        row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+        row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+               for item in record.history.item}
         step = row.pop("_step")
         rows[step] = {k: v for k, v in row.items() if not k.startswith("_")}
     return rows
