@@ -53,6 +53,7 @@ def _max_rel_diff(expected, got):
     pytest.param((2, 2, 1, 1), (2, 1, 1, 1), id="tp2-to-tp1-dp2"),
     pytest.param((2, 1, 2, 1), (1, 1, 1, 0), id="pp2-to-pp1-zero0"),
     pytest.param((2, 1, 1, 1), (2, 1, 1, 2), id="zero1-to-zero2"),
+    pytest.param((2, 1, 1, 3), (2, 2, 1, 3), id="zero3-dp2-to-tp2"),  # ZeRO-3 gathers and scatters itself
 ])
 def test_resharded_resume_carries_the_optimizer_state(tiny_data, tmp_path, src, dst):
     ckpt, straight = _saved_run(tiny_data, tmp_path, *src)
