@@ -242,6 +242,7 @@ def train_step(run: Run, batches: list[dict]) -> tuple[torch.Tensor, bool, float
     own_norm = _grad_norm_before_step(run) if _deepspeed_keeps_no_norm(run) else None
     before = engine.skipped_steps
     engine.step()
+    run.optimizer.end_step()
     # ZeRO-1/2 also skip a step by themselves when a gradient overflows while the loss is finite; their
     # overflow flag is reduced over the data- and model-parallel groups, so every rank agrees.
     skipped = nonfinite or engine.skipped_steps > before

@@ -14,7 +14,10 @@ from megafim.training.config import OptimizerSection
 
 
 class SkippableAdamW(torch.optim.AdamW):
-    """``torch.optim.AdamW`` whose next ``step()`` becomes a no-op after ``skip_next_step()``."""
+    """``torch.optim.AdamW`` whose ``step()`` is a no-op from ``skip_next_step()`` to ``end_step()``.
+
+    The skip lasts one engine step, not one call: ZeRO 1/2/3 call ``step()`` once per parameter
+    group, and ZeRO 1/2 do not call it at all when they find the gradients non-finite themselves."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -23,10 +26,13 @@ class SkippableAdamW(torch.optim.AdamW):
     def skip_next_step(self) -> None:
         self._skip = True
 
+    def end_step(self) -> None:
+        """Called by the trainer after every engine step: the next one updates again."""
+        self._skip = False
+
     @torch.no_grad()
     def step(self, closure=None):
         if self._skip:
-            self._skip = False
             return None
         return super().step(closure)
 
