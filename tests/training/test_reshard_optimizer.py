@@ -74,3 +74,18 @@ def test_resharded_resume_carries_the_optimizer_state(tiny_data, tmp_path, src, 
         fresh_diff = _max_rel_diff(straight[N:], fresh)
         print(f"without the moments: {fresh_diff:.2e}")
         assert fresh_diff > 1e-4
+        _refused_when_it_does_not_fit(tiny_data, tmp_path, ckpt)
+
+
+def _refused_when_it_does_not_fit(tiny_data, tmp_path, ckpt):
+    broken = tmp_path / "broken" / ckpt.name
+    shutil.copytree(ckpt, broken)
+    index = broken / "optim" / "index.json"
+    data = json.loads(index.read_text())
+    del data["tensors"]["norm.weight.exp_avg"]
+    index.write_text(json.dumps(data))
+    manifest.write(broken)
+    args = base_args(tiny_data) + _args(1, 1, 0) + ["--train-iters", str(N + 1), "--load", str(broken)]
+    proc = launch(1, args, tmp_path)
+    check(proc, code=2)
+    assert proc.stderr.count("\n") == 1 and f"{index}: no norm.weight.exp_avg" in proc.stderr, proc.stderr
