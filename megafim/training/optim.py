@@ -1,9 +1,10 @@
 """The optimizer: torch AdamW with decay/no-decay groups, and a switch that skips one update.
 
-A NaN/inf loss must not move the weights or the Adam moments. DeepSpeed (ZeRO 0-3) always calls the
-wrapped optimizer's ``step()`` at the accumulation boundary and zeroes the gradients afterwards, so
-the cleanest skip that works the same under every ZeRO stage is an optimizer whose ``step()`` does
-nothing when the trainer says so: the gradients (NaN) are discarded by DeepSpeed's zeroing.
+A NaN/inf loss must not move the weights or the Adam moments. DeepSpeed (ZeRO 0-3) calls the
+wrapped optimizer's ``step()`` at the accumulation boundary (ZeRO once per parameter group, ZeRO 1/2
+not at all when they see non-finite gradients) and zeroes the gradients afterwards, so the cleanest
+skip that works the same under every ZeRO stage is an optimizer whose ``step()`` does nothing while
+the trainer says so, for one engine step: the gradients (NaN) are discarded by DeepSpeed's zeroing.
 """
 
 from __future__ import annotations
