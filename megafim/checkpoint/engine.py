@@ -76,8 +76,8 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
     dist.barrier()
     engine.save_checkpoint(str(tmp), tag=DS_DIR, save_latest=False)
     save_model_state(tmp, stage, dims, zero_stage, mc)
-    optim_state.save_optimizer_state(tmp / OPTIM_DIR, shard_name(dims.tp_rank, dims.pp_rank), engine.optimizer,
-                                     stage, dims)
+    optim_state.save_optimizer_state(tmp / OPTIM_DIR, shard_name(dims.tp_rank, dims.pp_rank),
+                                     engine.optimizer, stage, dims)
     save_rng(tmp, dims.rank)
     if dims.rank == 0:
         write_trainer_state(tmp, state, config_yaml)

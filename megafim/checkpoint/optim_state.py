@@ -26,6 +26,8 @@ from megafim.checkpoint.sharded import INDEX, ShardedState, write_shard
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 MASTER = "fp32"
+# Where DeepSpeed's ZeRO 1/2, its bf16 optimizer and ZeRO-3 keep the flat fp32 tensors Adam steps on.
+_FLAT_FP32 = ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat")
 
 
 def _base(optimizer) -> torch.optim.Optimizer:
@@ -122,8 +124,8 @@ def save_optimizer_state(folder: Path, shard: str, optimizer, stage, dims) -> bo
 
 def _hp_tensors(optimizer) -> list[torch.Tensor]:
     """The tensors the torch optimizer steps on: DeepSpeed's flat fp32 partitions, or the parameters."""
-    for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat"):
-        if hasattr(optimizer, attr):  # ZeRO 1/2, the bf16 optimizer, ZeRO-3
+    for attr in _FLAT_FP32:
+        if hasattr(optimizer, attr):
             return list(getattr(optimizer, attr))
     return [p for group in optimizer.param_groups for p in group["params"]]
 

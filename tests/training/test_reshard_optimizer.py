@@ -29,16 +29,16 @@ def _args(tp, pp, zero):
 def _saved_run(tiny_data, tmp_path, nproc, tp, pp, zero, extra=()):
     """N + TAIL steps, saving at N; returns (its checkpoint at N, its metrics)."""
     src = tmp_path / "src"
-    args = base_args(tiny_data) + _args(tp, pp, zero) + list(extra) + ["--train-iters", str(N + TAIL), "--save", str(src),
-                                                         "--save-interval", str(N)]
+    args = base_args(tiny_data) + _args(tp, pp, zero) + list(extra) + [
+        "--train-iters", str(N + TAIL), "--save", str(src), "--save-interval", str(N)]
     check(launch(nproc, args, tmp_path))
     return src / f"step_{N:08d}", metrics(src)
 
 
 def _resume(tiny_data, tmp_path, ckpt, name, nproc, tp, pp, zero, extra=()):
     dst = tmp_path / name
-    args = base_args(tiny_data) + _args(tp, pp, zero) + list(extra) + ["--train-iters", str(N + TAIL), "--save", str(dst),
-                                                         "--load", str(ckpt)]
+    args = base_args(tiny_data) + _args(tp, pp, zero) + list(extra) + [
+        "--train-iters", str(N + TAIL), "--save", str(dst), "--load", str(ckpt)]
     proc = launch(nproc, args, tmp_path)
     check(proc)
     assert "resharding" in proc.stdout
@@ -114,8 +114,8 @@ def test_bf16_resharded_resume_carries_the_fp32_master_weights(tiny_data, tmp_pa
     with_masters = _master_difference(tmp_path / "src" / later, tmp_path / "dst" / later)
     without = _master_difference(tmp_path / "src" / later, tmp_path / "rounded" / later)
     losses_with, losses_without = _max_rel_diff(straight[N:], resumed), _max_rel_diff(straight[N:], rounded)
-    print(f"bf16 ZeRO-1 -> ZeRO-2, fp32 masters at step {2 * N}: {with_masters:.2e} with, {without:.2e} without; "
-          f"losses: {losses_with:.2e} with, {losses_without:.2e} without")
+    print(f"bf16 ZeRO-1 -> ZeRO-2, fp32 masters at step {2 * N}: {with_masters:.2e} with, "
+          f"{without:.2e} without; losses: {losses_with:.2e} with, {losses_without:.2e} without")
     assert with_masters <= 1e-6 and losses_with <= 1e-6
     assert without > 1e-4 and losses_without > 1e-5
 
