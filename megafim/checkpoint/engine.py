@@ -5,7 +5,8 @@ Two copies of the weights go into every checkpoint:
   an exact resume on the same layout (tp, pp, dp, ZeRO stage);
 - ``model/``: every tensor x pipeline rank's slices of its parameters under the whole model's names and
   an index of which slice each file holds (``sharded.py``), plus ``model_config.json``: a layout-free
-  view that any layout reads one global tensor at a time, written without gathering anything.
+  view that any layout reads one global tensor at a time, written without gathering anything;
+- ``optim/``: the optimizer state in the same scheme (``optim_state.py``), for a resume in another layout.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megafim.checkpoint import files
-from megafim.checkpoint.format import (DS_DIR, MODEL_DIR, TOKENIZER_FILE, CheckpointError, step_dir_name,
-                                       temp_dir)
+from megafim.checkpoint import files, optim_state
+from megafim.checkpoint.format import (DS_DIR, MODEL_DIR, OPTIM_DIR, TOKENIZER_FILE, CheckpointError,
+                                       step_dir_name, temp_dir)
 from megafim.checkpoint.state import TrainerState, save_rng, write_trainer_state
 from megafim.checkpoint.sharded import merge_index, write_shard
 from megafim.checkpoint.weights import shard_name, write_model_config
@@ -75,6 +76,8 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
     dist.barrier()
     engine.save_checkpoint(str(tmp), tag=DS_DIR, save_latest=False)
     save_model_state(tmp, stage, dims, zero_stage, mc)
+    optim_state.save_optimizer_state(tmp / OPTIM_DIR, shard_name(dims.tp_rank, dims.pp_rank),
+                                     engine.optimizer, stage, dims)
     save_rng(tmp, dims.rank)
     if dims.rank == 0:
         write_trainer_state(tmp, state, config_yaml)
@@ -84,6 +87,8 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
     dist.barrier()
     if dims.rank == 0:
         merge_index(tmp / MODEL_DIR)
+        if (tmp / OPTIM_DIR).is_dir():  # absent before the optimizer's first step
+            merge_index(tmp / OPTIM_DIR, {"step": optim_state.adam_step(engine.optimizer)})
     final = files.commit(save_root, state.step, keep_last) if dims.rank == 0 else None
     dist.barrier()
     return final or Path(save_root) / step_dir_name(state.step)
@@ -98,6 +103,15 @@ def load_engine_state(ckpt_dir: Path, engine) -> None:
                                      load_lr_scheduler_states=False)
     if path is None:
         raise CheckpointError(f"{ds}: DeepSpeed found no checkpoint for this rank")
+
+
+def load_resharded_state(ckpt_dir: Path, engine, stage, dims, step: int, consumed_samples: int) -> int | None:
+    """Resume in another layout (the weights came from ``model/``): set the optimizer state from
+    ``optim/`` and DeepSpeed's step counters. Returns Adam's step count, None when the checkpoint has
+    no optimizer state (the optimizer then starts fresh)."""
+    adam_steps = optim_state.load_optimizer_state(Path(ckpt_dir) / OPTIM_DIR, engine.optimizer, stage, dims)
+    engine.global_steps, engine.global_samples = step, consumed_samples
+    return adam_steps
 
 
 def name_checkpoint_files(engine, dims) -> None:

@@ -88,19 +88,24 @@ class ShardedState(Mapping):
         self._tensors: dict[str, dict] = data["tensors"]
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        shape, _ = self.spec(name)
+        return self.read_slice(name, (0,) * len(shape), shape)
+
+    def read_slice(self, name: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+        """The region ``[offset, offset + shape)`` of the global tensor ``name``, read from the parts of
+        the stored slices that overlap it (a rank of another layout reads only what it holds)."""
         entry = self._tensors[name]
-        shape, dtype = self.spec(name)
-        out = torch.empty(shape, dtype=dtype)
+        out = torch.empty(tuple(shape), dtype=self.spec(name)[1])
         filled = 0
         for shard in entry["shards"]:
-            path = self.folder / shard["file"]
-            with safe_open(str(path), framework="pt") as handle:
-                part = handle.get_tensor(name)
-            region = out
-            for dim, (start, size) in enumerate(zip(shard["offset"], part.shape)):
-                region = region.narrow(dim, start, size)
-            region.copy_(part)
-            filled += part.numel()
+            with safe_open(str(self.folder / shard["file"]), framework="pt") as handle:
+                part = handle.get_slice(name)
+                src, dst = _overlap(shard["offset"], part.get_shape(), offset, shape)
+                if src is None:
+                    continue
+                piece = part[src] if src else handle.get_tensor(name)  # a 0-d tensor has no slices
+            out[dst] = piece
+            filled += piece.numel()
         if filled != out.numel():
             raise CheckpointError(f"{self.folder / INDEX}: the slices of {name} cover {filled} of "
                                   f"{out.numel()} elements")
@@ -115,3 +120,16 @@ class ShardedState(Mapping):
 
     def __len__(self) -> int:
         return len(self._tensors)
+
+
+def _overlap(start, size, want_start, want_size) -> tuple[tuple[slice, ...] | None, tuple[slice, ...]]:
+    """(the overlap of a stored slice and a wanted region, in the stored slice's coordinates; the same in
+    the region's), or (None, ()) when they do not overlap."""
+    src, dst = [], []
+    for a, n, b, m in zip(start, size, want_start, want_size):
+        lo, hi = max(a, b), min(a + n, b + m)
+        if lo >= hi:
+            return None, ()
+        src.append(slice(lo - a, hi - a))
+        dst.append(slice(lo - b, hi - b))
+    return tuple(src), tuple(dst)

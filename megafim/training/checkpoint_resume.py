@@ -99,3 +99,10 @@ def load_engine_state(ckpt: Path, ds_engine) -> None:
         engine.load_engine_state(ckpt, ds_engine)
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def load_resharded_state(ckpt: Path, ds_engine, stage, dims: ParallelDims, saved: TrainerState) -> int | None:
+    try:
+        return engine.load_resharded_state(ckpt, ds_engine, stage, dims, saved.step, saved.consumed_samples)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None

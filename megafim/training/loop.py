@@ -30,7 +30,7 @@ from megafim.checkpoint.state import TrainerState, load_rng
 from megafim.checkpoint.weights import full_weights
 from megafim.training.build import (PipelineStage, StagePlan, build_stage, build_train_valid_datasets,
                                     checked_data_config, plan_stages)
-from megafim.training.checkpoint_resume import load_engine_state, resume_point
+from megafim.training.checkpoint_resume import load_engine_state, load_resharded_state, resume_point
 from megafim.training.cli import dump_yaml
 from megafim.training.config import (ConfigError, TrainConfig, grad_accumulation_steps, lr_at,
                                      resolve_model_config, validate)
@@ -152,7 +152,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
     if ckpt is not None and not same_layout:
         log.info(f"resume: {ckpt} was saved with layout {saved.layout}, this run is "
                  f"{ckpt_engine.layout_of(dims, cfg.parallel.zero_stage)}: loading its layout-free weights "
-                 "and resharding them; the optimizer state starts fresh")
+                 "and resharding them, and the optimizer state from its layout-free optim/")
         weights = full_weights(ckpt)
     stage = build_stage(mc, plan, cfg.schedule.seed, dims, weights, cfg.parallel.sequence_parallel)
     stage.to(device)
@@ -168,6 +168,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
     if ckpt is not None:
         if same_layout:
             load_engine_state(ckpt, engine)
+        elif load_resharded_state(ckpt, engine, stage, dims, saved) is None:
+            log.info(f"resume: {ckpt} holds no optimizer state (optim/): the optimizer starts fresh")
         state = TrainerState(step=saved.step, consumed_samples=saved.consumed_samples, epoch=saved.epoch,
                                 layout=state.layout)
         log.info(f"resume: from {ckpt} at step {state.step}, {state.consumed_samples} samples consumed")
@@ -245,6 +247,7 @@ def train_step(run: Run, batches: list[dict]) -> tuple[torch.Tensor, bool, float
     own_norm = _grad_norm_before_step(run) if _deepspeed_keeps_no_norm(run) else None
     before = engine.skipped_steps
     engine.step()
+    run.optimizer.end_step()
     # ZeRO-1/2 also skip a step by themselves when a gradient overflows while the loss is finite; their
     # overflow flag is reduced over the data- and model-parallel groups, so every rank agrees.
     skipped = nonfinite or engine.skipped_steps > before

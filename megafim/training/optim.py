@@ -1,9 +1,10 @@
 """The optimizer: torch AdamW with decay/no-decay groups, and a switch that skips one update.
 
-A NaN/inf loss must not move the weights or the Adam moments. DeepSpeed (ZeRO 0-3) always calls the
-wrapped optimizer's ``step()`` at the accumulation boundary and zeroes the gradients afterwards, so
-the cleanest skip that works the same under every ZeRO stage is an optimizer whose ``step()`` does
-nothing when the trainer says so: the gradients (NaN) are discarded by DeepSpeed's zeroing.
+A NaN/inf loss must not move the weights or the Adam moments. DeepSpeed (ZeRO 0-3) calls the
+wrapped optimizer's ``step()`` at the accumulation boundary (ZeRO once per parameter group, ZeRO 1/2
+not at all when they see non-finite gradients) and zeroes the gradients afterwards, so the cleanest
+skip that works the same under every ZeRO stage is an optimizer whose ``step()`` does nothing while
+the trainer says so, for one engine step: the gradients (NaN) are discarded by DeepSpeed's zeroing.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from megafim.training.config import OptimizerSection
 
 
 class SkippableAdamW(torch.optim.AdamW):
-    """``torch.optim.AdamW`` whose next ``step()`` becomes a no-op after ``skip_next_step()``."""
+    """``torch.optim.AdamW`` whose ``step()`` is a no-op from ``skip_next_step()`` to ``end_step()``.
+
+    The skip lasts one engine step, not one call: ZeRO 1/2/3 call ``step()`` once per parameter
+    group, and ZeRO 1/2 do not call it at all when they find the gradients non-finite themselves."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -23,10 +27,13 @@ class SkippableAdamW(torch.optim.AdamW):
     def skip_next_step(self) -> None:
         self._skip = True
 
+    def end_step(self) -> None:
+        """Called by the trainer after every engine step: the next one updates again."""
+        self._skip = False
+
     @torch.no_grad()
     def step(self, closure=None):
         if self._skip:
-            self._skip = False
             return None
         return super().step(closure)
 

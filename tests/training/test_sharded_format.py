@@ -34,3 +34,21 @@ def test_a_slice_missing_from_the_index_is_an_error(tmp_path):
     (tmp_path / "index.json").write_text("{")
     with pytest.raises(CheckpointError, match="index.json: not a valid shard index"):
         ShardedState(tmp_path)
+
+
+def test_a_region_is_read_from_the_overlapping_slices_only(tmp_path):
+    """A rank of another layout reads its region of each global tensor; compared with slicing the whole."""
+    torch.manual_seed(0)
+    full = {"w": torch.randn(6, 4), "b": torch.randn(6)}
+    for rank in range(3):  # three slices of 2 rows each
+        rows = slice(2 * rank, 2 * rank + 2)
+        write_shard(tmp_path, f"tp{rank:02d}_pp00", {k: v[rows].contiguous() for k, v in full.items()},
+                    {"w": ((2 * rank, 0), (6, 4)), "b": ((2 * rank,), (6,))})
+    merge_index(tmp_path)
+    read = ShardedState(tmp_path)
+    for offset, shape in [((0, 0), (3, 4)), ((3, 0), (3, 4)), ((1, 1), (4, 2)), ((5, 3), (1, 1))]:
+        region = full["w"][offset[0]:offset[0] + shape[0], offset[1]:offset[1] + shape[1]]
+        assert torch.equal(read.read_slice("w", offset, shape), region), (offset, shape)
+    assert torch.equal(read.read_slice("b", (2,), (3,)), full["b"][2:5])
+    with pytest.raises(CheckpointError, match="cover 3 of 4 elements"):
+        read.read_slice("b", (3,), (4,))  # runs past the end of the tensor
