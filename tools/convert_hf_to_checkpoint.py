@@ -3,7 +3,7 @@
 with extra heads.
 
     python tools/convert_hf_to_checkpoint.py --load hf/llama --save runs/from-hf --n-future 4 \\
-        [--init-heads copy] [--untie-embeddings] [--tokenizer-model tok.model]
+        [--init-heads copy] [--untie-embeddings] [--tokenizer-model tok.model | tokenizer-dir/]
 
 The result is a step-0 checkpoint that ``python -m megafim.train --load runs/from-hf`` continues from
 (weights only: the optimizer starts fresh) and that every megafim tool reads. Heads the directory does
@@ -26,9 +26,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megafim.convert.heads import HEAD_INITS, head_initialiser  # noqa: E402
 from megafim.convert.hf_model import hf_to_megafim, model_config_from_hf  # noqa: E402
+from megafim.checkpoint import files  # noqa: E402
 from megafim.checkpoint.format import HF_TOKENIZER_FILE  # noqa: E402
 from megafim.checkpoint.weights import write_weights_checkpoint  # noqa: E402
 from megafim.training.config import TrainConfig, to_dict  # noqa: E402
+
+
+def default_tokenizer(load: Path, tokenizer_model: str | None) -> str | None:
+    """The tokenizer the checkpoint keeps (checked to exist): ``--tokenizer-model``, else the
+    sentencepiece model a megafim export carries, else the directory's own Hugging Face tokenizer."""
+    if tokenizer_model:
+        files.tokenizer_source(tokenizer_model)
+        return tokenizer_model
+    if (load / HF_TOKENIZER_FILE).is_file():
+        return str(load / HF_TOKENIZER_FILE)
+    return str(load) if (load / "tokenizer.json").is_file() else None
 
 
 def main(argv=None) -> int:
@@ -42,10 +54,12 @@ def main(argv=None) -> int:
     p.add_argument("--untie-embeddings", action="store_true",
                    help="give a tied model its own lm_head (a copy of the embedding), e.g. to train "
                    "with pp > 1")
-    p.add_argument("--tokenizer-model", help="sentencepiece model to keep with the checkpoint "
-                   f"(default: {HF_TOKENIZER_FILE} in --load, if any)")
+    p.add_argument("--tokenizer-model", help="tokenizer to keep with the checkpoint: a sentencepiece "
+                   "model, a tokenizer.json or a Hugging Face tokenizer directory (default: "
+                   f"{HF_TOKENIZER_FILE} in --load, else --load's own tokenizer.json, if any)")
     args = p.parse_args(argv)
     try:
+        tokenizer = default_tokenizer(args.load, args.tokenizer_model)  # a bad path fails before any work
         untie = args.untie_embeddings
         config = model_config_from_hf(args.load, args.n_future, untie_embeddings=untie)
         # lazy: read only if heads are copied
@@ -53,8 +67,6 @@ def main(argv=None) -> int:
         init = head_initialiser(config, args.init_heads, args.seed, head0)
         state, config = hf_to_megafim(args.load, n_future=config.n_future, init_new_head=init,
                                       untie_embeddings=untie)
-        tokenizer = args.tokenizer_model or (str(args.load / HF_TOKENIZER_FILE)
-                                             if (args.load / HF_TOKENIZER_FILE).is_file() else None)
         train_cfg = TrainConfig()
         for name, value in dataclasses.asdict(config).items():  # every ModelConfig field is a model.* setting
             setattr(train_cfg.model, name, value)

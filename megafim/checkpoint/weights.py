@@ -112,9 +112,10 @@ def write_weights_checkpoint(save_root: Path, state: Mapping[str, torch.Tensor],
     if existing:
         raise CheckpointError(f"{save_root}: already holds a run ({', '.join(existing[:3])}); choose an "
                               "empty or new directory")
+    tokenizer = files.tokenizer_source(tokenizer_model) if tokenizer_model else None  # checked first
     tmp = files.begin(save_root, step)
     write_model_dir(tmp / MODEL_DIR, state, config)
-    if tokenizer_model:
-        shutil.copyfile(tokenizer_model, tmp / TOKENIZER_FILE)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
     write_trainer_state(tmp, TrainerState(step=step), config_yaml)
     return files.commit(save_root, step, keep_last=0)
