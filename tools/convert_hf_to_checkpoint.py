@@ -3,7 +3,8 @@
 with extra heads.
 
     python tools/convert_hf_to_checkpoint.py --load hf/llama --save runs/from-hf --n-future 4 \\
-        [--init-heads copy] [--untie-embeddings] [--tokenizer-model tok.model | tokenizer-dir/]
+        [--init-heads copy] [--untie-embeddings] [--tokenizer-model tok.model | tokenizer-dir/] \\
+        [--special-token fim_pad='<|reserved_special_token_0|>' ...]
 
 The result is a step-0 checkpoint that ``python -m megafim.train --load runs/from-hf`` continues from
 (weights only: the optimizer starts fresh) and that every megafim tool reads. Heads the directory does
@@ -12,7 +13,10 @@ layer (``--init-heads copy``). A model with tied embeddings stays tied unless ``
 gives it an unembedding of its own (a copy; pipeline parallelism needs it). What megafim cannot run
 (sliding windows, experts, other RoPE types) is refused naming the field, with exit code 2. HF ->
 megafim -> HF gives back the same tensors. The weights are
-streamed: one tensor (or one new head) in memory at a time (docs/conversion.md).
+streamed: one tensor (or one new head) in memory at a time (docs/conversion.md). ``--special-token``
+names a Hugging Face tokenizer's end-of-text / FIM tokens when they are not the known spellings; the
+checkpoint's ``config.yaml`` keeps them (``data.special_tokens``), so training from it, and every tool
+that reads what that training writes, finds the same tokens without the flags.
 """
 
 import argparse
@@ -29,7 +33,9 @@ from megafim.convert.hf_model import hf_to_megafim, model_config_from_hf  # noqa
 from megafim.checkpoint import files  # noqa: E402
 from megafim.checkpoint.format import HF_TOKENIZER_FILE  # noqa: E402
 from megafim.checkpoint.weights import write_weights_checkpoint  # noqa: E402
+from megafim.data.tokenizer import load_tokenizer  # noqa: E402
 from megafim.training.config import TrainConfig, to_dict  # noqa: E402
+from tools.preprocess_data import parse_special_tokens  # noqa: E402
 
 
 def default_tokenizer(load: Path, tokenizer_model: str | None) -> str | None:
@@ -57,9 +63,17 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer-model", help="tokenizer to keep with the checkpoint: a sentencepiece "
                    "model, a tokenizer.json or a Hugging Face tokenizer directory (default: "
                    f"{HF_TOKENIZER_FILE} in --load, else --load's own tokenizer.json, if any)")
+    p.add_argument("--special-token", action="append", default=[], metavar="NAME=SPELLING",
+                   help="a Hugging Face tokenizer's eod / fim_prefix / fim_middle / fim_suffix / fim_pad "
+                   "token, when not a known spelling (repeatable); kept as data.special_tokens")
     args = p.parse_args(argv)
     try:
         tokenizer = default_tokenizer(args.load, args.tokenizer_model)  # a bad path fails before any work
+        named = parse_special_tokens(args.special_token)
+        if named:  # the names must fit the tokenizer kept: checked before any work
+            if tokenizer is None:
+                raise ValueError("--special-token: there is no tokenizer to name tokens of (pass --tokenizer-model)")
+            load_tokenizer(tokenizer, "HuggingFaceTokenizer", named)
         untie = args.untie_embeddings
         config = model_config_from_hf(args.load, args.n_future, untie_embeddings=untie)
         # lazy: read only if heads are copied
@@ -72,6 +86,7 @@ def main(argv=None) -> int:
             setattr(train_cfg.model, name, value)
         if tokenizer:
             train_cfg.data.tokenizer_model = str(Path(tokenizer).resolve())
+        train_cfg.data.special_tokens = named
         final = write_weights_checkpoint(args.save, state, config,
                                          yaml.safe_dump(to_dict(train_cfg), sort_keys=False), tokenizer)
     except (OSError, ValueError, KeyError) as err:

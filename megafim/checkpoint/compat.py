@@ -18,16 +18,17 @@ from megafim.checkpoint.format import TOKENIZER_FILE
 
 MODEL_MAY_CHANGE = ("activation_checkpointing", "max_seq_len", "init_std")
 OVERRIDABLE = ("data.data_path", "data.split", "data.fim.rate", "data.fim.spm_rate", "data.fim.level",
-               "data.tokenizer_model")
+               "data.tokenizer_model", "data.special_tokens")
 _NOT_REPORTED = ("checkpoint.load", "checkpoint.save")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (``model.overrides`` stays one value)."""
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (``model.overrides`` and ``data.special_tokens`` stay one
+    value: each is one setting)."""
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and name != "model.overrides":
+        if isinstance(value, dict) and name not in ("model.overrides", "data.special_tokens"):
             out.update(flatten(value, name + "."))
         else:
             out[name] = value
