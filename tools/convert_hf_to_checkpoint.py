@@ -16,11 +16,15 @@ megafim -> HF gives back the same tensors. The weights are
 streamed: one tensor (or one new head) in memory at a time (docs/conversion.md). ``--special-token``
 names a Hugging Face tokenizer's end-of-text / FIM tokens when they are not the known spellings; the
 checkpoint's ``config.yaml`` keeps them (``data.special_tokens``), so training from it, and every tool
-that reads what that training writes, finds the same tokens without the flags.
+that reads what that training writes, finds the same tokens without the flags. A tokenizer with more
+ids than the model has embedding rows (FIM tokens added by ``tools/add_fim_tokens.py``) grows the
+embedding and unembedding to its size, rounded up to a multiple of 128; the new rows are the mean of
+the old ones (``megafim/convert/vocab.py``).
 """
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -34,7 +38,8 @@ from megafim.checkpoint import files  # noqa: E402
 from megafim.checkpoint.format import HF_TOKENIZER_FILE  # noqa: E402
 from megafim.checkpoint.weights import write_weights_checkpoint  # noqa: E402
 from megafim.data.tokenizer import load_tokenizer  # noqa: E402
-from megafim.training.config import TrainConfig, to_dict  # noqa: E402
+from megafim.convert.vocab import grow_vocab  # noqa: E402
+from megafim.training.config import VOCAB_MULTIPLE, TrainConfig, to_dict  # noqa: E402
 from tools.preprocess_data import parse_special_tokens  # noqa: E402
 
 
@@ -70,10 +75,10 @@ def main(argv=None) -> int:
     try:
         tokenizer = default_tokenizer(args.load, args.tokenizer_model)  # a bad path fails before any work
         named = parse_special_tokens(args.special_token)
-        if named:  # the names must fit the tokenizer kept: checked before any work
-            if tokenizer is None:
-                raise ValueError("--special-token: there is no tokenizer to name tokens of (pass --tokenizer-model)")
-            load_tokenizer(tokenizer, "HuggingFaceTokenizer", named)
+        if named and tokenizer is None:
+            raise ValueError("--special-token: there is no tokenizer to name tokens of (pass --tokenizer-model)")
+        # The names must fit the tokenizer kept: checked before any work.
+        tok_vocab = load_tokenizer(tokenizer, None, named or None).vocab_size if tokenizer else 0
         untie = args.untie_embeddings
         config = model_config_from_hf(args.load, args.n_future, untie_embeddings=untie)
         # lazy: read only if heads are copied
@@ -81,6 +86,9 @@ def main(argv=None) -> int:
         init = head_initialiser(config, args.init_heads, args.seed, head0)
         state, config = hf_to_megafim(args.load, n_future=config.n_future, init_new_head=init,
                                       untie_embeddings=untie)
+        grown = config.vocab_size
+        if tok_vocab > config.vocab_size:
+            state, config = grow_vocab(state, config, math.ceil(tok_vocab / VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
         train_cfg = TrainConfig()
         for name, value in dataclasses.asdict(config).items():  # every ModelConfig field is a model.* setting
             setattr(train_cfg.model, name, value)
@@ -93,6 +101,9 @@ def main(argv=None) -> int:
         print(f"convert_hf_to_checkpoint: {err}", file=sys.stderr)
         return 2
     print(f"wrote {final} ({config.n_future} head(s), {args.init_heads} new heads)")
+    if grown != config.vocab_size:
+        print(f"grew the vocabulary from {grown} to {config.vocab_size} rows for the tokenizer's {tok_vocab} "
+              "tokens (new rows: the mean of the old ones)")
     return 0
 
 

@@ -69,3 +69,40 @@ def test_a_directory_without_tokenizer_json_is_refused_before_writing(hf_model, 
     assert result.stderr.strip().splitlines() == [
         f"convert_hf_to_checkpoint: tokenizer {tmp_path / 'not_a_tokenizer'}: a directory without tokenizer.json"]
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_tokenizer_with_added_tokens_grows_the_vocabulary(llama3_plain, llama3_fim, tmp_path, tied):  # noqa: F811
+    """add_fim_tokens gave the tokenizer 4 new ids: the import adds rows (the mean of the old ones,
+    rounded up to 128 rows) and leaves every old row, so the old tokens' logits stay the same."""
+    from megafim.model.gpt import GPT
+
+    old_vocab = load_tokenizer(llama3_plain).vocab_size
+    assert load_tokenizer(llama3_fim).vocab_size == old_vocab + 4
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=old_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                                      tie_word_embeddings=tied)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    result = convert("--load", tmp_path / "hf", "--save", tmp_path / "ckpt", "--tokenizer-model", llama3_fim)
+    assert result.returncode == 0, result.stderr
+    rows = -(-(old_vocab + 4) // 128) * 128
+    assert f"grew the vocabulary from {old_vocab} to {rows} rows" in result.stdout
+    model: GPT = load_model(tmp_path / "ckpt").model
+    assert model.config.vocab_size == rows and model.config.tie_embeddings == tied
+    embed = hf.model.embed_tokens.weight.detach()
+    assert torch.equal(model.embed_tokens.weight[:old_vocab], embed)
+    assert torch.allclose(model.embed_tokens.weight[old_vocab:], embed.mean(0).expand(rows - old_vocab, -1))
+    tokens = torch.randint(0, old_vocab, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model.logits(tokens, heads=[0])[0]  # (B, T, rows)
+        assert (ours[..., :old_vocab] - hf(tokens).logits).abs().max().item() <= 1e-5
+
+
+def test_fewer_rows_than_the_model_are_refused():
+    from megafim.convert.vocab import grow_vocab
+    from megafim.model.config import ModelConfig
+
+    with pytest.raises(ValueError, match="fewer than the model's"):
+        grow_vocab({}, ModelConfig(vocab_size=256), 128)
