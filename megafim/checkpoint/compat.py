@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from megafim.checkpoint import files
 from megafim.checkpoint.format import TOKENIZER_FILE
 
 MODEL_MAY_CHANGE = ("activation_checkpointing", "max_seq_len", "init_std")
@@ -44,10 +45,16 @@ def _model_change(saved_mc, mc) -> str | None:
 
 
 def _tokenizer_differs(ckpt_dir: Path, tokenizer_model: str) -> bool:
+    """Whether the file the checkpoint would keep of ``tokenizer_model`` (a directory's
+    ``tokenizer.json``) differs from the one it kept."""
     saved = Path(ckpt_dir) / TOKENIZER_FILE
-    if not saved.is_file() or not tokenizer_model or not Path(tokenizer_model).is_file():
+    if not saved.is_file() or not tokenizer_model:
         return False
-    return saved.read_bytes() != Path(tokenizer_model).read_bytes()
+    try:
+        source = files.tokenizer_source(tokenizer_model)
+    except FileNotFoundError:
+        return False  # loading the tokenizer reports it
+    return saved.read_bytes() != source.read_bytes()
 
 
 def compare(ckpt_dir: Path, saved_mc, mc, saved_cfg: dict, cfg: dict, trained: bool,

@@ -125,3 +125,23 @@ def test_an_import_passes_its_named_tokens_to_the_training_that_continues_it(nam
                                                             "--load", str(tmp_path / "imported")])
     inherit_special_tokens(cfg, [])
     assert cfg.data.special_tokens == {"eod": "<|end_of_text|>"}  # this run's own names win
+
+
+def test_a_resume_compares_a_tokenizer_directory_by_its_tokenizer_json(named_data, tmp_path):
+    """The checkpoint keeps a directory's tokenizer.json: a resume with another directory is refused
+    (a directory was not compared before), the same one passes."""
+    from megafim.checkpoint import compat
+    from megafim.model.config import ModelConfig
+
+    _, tok_dir = named_data
+    ckpt = tmp_path / "step_00000002"
+    ckpt.mkdir()
+    (ckpt / "tokenizer.model").write_bytes((Path(tok_dir) / "tokenizer.json").read_bytes())
+    cfg = {"data": {"tokenizer_model": tok_dir}}
+    assert compat.compare(ckpt, ModelConfig(), ModelConfig(), cfg, cfg, True, []) == (None, [])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tokenizer.json").write_text((Path(tok_dir) / "tokenizer.json").read_text().replace("reserved_3", "reserved_9"))
+    refused, _ = compat.compare(ckpt, ModelConfig(), ModelConfig(), cfg, {"data": {"tokenizer_model": str(other)}},
+                                True, [])
+    assert refused and refused.startswith(f"data.tokenizer_model: {other} differs from the checkpoint's")
