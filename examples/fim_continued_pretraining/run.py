@@ -36,13 +36,15 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's megafim, as the stages (run from REPO) use
+
+from megafim.training.config import SPECIAL_TOKEN_NAMES  # noqa: E402
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 DEFAULT_DATA = ("json", "email", "http", "logging", "importlib", "asyncio")  # stdlib packages
 TOKENIZER_TEXT = ("collections", "unittest", "xml", "urllib", "concurrent")  # other ones
 # Llama 3's pre-tokenizer split (the tokenizer the tiny model gets is byte-level BPE like Llama 3's).
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-SPECIAL_NAMES = ("eod", "fim_prefix", "fim_middle", "fim_suffix", "fim_pad")
 PREFIX = "def fibonacci(n):\n    \"\"\"The n-th Fibonacci number.\"\"\"\n    a, b = 0, 1\n"
 SUFFIX = "    return a\n\n\nprint(fibonacci(10))\n"
 
@@ -95,9 +97,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ExampleError(f"--vocab-size {args.vocab_size}: must be at least 300 (256 bytes + merges)")
     for item in args.special_token:
         name, sep, spelling = item.partition("=")
-        if not sep or not spelling or name not in SPECIAL_NAMES:
+        if not sep or not spelling or name not in SPECIAL_TOKEN_NAMES:
             raise ExampleError(f"--special-token {item}: expected NAME=SPELLING with NAME one of "
-                               f"{', '.join(SPECIAL_NAMES)}")
+                               f"{', '.join(SPECIAL_TOKEN_NAMES)}")
 
 
 def run(cmd: list[str], log: Path) -> None:
