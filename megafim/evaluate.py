@@ -15,7 +15,6 @@ import sys
 
 from tqdm import tqdm
 
-from megafim.data.tokenizer import Tokenizer
 from megafim.eval.loss import evaluate_losses, format_table
 from megafim.inference.loading import load_model
 
@@ -67,10 +66,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         loaded = load_model(args.load, iteration=args.iteration, device=args.device)
-        tok_path = args.tokenizer_model or loaded.tokenizer_path
-        if tok_path is None:
-            raise FileNotFoundError(f"{args.load}: no tokenizer found with the model; pass --tokenizer-model")
-        tokenizer = Tokenizer.from_file(tok_path)
+        tokenizer = loaded.load_tokenizer(args.tokenizer_model)
         seq_length = args.seq_length or loaded.model.config.max_seq_len
         bar = _ProgressBar(enabled=not args.no_progress and sys.stderr.isatty())
         try:

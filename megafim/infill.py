@@ -13,7 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-from megafim.data.tokenizer import Tokenizer
 from megafim.inference.infill import MODES, infill
 from megafim.inference.loading import load_model
 from megafim.inference.sampling import SamplingConfig
@@ -44,10 +43,7 @@ def main(argv=None) -> int:
         prefix = args.prefix_file.read_text(encoding="utf-8")
         suffix = args.suffix_file.read_text(encoding="utf-8")
         loaded = load_model(args.checkpoint, iteration=args.iteration, device=args.device)
-        tok_path = args.tokenizer_model or loaded.tokenizer_path
-        if tok_path is None:
-            raise FileNotFoundError(f"{args.checkpoint}: no tokenizer found with the model; pass --tokenizer-model")
-        tokenizer = Tokenizer.from_file(tok_path)
+        tokenizer = loaded.load_tokenizer(args.tokenizer_model)
         sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
                                   max_new_tokens=args.max_new_tokens, seed=args.seed)
     except (OSError, ValueError, KeyError) as err:

@@ -5,10 +5,13 @@
 
 The trunk plus head 0 load with ``transformers.AutoModelForCausalLM.from_pretrained`` as
 ``LlamaForCausalLM``; heads 1..n-1 go to ``mtp_heads.safetensors`` (docs/conversion.md). The tokenizer
-goes along as ``tokenizer.json`` (same ids as megafim's) and ``megafim_tokenizer.model``.
+goes along as ``tokenizer.json`` (same ids as megafim's) and ``megafim_tokenizer.model``; a Hugging Face
+tokenizer also with ``megafim_special_tokens.json``, the spellings of its end-of-text and FIM tokens
+(those the run named with ``data.special_tokens``, found again without the flags).
 """
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -17,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megafim.convert.hf_model import DTYPES, megafim_to_hf  # noqa: E402
 from megafim.convert.hf_tokenizer import save_hf_tokenizer  # noqa: E402
-from megafim.data.tokenizer import Tokenizer  # noqa: E402
 from megafim.checkpoint import find, manifest  # noqa: E402
-from megafim.checkpoint.format import HF_TOKENIZER_FILE  # noqa: E402
-from megafim.checkpoint.weights import read_model_state, tokenizer_path  # noqa: E402
+from megafim.checkpoint.format import HF_SPECIAL_TOKENS_FILE, HF_TOKENIZER_FILE  # noqa: E402
+from megafim.checkpoint.weights import read_model_state, special_tokens, tokenizer_path  # noqa: E402
+from megafim.inference.loading import load_checkpoint_tokenizer  # noqa: E402
 
 
 def clear_output(out: Path, overwrite: bool) -> None:
@@ -33,6 +36,14 @@ def clear_output(out: Path, overwrite: bool) -> None:
                          "earlier export there")
     for stale in [*out.glob("*.safetensors"), *out.glob("*.safetensors.index.json")]:
         stale.unlink()
+
+
+def write_special_tokens(tokenizer, out: Path) -> None:
+    """A Hugging Face tokenizer's end-of-text and FIM spellings, for megafim's tools to load
+    ``megafim_tokenizer.model`` with (a sentencepiece model's special pieces are fixed: no file)."""
+    if tokenizer.tokenizer_type == "HuggingFaceTokenizer":
+        named = {name: piece for name, piece in tokenizer.special_pieces.items() if piece}
+        (out / HF_SPECIAL_TOKENS_FILE).write_text(json.dumps(named, indent=2, ensure_ascii=False) + "\n")
 
 
 def main(argv=None) -> int:
@@ -52,13 +63,14 @@ def main(argv=None) -> int:
         state, config = read_model_state(ckpt)
         tok_path = args.tokenizer_model or tokenizer_path(ckpt)
         clear_output(Path(args.save), args.overwrite)
-        tokenizer = Tokenizer.from_file(tok_path) if tok_path else None
+        tokenizer = load_checkpoint_tokenizer(tok_path, special_tokens(ckpt)) if tok_path else None
         out = megafim_to_hf(state, config, args.save, dtype=args.dtype,
                             eos_token_id=tokenizer.eod if tokenizer else None,
                             max_shard_bytes=int(args.max_shard_size_gb * (1 << 30)))
         if tokenizer is not None:
             save_hf_tokenizer(tokenizer, out, model_max_length=config.max_seq_len)
             shutil.copyfile(tokenizer.model_path, out / HF_TOKENIZER_FILE)
+            write_special_tokens(tokenizer, out)
     except (OSError, ValueError, KeyError) as err:
         print(f"convert_checkpoint_to_hf: {err}", file=sys.stderr)
         return 2

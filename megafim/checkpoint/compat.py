@@ -14,20 +14,22 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from megafim.checkpoint import files
 from megafim.checkpoint.format import TOKENIZER_FILE
 
 MODEL_MAY_CHANGE = ("activation_checkpointing", "max_seq_len", "init_std")
 OVERRIDABLE = ("data.data_path", "data.split", "data.fim.rate", "data.fim.spm_rate", "data.fim.level",
-               "data.tokenizer_model")
+               "data.tokenizer_model", "data.special_tokens")
 _NOT_REPORTED = ("checkpoint.load", "checkpoint.save")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (``model.overrides`` stays one value)."""
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (``model.overrides`` and ``data.special_tokens`` stay one
+    value: each is one setting)."""
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and name != "model.overrides":
+        if isinstance(value, dict) and name not in ("model.overrides", "data.special_tokens"):
             out.update(flatten(value, name + "."))
         else:
             out[name] = value
@@ -43,10 +45,16 @@ def _model_change(saved_mc, mc) -> str | None:
 
 
 def _tokenizer_differs(ckpt_dir: Path, tokenizer_model: str) -> bool:
+    """Whether the file the checkpoint would keep of ``tokenizer_model`` (a directory's
+    ``tokenizer.json``) differs from the one it kept."""
     saved = Path(ckpt_dir) / TOKENIZER_FILE
-    if not saved.is_file() or not tokenizer_model or not Path(tokenizer_model).is_file():
+    if not saved.is_file() or not tokenizer_model:
         return False
-    return saved.read_bytes() != Path(tokenizer_model).read_bytes()
+    try:
+        source = files.tokenizer_source(tokenizer_model)
+    except FileNotFoundError:
+        return False  # loading the tokenizer reports it
+    return saved.read_bytes() != source.read_bytes()
 
 
 def compare(ckpt_dir: Path, saved_mc, mc, saved_cfg: dict, cfg: dict, trained: bool,

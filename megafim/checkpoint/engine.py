@@ -82,8 +82,7 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
     if dims.rank == 0:
         write_trainer_state(tmp, state, config_yaml)
         if tokenizer_model:  # a checkpoint is self-contained for evaluation, inference and export
-            src = Path(tokenizer_model)  # a Hugging Face directory: its tokenizer.json (loaders sniff JSON)
-            shutil.copyfile(src / "tokenizer.json" if src.is_dir() else src, tmp / TOKENIZER_FILE)
+            shutil.copyfile(files.tokenizer_source(tokenizer_model), tmp / TOKENIZER_FILE)
     dist.barrier()
     if dims.rank == 0:
         merge_index(tmp / MODEL_DIR)

@@ -46,6 +46,21 @@ def write_text_atomic(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def tokenizer_source(tokenizer_model: str | os.PathLike) -> Path:
+    """The one file a checkpoint keeps of ``tokenizer_model``: a sentencepiece ``.model`` or a
+    ``tokenizer.json`` as it is, a Hugging Face tokenizer directory's ``tokenizer.json`` (the loaders
+    tell the two kinds apart by content; the export rebuilds ``tokenizer_config.json`` and
+    ``special_tokens_map.json`` from it). FileNotFoundError, naming the path, when there is none."""
+    src = Path(tokenizer_model)
+    if src.is_dir():
+        if not (src / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"tokenizer {src}: a directory without tokenizer.json")
+        return src / "tokenizer.json"
+    if not src.is_file():
+        raise FileNotFoundError(f"tokenizer {src}: no such file or directory")
+    return src
+
+
 def begin(save_root: Path, step: int) -> Path:
     """Create a fresh temporary directory for the save of ``step`` (one process only) and return it."""
     save_root = Path(save_root)

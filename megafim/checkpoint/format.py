@@ -26,6 +26,9 @@ RNG_DIR = "rng"
 TOKENIZER_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "megafim_tokenizer.model"
 """The sentencepiece model a Hugging Face export carries beside its ``tokenizer.json``."""
+HF_SPECIAL_TOKENS_FILE = "megafim_special_tokens.json"
+"""A Hugging Face export of a run with a Hugging Face tokenizer: ``{name: spelling}`` of its end-of-text
+and FIM tokens, which megafim's tools read back with ``megafim_tokenizer.model``."""
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TMP_PREFIX = ".tmp-"

@@ -85,19 +85,35 @@ def write_model_dir(model_dir: Path, state: Mapping[str, torch.Tensor], config: 
     write_model_config(model_dir, config)
 
 
+def _data_section(ckpt: Path) -> dict:
+    """The ``data:`` section of the checkpoint's ``config.yaml`` ({} without one)."""
+    config_yaml = Path(ckpt) / CONFIG_YAML
+    if not config_yaml.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(config_yaml.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{config_yaml}: not valid YAML ({exc})") from None
+    return data.get("data") or {}
+
+
 def tokenizer_path(ckpt: Path) -> str | None:
     """The checkpoint's own ``tokenizer.model``, else the one its ``config.yaml`` names, else None."""
     ckpt = Path(ckpt)
     if (ckpt / TOKENIZER_FILE).is_file():
         return str(ckpt / TOKENIZER_FILE)
-    config_yaml = ckpt / CONFIG_YAML
-    if config_yaml.is_file():
-        try:
-            data = yaml.safe_load(config_yaml.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise CheckpointError(f"{config_yaml}: not valid YAML ({exc})") from None
-        return (data.get("data") or {}).get("tokenizer_model") or None
-    return None
+    return _data_section(ckpt).get("tokenizer_model") or None
+
+
+def special_tokens(ckpt: Path) -> dict[str, str]:
+    """The spellings of end-of-text / FIM tokens the checkpoint's run named (``data.special_tokens`` of
+    its ``config.yaml``), so that whatever reads the checkpoint finds the same tokens without being
+    told again; {} when the run named none (the tokenizer's known spellings then apply)."""
+    named = _data_section(ckpt).get("special_tokens") or {}
+    if not isinstance(named, dict) or not all(isinstance(v, str) for v in named.values()):
+        raise CheckpointError(f"{Path(ckpt) / CONFIG_YAML}: data.special_tokens is not a mapping of names "
+                              f"to spellings ({named!r})")
+    return dict(named)
 
 
 def write_weights_checkpoint(save_root: Path, state: Mapping[str, torch.Tensor], config: ModelConfig,
@@ -112,9 +128,10 @@ def write_weights_checkpoint(save_root: Path, state: Mapping[str, torch.Tensor],
     if existing:
         raise CheckpointError(f"{save_root}: already holds a run ({', '.join(existing[:3])}); choose an "
                               "empty or new directory")
+    tokenizer = files.tokenizer_source(tokenizer_model) if tokenizer_model else None  # checked first
     tmp = files.begin(save_root, step)
     write_model_dir(tmp / MODEL_DIR, state, config)
-    if tokenizer_model:
-        shutil.copyfile(tokenizer_model, tmp / TOKENIZER_FILE)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
     write_trainer_state(tmp, TrainerState(step=step), config_yaml)
     return files.commit(save_root, step, keep_last=0)

@@ -201,8 +201,9 @@ def require_fim(tokenizer) -> None:
     missing = [n for n in ("fim_prefix", "fim_middle", "fim_suffix", "fim_pad") if getattr(tokenizer, n, None) is None]
     if missing:
         raise ValueError(f"tokenizer {tokenizer.model_path}: no {', '.join(missing)} token, needed for FIM rates > 0; "
-                         "add them with tools/add_fim_tokens.py (and resize the model's embeddings) or name "
-                         "existing tokens with --fim-prefix-token/--fim-middle-token/--fim-suffix-token/--fim-pad-token")
+                         "add them with tools/add_fim_tokens.py (tools/convert_hf_to_checkpoint.py then grows the "
+                         "model's embeddings) or name tokens it has with data.special_tokens / --special-token "
+                         "NAME=SPELLING")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -157,15 +157,11 @@ class MegafimCompletionGenerator:
                  seed: int = 0) -> None:
         import torch
 
-        from megafim.data.tokenizer import Tokenizer
         from megafim.inference.loading import load_model
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = load_model(load_dir, device=device)
-        tok_path = tokenizer_model or loaded.tokenizer_path
-        if tok_path is None:
-            raise FileNotFoundError(f"--load {load_dir}: no tokenizer found with the checkpoint")
-        self.model, self.tokenizer, self.seed = loaded.model, Tokenizer.from_file(tok_path), seed
+        self.model, self.tokenizer, self.seed = loaded.model, loaded.load_tokenizer(tokenizer_model), seed
 
     def generate(self, prefix: str, suffix: str, n: int, temperature: float = 0.2, top_p: float = 0.95,
                  max_new_tokens: int = 256, mode: str = "psm") -> list[str]:

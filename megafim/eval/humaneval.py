@@ -101,13 +101,10 @@ class MegafimGenerator:
                  seed: int = 0) -> "MegafimGenerator":
         import torch
 
-        from megafim.data.tokenizer import Tokenizer
         from megafim.inference.loading import load_model
 
         loaded = load_model(path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if loaded.tokenizer_path is None:
-            raise FileNotFoundError(f"--load {path}: no tokenizer found with the model")
-        return cls(loaded.model, Tokenizer.from_file(loaded.tokenizer_path), decoding, seed)
+        return cls(loaded.model, loaded.load_tokenizer(), decoding, seed)
 
     def generate(self, prompt: str, n: int, temperature: float, top_p: float,
                  max_new_tokens: int) -> list[str]:

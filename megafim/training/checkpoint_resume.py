@@ -16,7 +16,7 @@ import yaml
 from megafim.checkpoint import compat, engine, find
 from megafim.checkpoint.format import CONFIG_YAML, CheckpointError
 from megafim.checkpoint.state import TrainerState, read_trainer_state
-from megafim.checkpoint.weights import read_model_config
+from megafim.checkpoint.weights import read_model_config, special_tokens
 from megafim.model import ModelConfig
 from megafim.parallel import ParallelDims
 from megafim.training.cli import dump_yaml
@@ -54,6 +54,23 @@ def load_dir(cfg: TrainConfig, notes: list[str]) -> str:
         notes.append(f"resume: checkpoint.load is unset and {ck.save} holds checkpoints: resuming from it")
         return ck.save
     return ""
+
+
+def inherit_special_tokens(cfg: TrainConfig, notes: list[str]) -> None:
+    """A run that names no ``data.special_tokens`` takes those of the checkpoint it continues (a resume,
+    or an import named with ``--special-token``), so the tokens are the same without the flags given
+    again; they go into this run's ``config.yaml`` too. Read on every rank before the tokenizer loads
+    (a file read); an unreadable checkpoint is left to ``resume_point`` to report."""
+    if cfg.data.special_tokens:
+        return
+    load = load_dir(cfg, [])
+    try:
+        named = special_tokens(find.resolve(load)) if load else {}
+    except CheckpointError:
+        return
+    if named:
+        cfg.data.special_tokens = named
+        notes.append(f"data.special_tokens: {named} from {load}, as its run named them")
 
 
 def _choose_on_rank0(cfg: TrainConfig) -> tuple[str | None, str | None, list[str]]:

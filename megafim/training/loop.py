@@ -30,7 +30,8 @@ from megafim.checkpoint.state import TrainerState, load_rng
 from megafim.checkpoint.weights import full_weights
 from megafim.training.build import (PipelineStage, StagePlan, build_stage, build_train_valid_datasets,
                                     checked_data_config, plan_stages)
-from megafim.training.checkpoint_resume import load_engine_state, load_resharded_state, resume_point
+from megafim.training.checkpoint_resume import (inherit_special_tokens, load_engine_state, load_resharded_state,
+                                                 resume_point)
 from megafim.training.cli import dump_yaml
 from megafim.training.config import (ConfigError, TrainConfig, grad_accumulation_steps, lr_at,
                                      resolve_model_config, validate)
@@ -81,6 +82,8 @@ def check_before_groups(cfg: TrainConfig, world_size: int):
                           "with pipeline parallelism (docs/training.md)")
     from megafim.data.tokenizer import load_tokenizer, require_fim
 
+    notes: list[str] = []
+    inherit_special_tokens(cfg, notes)
     try:
         tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type or None,
                                    dict(cfg.data.special_tokens) or None)
@@ -91,7 +94,6 @@ def check_before_groups(cfg: TrainConfig, world_size: int):
             require_fim(tokenizer)
         except ValueError as exc:
             raise ConfigError(f"data.fim.rate {cfg.data.fim.rate}: {exc}") from None
-    notes: list[str] = []
     mc = resolve_model_config(cfg, tokenizer.vocab_size, notes)
     validate(cfg, world_size, mc)
     return tokenizer, mc, notes
