@@ -236,3 +236,14 @@ def test_add_fim_tokens_repo_tokens(tmp_path, llama3_plain, hf_repo_tokenizer): 
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "add_fim_tokens.py"), "--tokenizer", str(llama3_plain),
                            "--output", str(tmp_path / "t"), "--repo-tokens"], capture_output=True, text=True)
     assert proc.returncode == 0 and "<repo_name>=" in proc.stdout and "<file_sep>=" in proc.stdout, proc.stderr
+
+
+def test_inspect_samples_shows_the_repository_tokens(tmp_path, small_tokenizer_path):
+    records = [{"repo": "org/x", "path": p, "text": t} for p, t in (("b.py", "y = 2\n"), ("a.py", "x = 1\n"))]
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    assert run_tool(tmp_path, src, small_tokenizer_path, *GROUP, "--append-eod").returncode == 0
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "inspect_samples.py"), "--data-path",
+                           str(tmp_path / "o_text_document"), "--tokenizer-model", str(small_tokenizer_path),
+                           "--seq-length", "20"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "<repo_name>org/x<file_sep>a.py\nx = 1\n<file_sep>b" in proc.stdout, proc.stdout
