@@ -315,7 +315,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  grouped:   {summary['grouped_records']:,} records into {summary['documents']:,} "
                      f"repository documents")
     if summary.get("split_groups"):
-        names = ", ".join(f"{name} ({parts}+ documents)" for name, parts in summary["split_examples"])
+        names = ", ".join(f"{name} ({parts} documents)" for name, parts in summary["split_examples"])
         more = ", ..." if summary["split_groups"] > len(summary["split_examples"]) else ""
         lines.append(f"  split:     {summary['split_groups']:,} repositories went over --max-group-bytes "
                      f"(too big, or interleaved with others) and were written as several documents: "
