@@ -247,3 +247,18 @@ def test_inspect_samples_shows_the_repository_tokens(tmp_path, small_tokenizer_p
                            "--seq-length", "20"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "<repo_name>org/x<file_sep>a.py\nx = 1\n<file_sep>b" in proc.stdout, proc.stdout
+
+
+def test_export_keeps_the_repository_tokens(tmp_path, small_tokenizer_path):
+    """tools/convert_checkpoint_to_hf.py's tokenizer: <repo_name>/<file_sep> stay single special ids."""
+    from tokenizers import Tokenizer as RustTokenizer
+
+    from megafim.convert.hf_tokenizer import save_hf_tokenizer
+
+    tok = Tokenizer.from_file(small_tokenizer_path)
+    out = save_hf_tokenizer(tok, tmp_path / "hf")
+    rust = RustTokenizer.from_file(str(out / "tokenizer.json"))
+    ids = [tok.repo_name, *tok.encode("a/b"), tok.file_sep, *tok.encode("x.py\ny")]
+    assert rust.encode("<repo_name>a/b<file_sep>x.py\ny", add_special_tokens=False).ids == ids
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert {"<repo_name>", "<file_sep>"} <= set(config["additional_special_tokens"])
