@@ -467,62 +467,47 @@ class Pipeline {
     }
   }
 
-  // The batch encoder on the job's texts, one call per key, in document order. Python errors become
-  // C++ ones here, under the GIL (the worker reports them like any other failure).
+  // The batch encoder on the job's texts, one call per key (grouping: per record, its group value and
+  // its path + content), in document order.
   void encode_pending(Job& job, Scratch& s) {
     if (s.pending[0].empty()) return;
-    if (cfg_.grouping()) return encode_pending_records(job, s);
-    const size_t n_docs = s.pending[0].size();
     py::gil_scoped_acquire gil;
-    try {
-      for (size_t k = 0; k < cfg_.keys.size(); ++k) {
-        py::list texts(n_docs);
-        for (size_t d = 0; d < n_docs; ++d) texts[d] = py::str(s.pending[k][d]);
-        py::tuple out = batch_encode_(texts);
-        auto flat = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(out[0]);
-        auto lengths = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(out[1]);
-        if (!flat || !lengths || static_cast<size_t>(lengths.size()) != n_docs)
-          throw std::runtime_error("the batch encoder returned no (ids, lengths) pair for every text");
-        const int32_t* ids = flat.data();
-        int64_t used = 0;
-        for (size_t d = 0; d < n_docs; ++d) {
-          const int64_t n = lengths.data()[d];
-          if (n < 0 || used + n > flat.size()) throw std::runtime_error("the batch encoder's lengths do not add up");
-          job.tokens[k].insert(job.tokens[k].end(), ids + used, ids + used + n);
-          if (cfg_.append_eod) job.tokens[k].push_back(cfg_.eod);
-          job.lengths[k].push_back(static_cast<int32_t>(n + (cfg_.append_eod ? 1 : 0)));
-          used += n;
-        }
-        s.pending[k].clear();
-      }
-    } catch (py::error_already_set& e) {
-      throw std::runtime_error(std::string("tokenizer: ") + e.what());
+    if (cfg_.grouping()) {
+      batch_encode(s.pending[0], [&](size_t d, const int32_t* ids, int64_t n) { job.records[d].ids.assign(ids, ids + n); });
+      batch_encode(s.pending_names, [&](size_t d, const int32_t* ids, int64_t n) {
+        job.records[d].name_ids.assign(ids, ids + n);
+      });
+      return;
+    }
+    for (size_t k = 0; k < cfg_.keys.size(); ++k) {
+      batch_encode(s.pending[k], [&](size_t, const int32_t* ids, int64_t n) {
+        job.tokens[k].insert(job.tokens[k].end(), ids, ids + n);
+        if (cfg_.append_eod) job.tokens[k].push_back(cfg_.eod);
+        job.lengths[k].push_back(static_cast<int32_t>(n + (cfg_.append_eod ? 1 : 0)));
+      });
     }
   }
 
-  // Grouping with the batch encoder: each record's group value and path + content, in record order.
-  void encode_pending_records(Job& job, Scratch& s) {
-    py::gil_scoped_acquire gil;
+  // One call of the batch encoder (GIL held) on `texts`, which it empties; take(d, ids, n) gets text
+  // d's ids. Python errors become C++ ones here (the worker reports them like any other failure).
+  template <typename Take>
+  void batch_encode(std::vector<std::string>& texts, Take take) {
     try {
-      for (int which = 0; which < 2; ++which) {
-        std::vector<std::string>& texts = which ? s.pending_names : s.pending[0];
-        py::list list(texts.size());
-        for (size_t d = 0; d < texts.size(); ++d) list[d] = py::str(texts[d]);
-        py::tuple out = batch_encode_(list);
-        auto flat = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(out[0]);
-        auto lengths = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(out[1]);
-        if (!flat || !lengths || static_cast<size_t>(lengths.size()) != texts.size() || texts.size() != job.records.size())
-          throw std::runtime_error("the batch encoder returned no (ids, lengths) pair for every text");
-        int64_t used = 0;
-        for (size_t d = 0; d < texts.size(); ++d) {
-          const int64_t n = lengths.data()[d];
-          if (n < 0 || used + n > flat.size()) throw std::runtime_error("the batch encoder's lengths do not add up");
-          std::vector<int32_t>& ids = which ? job.records[d].name_ids : job.records[d].ids;
-          ids.assign(flat.data() + used, flat.data() + used + n);
-          used += n;
-        }
-        texts.clear();
+      py::list list(texts.size());
+      for (size_t d = 0; d < texts.size(); ++d) list[d] = py::str(texts[d]);
+      py::tuple out = batch_encode_(list);
+      auto flat = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(out[0]);
+      auto lengths = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(out[1]);
+      if (!flat || !lengths || static_cast<size_t>(lengths.size()) != texts.size())
+        throw std::runtime_error("the batch encoder returned no (ids, lengths) pair for every text");
+      int64_t used = 0;
+      for (size_t d = 0; d < texts.size(); ++d) {
+        const int64_t n = lengths.data()[d];
+        if (n < 0 || used + n > flat.size()) throw std::runtime_error("the batch encoder's lengths do not add up");
+        take(d, flat.data() + used, n);
+        used += n;
       }
+      texts.clear();
     } catch (py::error_already_set& e) {
       throw std::runtime_error(std::string("tokenizer: ") + e.what());
     }
