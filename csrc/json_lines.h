@@ -107,6 +107,9 @@ class JsonLineParser {
     return LineError::kNone;
   }
 
+  // After a parse that got past the JSON syntax: 0 if keys[k] was absent, 1 a string, 2 another type.
+  int found(size_t k) const { return found_[k]; }
+
   // Byte offset in the line where the last parse stopped (where a malformed line went wrong).
   size_t error_offset() const { return static_cast<size_t>(p_ - begin_); }
 

@@ -14,6 +14,8 @@
 // input plus its tokens) exist at once, the writers keep no per-document arrays, and the skipped-
 // line report keeps counts plus the first few locations per reason. The largest single line (or
 // source file) is the only thing that can make one job bigger than a block.
+// With a group key (--group-by-key), the writer hands the records to a RepoGrouper
+// (csrc/repo_grouper.h), which holds at most `max_group_bytes` of repository text on top of that.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -33,6 +35,7 @@
 #include "bpe.h"
 #include "indexed_writer.h"
 #include "json_lines.h"
+#include "repo_grouper.h"
 
 namespace py = pybind11;
 
@@ -62,6 +65,12 @@ struct PipelineConfig {
   bool strict = false;
   size_t block_bytes = 1 << 20;
   size_t max_examples = 5;                   // locations kept per skip reason
+  // Repository-level documents (csrc/repo_grouper.h): records with the same group_key value become
+  // one document; empty group_key: one document per record.
+  std::string group_key, path_key;
+  int32_t repo_name_id = -1, file_sep_id = -1;
+  size_t max_group_bytes = size_t(256) << 20;
+  bool grouping() const { return !group_key.empty(); }
 };
 
 struct Skip {
@@ -85,6 +94,8 @@ struct Job {
   std::vector<std::vector<int32_t>> tokens, lengths;  // per key: concatenated tokens, per document
   std::vector<Skip> skips;
   uint64_t blank_lines = 0;
+  std::vector<GroupRecord> records;  // grouping: the job's good records, in input order
+  std::string fatal;                 // grouping: the first record without a group / path value
 };
 
 // Per-worker scratch, reused from line to line.
@@ -93,6 +104,9 @@ struct Scratch {
   std::vector<std::string> values;
   std::vector<std::vector<int32_t>> ids;
   std::vector<std::vector<std::string>> pending;  // batch encoder: the job's texts, per key
+  std::vector<std::string> pending_names;         // batch encoder, grouping: each record's group value
+  std::vector<std::string> parse_keys;            // grouping: text key, group key, path key
+  std::string segment;                            // grouping: path + "\n" + content
 };
 
 class Pipeline {
@@ -110,6 +124,13 @@ class Pipeline {
     if (cfg_.workers < 1) throw std::invalid_argument("workers must be >= 1");
     if (cfg_.block_bytes < 1) throw std::invalid_argument("block_bytes must be >= 1");
     dtype_itemsize(cfg_.dtype_code);
+    if (cfg_.grouping()) {
+      if (!cfg_.jsonl || cfg_.keys.size() != 1 || cfg_.path_key.empty())
+        throw std::invalid_argument("grouping takes JSONL inputs, one text key and a path key");
+      if (cfg_.repo_name_id < 0 || cfg_.file_sep_id < 0)
+        throw std::invalid_argument("grouping needs the <repo_name> and <file_sep> ids");
+      if (cfg_.max_group_bytes < 1) throw std::invalid_argument("max_group_bytes must be >= 1");
+    }
     max_inflight_ = 2 * static_cast<uint64_t>(cfg_.workers) + 2;
   }
 
@@ -128,9 +149,11 @@ class Pipeline {
     std::vector<std::thread> threads;  // the reader, then the workers
     std::exception_ptr failure;
     try {
+      if (cfg_.grouping()) make_grouper(*writers[0]);
       threads.emplace_back(&Pipeline::read_inputs, this);
       for (int i = 0; i < cfg_.workers; ++i) threads.emplace_back(&Pipeline::work, this);
       write_jobs(writers);
+      if (grouper_ && !cancelled_ && thread_error_.empty()) grouper_->finish();
     } catch (...) {  // also a thread that could not start: stop the others before unwinding
       failure = std::current_exception();
       cancel();
@@ -183,6 +206,12 @@ class Pipeline {
     d["sequences_per_output"] = sequences_;
     d["peak_jobs_in_memory"] = peak_jobs_alive_.load();
     d["max_jobs_in_flight"] = max_inflight_;
+    if (grouper_) {
+      d["grouped_records"] = grouped_records_;
+      d["split_groups"] = grouper_->split_groups();
+      d["split_examples"] = grouper_->split_examples();
+      d["peak_group_bytes"] = grouper_->peak_bytes();
+    }
     return d;
   }
 
@@ -209,6 +238,8 @@ class Pipeline {
   uint64_t skip_counts_[kNumLineErrors] = {};
   std::vector<Skip> skip_examples_[kNumLineErrors];
   std::vector<uint64_t> sequences_;
+  std::unique_ptr<RepoGrouper> grouper_;  // grouping: used by the writer thread only
+  uint64_t grouped_records_ = 0;
 
   // -- reader ----------------------------------------------------------------------------------
 
@@ -331,6 +362,7 @@ class Pipeline {
     Scratch scratch;
     scratch.ids.resize(cfg_.keys.size());
     scratch.pending.resize(cfg_.keys.size());
+    if (cfg_.grouping()) scratch.parse_keys = {cfg_.keys[0], cfg_.group_key, cfg_.path_key};
     for (;;) {
       std::unique_ptr<Job> job;
       {
@@ -369,6 +401,7 @@ class Pipeline {
     bool blank = true;
     for (char c : text) blank = blank && (c == ' ' || c == '\t' || c == '\r');
     if (blank) { ++job.blank_lines; return; }
+    if (cfg_.grouping()) return group_line(text, line, job, s);
     LineError err = utf8_valid(text) ? s.parser.parse(text, cfg_.keys, s.values) : LineError::kInvalidUtf8;
     for (size_t k = 0; err == LineError::kNone && k < cfg_.keys.size(); ++k)
       if (s.values[k].empty()) err = LineError::kEmptyDocument;
@@ -382,6 +415,36 @@ class Pipeline {
       encoder_->encode(s.values[k], s.ids[k]);
     }
     append_document(job, s);
+  }
+
+  // Grouping: a record becomes a GroupRecord (encoded here, or queued for the batch encoder). A bad
+  // line is skipped as usual, but a record without its group or path value belongs to no repository:
+  // the job's first such record stops the run when the writer reaches it (input order).
+  void group_line(std::string_view text, uint64_t line, Job& job, Scratch& s) {
+    const LineError err = utf8_valid(text) ? s.parser.parse(text, s.parse_keys, s.values) : LineError::kInvalidUtf8;
+    if (err == LineError::kMissingKey || err == LineError::kNotAString) {
+      for (size_t k = 1; k < 3; ++k) {
+        if (s.parser.found(k) == 1) continue;
+        if (job.fatal.empty())
+          job.fatal = cfg_.inputs[job.file] + ":" + std::to_string(line) + ": " + (k == 1 ? "--group-by-key " : "--path-key ") +
+                      s.parse_keys[k] + ": the record has " + (s.parser.found(k) ? "a non-string value" : "no such key");
+        return;
+      }
+    }
+    if (err != LineError::kNone) { job.skips.push_back({err, job.file, line}); return; }
+    GroupRecord r;
+    r.group = std::move(s.values[1]);
+    r.path = std::move(s.values[2]);
+    r.text_bytes = r.path.size() + s.values[0].size();
+    s.segment.assign(r.path).append(1, '\n').append(s.values[0]);
+    if (encoder_) {
+      encoder_->encode(r.group, r.name_ids);
+      encoder_->encode(s.segment, r.ids);
+    } else {
+      s.pending_names.push_back(r.group);
+      s.pending[0].push_back(s.segment);
+    }
+    job.records.push_back(std::move(r));
   }
 
   void encode_files(Job& job, Scratch& s) {
@@ -404,33 +467,47 @@ class Pipeline {
     }
   }
 
-  // The batch encoder on the job's texts, one call per key, in document order. Python errors become
-  // C++ ones here, under the GIL (the worker reports them like any other failure).
+  // The batch encoder on the job's texts, one call per key (grouping: per record, its group value and
+  // its path + content), in document order.
   void encode_pending(Job& job, Scratch& s) {
     if (s.pending[0].empty()) return;
-    const size_t n_docs = s.pending[0].size();
     py::gil_scoped_acquire gil;
+    if (cfg_.grouping()) {
+      batch_encode(s.pending[0], [&](size_t d, const int32_t* ids, int64_t n) { job.records[d].ids.assign(ids, ids + n); });
+      batch_encode(s.pending_names, [&](size_t d, const int32_t* ids, int64_t n) {
+        job.records[d].name_ids.assign(ids, ids + n);
+      });
+      return;
+    }
+    for (size_t k = 0; k < cfg_.keys.size(); ++k) {
+      batch_encode(s.pending[k], [&](size_t, const int32_t* ids, int64_t n) {
+        job.tokens[k].insert(job.tokens[k].end(), ids, ids + n);
+        if (cfg_.append_eod) job.tokens[k].push_back(cfg_.eod);
+        job.lengths[k].push_back(static_cast<int32_t>(n + (cfg_.append_eod ? 1 : 0)));
+      });
+    }
+  }
+
+  // One call of the batch encoder (GIL held) on `texts`, which it empties; take(d, ids, n) gets text
+  // d's ids. Python errors become C++ ones here (the worker reports them like any other failure).
+  template <typename Take>
+  void batch_encode(std::vector<std::string>& texts, Take take) {
     try {
-      for (size_t k = 0; k < cfg_.keys.size(); ++k) {
-        py::list texts(n_docs);
-        for (size_t d = 0; d < n_docs; ++d) texts[d] = py::str(s.pending[k][d]);
-        py::tuple out = batch_encode_(texts);
-        auto flat = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(out[0]);
-        auto lengths = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(out[1]);
-        if (!flat || !lengths || static_cast<size_t>(lengths.size()) != n_docs)
-          throw std::runtime_error("the batch encoder returned no (ids, lengths) pair for every text");
-        const int32_t* ids = flat.data();
-        int64_t used = 0;
-        for (size_t d = 0; d < n_docs; ++d) {
-          const int64_t n = lengths.data()[d];
-          if (n < 0 || used + n > flat.size()) throw std::runtime_error("the batch encoder's lengths do not add up");
-          job.tokens[k].insert(job.tokens[k].end(), ids + used, ids + used + n);
-          if (cfg_.append_eod) job.tokens[k].push_back(cfg_.eod);
-          job.lengths[k].push_back(static_cast<int32_t>(n + (cfg_.append_eod ? 1 : 0)));
-          used += n;
-        }
-        s.pending[k].clear();
+      py::list list(texts.size());
+      for (size_t d = 0; d < texts.size(); ++d) list[d] = py::str(texts[d]);
+      py::tuple out = batch_encode_(list);
+      auto flat = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(out[0]);
+      auto lengths = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(out[1]);
+      if (!flat || !lengths || static_cast<size_t>(lengths.size()) != texts.size())
+        throw std::runtime_error("the batch encoder returned no (ids, lengths) pair for every text");
+      int64_t used = 0;
+      for (size_t d = 0; d < texts.size(); ++d) {
+        const int64_t n = lengths.data()[d];
+        if (n < 0 || used + n > flat.size()) throw std::runtime_error("the batch encoder's lengths do not add up");
+        take(d, flat.data() + used, n);
+        used += n;
       }
+      texts.clear();
     } catch (py::error_already_set& e) {
       throw std::runtime_error(std::string("tokenizer: ") + e.what());
     }
@@ -445,6 +522,17 @@ class Pipeline {
   }
 
   // -- writer (the calling thread) ---------------------------------------------------------------
+
+  void make_grouper(IndexedWriter& writer) {
+    grouper_ = std::make_unique<RepoGrouper>(
+        cfg_.repo_name_id, cfg_.file_sep_id, cfg_.append_eod, cfg_.eod, cfg_.max_group_bytes, cfg_.max_examples,
+        [this, &writer](const std::vector<int32_t>& doc) {
+          writer.add_sequence(doc.data(), doc.size());
+          writer.end_document();
+          ++documents_;
+          tokens_ += doc.size();
+        });
+  }
 
   void write_jobs(std::vector<std::unique_ptr<IndexedWriter>>& writers) {
     for (;;) {
@@ -467,7 +555,8 @@ class Pipeline {
     }
   }
 
-  void write_job(const Job& job, std::vector<std::unique_ptr<IndexedWriter>>& writers) {
+  void write_job(Job& job, std::vector<std::unique_ptr<IndexedWriter>>& writers) {
+    if (!job.fatal.empty()) throw InputError(job.fatal);
     if (cfg_.strict && !job.skips.empty()) {
       const Skip& s = job.skips.front();
       throw InputError(cfg_.inputs[s.file] + ":" + std::to_string(s.line) + ": " +
@@ -487,6 +576,10 @@ class Pipeline {
         t += n;
       }
       tokens += job.tokens[k].size();
+    }
+    for (auto& r : job.records) {  // grouping: the grouper counts the documents and tokens it writes
+      grouper_->add(std::move(r));
+      ++grouped_records_;
     }
     blank_lines_ += job.blank_lines;
     skipped_ += job.skips.size();
@@ -527,7 +620,12 @@ PYBIND11_MODULE(preprocess_pipeline, m) {
       .def_readwrite("workers", &PipelineConfig::workers)
       .def_readwrite("strict", &PipelineConfig::strict)
       .def_readwrite("block_bytes", &PipelineConfig::block_bytes)
-      .def_readwrite("max_examples", &PipelineConfig::max_examples);
+      .def_readwrite("max_examples", &PipelineConfig::max_examples)
+      .def_readwrite("group_key", &PipelineConfig::group_key)
+      .def_readwrite("path_key", &PipelineConfig::path_key)
+      .def_readwrite("repo_name_id", &PipelineConfig::repo_name_id)
+      .def_readwrite("file_sep_id", &PipelineConfig::file_sep_id)
+      .def_readwrite("max_group_bytes", &PipelineConfig::max_group_bytes);
 
   py::class_<Pipeline>(m, "Pipeline")
       .def(py::init([](PipelineConfig cfg, const std::vector<py::bytes>& pieces, std::vector<float> scores,

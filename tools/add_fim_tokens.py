@@ -5,7 +5,8 @@
 
 Copies the tokenizer (``tokenizer.json`` or a transformers directory) to ``--output`` with
 ``<|fim_prefix|>``, ``<|fim_middle|>``, ``<|fim_suffix|>``, ``<|fim_pad|>`` added as special tokens
-at the end of the vocabulary (other spellings with ``--fim-prefix-token`` ...). A model trained with
+at the end of the vocabulary (other spellings with ``--fim-prefix-token`` ...); with ``--repo-tokens``
+also ``<repo_name>`` and ``<file_sep>``, which ``tools/preprocess_data.py --group-by-key`` needs. A model trained with
 the tokenizer before needs its embeddings resized to the new vocabulary size, which the model import
 does (docs/tokenizer.md).
 """
@@ -28,13 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, spelling in DEFAULT_FIM_SPELLINGS.items():
         p.add_argument(f"--{name.replace('_', '-')}-token", default=spelling, help=f"default {spelling}")
     p.add_argument("--eod-token", default="<|endoftext|>", help="added only when the tokenizer has no end-of-text")
+    p.add_argument("--repo-tokens", action="store_true",
+                   help="also add <repo_name> and <file_sep> (repository-level documents), when missing")
     args = p.parse_args(argv)
     spellings = {name: getattr(args, f"{name}_token") for name in (*DEFAULT_FIM_SPELLINGS, "eod")}
     try:
-        path, added = add_fim_tokens(args.tokenizer, args.output, spellings)
+        path, added = add_fim_tokens(args.tokenizer, args.output, spellings, repo_tokens=args.repo_tokens)
     except (ValueError, OSError) as err:
         print(f"add_fim_tokens: error: {err}", file=sys.stderr)
         return 2
+    spellings.update(repo_name="<repo_name>", file_sep="<file_sep>")
     what = ", ".join(f"{spellings[n]}={i}" for n, i in added.items()) or "nothing (it has them all)"
     print(f"wrote {path}: added {what}")
     return 0

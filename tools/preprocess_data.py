@@ -7,7 +7,9 @@
 ``--input`` takes JSON-lines files, or source files / directories / globs (one document per file).
 Writes ``<output-prefix>_<key>_document.bin/.idx`` per key. Bad documents (malformed JSON, a missing
 key, a non-string value, invalid UTF-8, an empty text) are skipped and listed with ``file:line`` in
-the closing summary; ``--strict`` stops at the first. Any error (a bad flag or input, every document
+the closing summary; ``--strict`` stops at the first. ``--group-by-key repo --path-key path`` makes
+each repository one document, ``<repo_name>NAME<file_sep>PATH\nCONTENT<file_sep>...``, files sorted by
+path. Any error (a bad flag or input, every document
 skipped, an unwritable output) is one line on stderr and exit code 2, with nothing written.
 See docs/preprocessing.md.
 """
@@ -46,6 +48,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a Hugging Face tokenizer's eod / fim_prefix / fim_middle / fim_suffix / fim_pad token, "
                         "when not a known spelling (repeatable)")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenize (default: text)")
+    p.add_argument("--group-by-key", metavar="KEY",
+                   help="JSONL: records with the same value under KEY (e.g. repo) become one document, "
+                        "<repo_name>NAME<file_sep>PATH\\nCONTENT<file_sep>..., files sorted by path; needs "
+                        "--path-key and a tokenizer with <repo_name> and <file_sep>")
+    p.add_argument("--path-key", metavar="KEY", help="with --group-by-key: the key of each file's path (e.g. path)")
+    p.add_argument("--max-group-bytes", type=int, default=256 * 2**20, metavar="N",
+                   help="with --group-by-key: at most N bytes of text held for repositories not yet written "
+                        "(default 256 MiB); a bigger repository is split into several documents, each starting "
+                        "with <repo_name>; input sorted by repository keeps the others whole")
     p.add_argument("--append-eod", action="store_true", help="append the end-of-document id to each document")
     p.add_argument("--workers", type=int, default=1, help="encoding threads (default 1)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad document instead of skipping it")
@@ -73,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         config = PreprocessConfig(inputs=args.input, output_prefix=args.output_prefix,
                                   tokenizer_model=args.tokenizer_model, tokenizer_type=args.tokenizer_type,
                                   special_tokens=parse_special_tokens(args.special_token),
-                                  json_keys=args.json_keys,
+                                  json_keys=args.json_keys, group_by_key=args.group_by_key,
+                                  path_key=args.path_key, max_group_bytes=args.max_group_bytes,
                                   append_eod=args.append_eod, workers=args.workers, strict=args.strict,
                                   progress=not args.quiet, log_interval=args.log_interval)
         summary = run_preprocess(config)

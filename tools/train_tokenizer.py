@@ -28,13 +28,16 @@ import sentencepiece as spm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megafim.data.inputs import EXCLUDED_DIRS, SOURCE_SUFFIXES, find_input_files  # noqa: E402
-from megafim.data.tokenizer import (EOD_PIECE, FIM_MIDDLE_PIECE, FIM_PAD_PIECE, FIM_PREFIX_PIECE,  # noqa: E402
-                                    FIM_SUFFIX_PIECE)
+from megafim.data.tokenizer import (EOD_PIECE, FILE_SEP_PIECE, FIM_MIDDLE_PIECE, FIM_PAD_PIECE,  # noqa: E402
+                                    FIM_PREFIX_PIECE, FIM_SUFFIX_PIECE, REPO_NAME_PIECE)
 
 # The special tokens, in id order after <unk> (id 0) and end-of-text (id 1), as megafim/data/tokenizer.py
 # names them.
 FIM_PIECES = (FIM_PREFIX_PIECE, FIM_MIDDLE_PIECE, FIM_SUFFIX_PIECE, FIM_PAD_PIECE)
-N_META = 2 + len(FIM_PIECES)  # <unk>, end-of-text, the four FIM sentinels
+# After the FIM sentinels, so that FIM ids stay those of models trained before these existed.
+REPO_PIECES = (REPO_NAME_PIECE, FILE_SEP_PIECE)  # repository-level documents (preprocess --group-by-key)
+CONTROL_PIECES = FIM_PIECES + REPO_PIECES
+N_META = 2 + len(CONTROL_PIECES)  # <unk>, end-of-text, the FIM sentinels, the repository tokens
 N_BYTES = 256  # byte-fallback pieces <0x00>..<0xFF>
 
 # The same source-file rule as tools/preprocess_data.py: which extensions a directory contributes, and
@@ -314,7 +317,7 @@ def trainer_settings(config: TrainConfig, coverage: float) -> dict:
         max_sentencepiece_length=config.max_piece_length,
         unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
         eos_piece=EOD_PIECE,
-        control_symbols=list(FIM_PIECES),
+        control_symbols=list(CONTROL_PIECES),
         num_threads=config.threads,
         shuffle_input_sentence=False,  # we sample ourselves (--max-bytes), with --seed
         minloglevel=2,
@@ -353,14 +356,14 @@ def _write_outputs(config, processor, model_bytes, settings, stats, n_chars, dro
     prefix = Path(config.output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     special = {"eod": processor.piece_to_id(EOD_PIECE)}
-    special.update({p.strip("<>"): processor.piece_to_id(p) for p in FIM_PIECES})
+    special.update({p.strip("<>"): processor.piece_to_id(p) for p in CONTROL_PIECES})
     info = {
         "format": "megafim-tokenizer", "version": 1,
         "model": prefix.name + ".model",
         "model_type": "bpe",
         "vocab_size": processor.vocab_size(),
         "special_ids": special,
-        "special_pieces": {"eod": EOD_PIECE, **{p.strip("<>"): p for p in FIM_PIECES}},
+        "special_pieces": {"eod": EOD_PIECE, **{p.strip("<>"): p for p in CONTROL_PIECES}},
         "unk_id": processor.unk_id(),
         "byte_fallback_ids": [processor.piece_to_id(f"<0x{b:02X}>") for b in (0, 255)],
         "character_pieces": n_chars,

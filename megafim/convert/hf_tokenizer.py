@@ -59,19 +59,22 @@ def save_hf_tokenizer(tokenizer, out_dir: str | Path, model_max_length: int = 20
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` into out_dir,
     loadable with ``transformers.AutoTokenizer.from_pretrained(out_dir)``. A Hugging Face tokenizer
     (``megafim.data.tokenizer_hf.HFTokenizer``) is written as it was loaded, FIM tokens included, with
-    its end-of-text as ``eos_token`` and its FIM tokens as additional special tokens."""
+    its end-of-text as ``eos_token`` and its FIM tokens (and ``<repo_name>`` / ``<file_sep>`` when it has
+    them) as additional special tokens."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(tokenizer, "save"):  # the imported tokenizer.json, unchanged
         tokenizer.save(out)
         pieces = tokenizer.special_pieces
-        fim = [pieces[k] for k in ("fim_prefix", "fim_middle", "fim_suffix", "fim_pad") if pieces[k]]
+        fim = [pieces[k] for k in ("fim_prefix", "fim_middle", "fim_suffix", "fim_pad", "repo_name", "file_sep")
+               if pieces.get(k)]
         special_map = {"eos_token": pieces["eod"], "additional_special_tokens": fim}
         if pieces["fim_pad"]:
             special_map["pad_token"] = pieces["fim_pad"]
     else:
         build_hf_tokenizer(tokenizer).save(str(out / "tokenizer.json"))
         fim = [SPECIAL_PIECES[k] for k in ("fim_prefix", "fim_middle", "fim_suffix", "fim_pad")]
+        fim += [p for p in (tokenizer.special_pieces.get(k) for k in ("repo_name", "file_sep")) if p]
         special_map = {"eos_token": SPECIAL_PIECES["eod"], "unk_token": tokenizer.id_to_piece(0),
                        "pad_token": SPECIAL_PIECES["fim_pad"], "additional_special_tokens": fim}
     config = {

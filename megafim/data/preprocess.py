@@ -6,7 +6,9 @@ summary. Inputs are JSON-lines files (one document per line, text under each of 
 source files (a directory, glob or file list; one document per file). Each key gets its own dataset
 ``<output_prefix>_<key>_document.bin/.idx``, in Megatron-LM's format (``docs/data_format.md``).
 Bad documents are skipped and reported by reason with ``file:line`` (``strict`` stops at the first),
-and outputs appear only when complete (``docs/preprocessing.md``).
+and outputs appear only when complete (``docs/preprocessing.md``). With ``group_by_key``, the records
+of one repository become one document (``<repo_name>NAME<file_sep>PATH\nCONTENT...``, files sorted
+by path; ``csrc/repo_grouper.h``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ class PreprocessConfig:
     """``GPTSentencePieceTokenizer`` or ``HuggingFaceTokenizer``; None: from the path (docs/tokenizer.md)."""
     special_tokens: dict = field(default_factory=dict)
     """Spellings of ``eod`` / ``fim_*`` in a Hugging Face tokenizer, when not the known ones."""
+    group_by_key: str | None = None
+    """JSONL: records with the same string under this key (e.g. ``repo``) become one document,
+    ``<repo_name>NAME<file_sep>PATH\nCONTENT<file_sep>...`` with the files sorted by path."""
+    path_key: str | None = None
+    """With ``group_by_key``: the key holding each record's path in its repository (e.g. ``path``)."""
+    max_group_bytes: int = 256 * 2**20
+    """With ``group_by_key``: the most text (paths + contents) held for repositories not yet written;
+    a bigger repository is split into several documents (reported in the summary)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.inputs, (str, os.PathLike)):
@@ -68,6 +78,25 @@ class PreprocessConfig:
             raise ValueError(f"log_interval {self.log_interval}: must be > 0")
         if not self.output_prefix:
             raise ValueError("output_prefix: must not be empty")
+        self._validate_grouping()
+
+    def _validate_grouping(self) -> None:
+        if self.path_key is not None and self.group_by_key is None:
+            raise ValueError(f"--path-key {self.path_key!r}: only used with --group-by-key")
+        if self.group_by_key is None:
+            return
+        if not self.group_by_key:
+            raise ValueError("--group-by-key: must not be empty")
+        if not self.path_key:
+            raise ValueError(f"--group-by-key {self.group_by_key!r}: needs --path-key (the key of each file's path)")
+        if len(self.json_keys) != 1:
+            raise ValueError(f"--group-by-key {self.group_by_key!r}: takes one --json-keys key, got {self.json_keys}")
+        keys = [self.json_keys[0], self.group_by_key, self.path_key]
+        if len(set(keys)) != 3:
+            raise ValueError(f"--group-by-key {self.group_by_key!r}, --path-key {self.path_key!r} and "
+                             f"--json-keys {self.json_keys[0]!r} must be three different keys")
+        if self.max_group_bytes < 1:
+            raise ValueError(f"--max-group-bytes {self.max_group_bytes}: must be >= 1")
 
     def output_prefixes(self) -> list[str]:
         return [f"{self.output_prefix}_{key}_document" for key in self.json_keys]
@@ -107,6 +136,8 @@ def run_preprocess(config: PreprocessConfig) -> dict:
 
     files, jsonl = resolve_inputs(config.inputs)
     tokenizer = load_tokenizer(config.tokenizer_model, config.tokenizer_type, config.special_tokens or None)
+    if config.group_by_key is not None:
+        check_grouping_inputs(files, jsonl, tokenizer, config)
     native = load("preprocess_pipeline")
     cfg = native.PipelineConfig()
     cfg.inputs, cfg.jsonl = files, jsonl
@@ -116,6 +147,10 @@ def run_preprocess(config: PreprocessConfig) -> dict:
     cfg.dtype_code = CODE_OF_DTYPE[dtype]
     cfg.append_eod, cfg.eod = config.append_eod, tokenizer.eod
     cfg.workers, cfg.strict, cfg.block_bytes = config.workers, config.strict, config.block_bytes
+    if config.group_by_key is not None:
+        cfg.group_key, cfg.path_key = config.group_by_key, config.path_key
+        cfg.repo_name_id, cfg.file_sep_id = tokenizer.repo_name, tokenizer.file_sep
+        cfg.max_group_bytes = config.max_group_bytes
     for prefix in cfg.output_prefixes:
         make_output_directory(prefix)
     total_bytes = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
@@ -136,6 +171,40 @@ def run_preprocess(config: PreprocessConfig) -> dict:
                    outputs=list(cfg.output_prefixes), dtype=str(dtype), tokenizer=tokenizer.model_path,
                    workers=config.workers, completed=finished, removed_temporaries=lock.removed)
     return summary
+
+
+def check_grouping_inputs(files: list[str], jsonl: bool, tokenizer, config: PreprocessConfig) -> None:
+    """Before any work: grouping takes JSONL, a tokenizer with ``<repo_name>`` / ``<file_sep>``, and
+    records with string group and path values (each file's first record is checked here; a later
+    record without them stops the run there, naming its ``file:line``)."""
+    from megafim.data.tokenizer import require_repo_tokens
+
+    if not jsonl:
+        raise ValueError(f"--group-by-key {config.group_by_key!r}: needs JSONL inputs (records with a "
+                         f"repository and a path), got source files ({files[0]})")
+    require_repo_tokens(tokenizer, "--group-by-key")
+    for path in files:
+        line_no, record = _first_record(path)
+        if not isinstance(record, dict):
+            continue  # empty, or malformed: skipped and reported like any bad line
+        for flag, key in (("--group-by-key", config.group_by_key), ("--path-key", config.path_key)):
+            if not isinstance(record.get(key), str):
+                what = "no such key" if key not in record else "a non-string value"
+                raise ValueError(f"{path}:{line_no}: {flag} {key}: the record has {what}")
+
+
+def _first_record(path: str) -> tuple[int, object]:
+    """(line number, parsed JSON) of the first non-blank line, or (0, None)."""
+    import json
+
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if raw.strip():
+                try:
+                    return line_no, json.loads(raw)
+                except ValueError:
+                    return line_no, None
+    return 0, None
 
 
 def make_output_directory(prefix: str) -> None:
@@ -242,6 +311,15 @@ def format_summary(summary: dict) -> str:
             lines.append(f"    {reason}: {count:,} (first: {where}{more})")
     else:
         lines.append("  skipped:   none")
+    if "grouped_records" in summary:
+        lines.append(f"  grouped:   {summary['grouped_records']:,} records into {summary['documents']:,} "
+                     f"repository documents")
+    if summary.get("split_groups"):
+        names = ", ".join(f"{name} ({parts} documents)" for name, parts in summary["split_examples"])
+        more = ", ..." if summary["split_groups"] > len(summary["split_examples"]) else ""
+        lines.append(f"  split:     {summary['split_groups']:,} repositories went over --max-group-bytes "
+                     f"(too big, or interleaved with others) and were written as several documents: "
+                     f"{names}{more}")
     if summary.get("blank_lines"):
         lines.append(f"  blank lines ignored: {summary['blank_lines']:,}")
     if summary.get("removed_temporaries"):

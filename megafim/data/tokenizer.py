@@ -33,6 +33,11 @@ FIM_SUFFIX_PIECE = "<fim_suffix>"
 FIM_PAD_PIECE = "<fim_pad>"
 SPECIAL_PIECES = {"eod": EOD_PIECE, "fim_prefix": FIM_PREFIX_PIECE, "fim_middle": FIM_MIDDLE_PIECE,
                   "fim_suffix": FIM_SUFFIX_PIECE, "fim_pad": FIM_PAD_PIECE}
+# Repository-level documents (tools/preprocess_data.py --group-by-key), StarCoder2's spellings. Optional:
+# models trained before they existed lack them, and only grouping needs them (require_repo_tokens).
+REPO_NAME_PIECE = "<repo_name>"
+FILE_SEP_PIECE = "<file_sep>"
+REPO_PIECES = {"repo_name": REPO_NAME_PIECE, "file_sep": FILE_SEP_PIECE}
 
 SPACE_SYMBOL = "\u2581"  # sentencepiece's stand-in for " " inside pieces
 SPACE_SYMBOL_BYTES = SPACE_SYMBOL.encode("utf-8")
@@ -196,6 +201,17 @@ def load_tokenizer(path: str | os.PathLike, tokenizer_type: str | None = None,
     return Tokenizer._from_sentencepiece_file(path)
 
 
+def require_repo_tokens(tokenizer, flag: str = "--group-by-key") -> None:
+    """Raise ValueError (one line, naming ``flag``) unless the tokenizer has ``<repo_name>`` and
+    ``<file_sep>``, which repository-level documents are made of."""
+    missing = [REPO_PIECES[n] for n in REPO_PIECES if getattr(tokenizer, n, None) is None]
+    if missing:
+        how = ("add them with tools/add_fim_tokens.py --repo-tokens (and resize the model's embeddings)"
+               if tokenizer.tokenizer_type == "HuggingFaceTokenizer" else
+               "retrain it with tools/train_tokenizer.py, which adds them")
+        raise ValueError(f"{flag}: tokenizer {tokenizer.model_path} has no {' or '.join(missing)} token; {how}")
+
+
 def require_fim(tokenizer) -> None:
     """Raise ValueError (one line) unless the tokenizer has the four FIM tokens FIM training needs."""
     missing = [n for n in ("fim_prefix", "fim_middle", "fim_suffix", "fim_pad") if getattr(tokenizer, n, None) is None]
@@ -274,7 +290,12 @@ class Tokenizer:
             if self._sp.id_to_piece(i) != piece or self._proto.types[i] != CONTROL:
                 missing.append(piece)
             setattr(self, attr, i)
-        self.special_pieces = dict(SPECIAL_PIECES)
+        self.special_pieces: dict[str, str | None] = dict(SPECIAL_PIECES)
+        for attr, piece in REPO_PIECES.items():  # optional: None in models trained before they existed
+            i = self._sp.piece_to_id(piece)
+            present = self._sp.id_to_piece(i) == piece and self._proto.types[i] == CONTROL
+            setattr(self, attr, i if present else None)
+            self.special_pieces[attr] = piece if present else None
         if missing:
             raise ValueError(f"{self.model_path}: the model lacks the special tokens {', '.join(missing)} "
                              "(as control symbols); train it with tools/train_tokenizer.py")

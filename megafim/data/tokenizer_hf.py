@@ -29,6 +29,8 @@ SPELLINGS: dict[str, tuple[str, ...]] = {
     "fim_middle": ("<fim_middle>", "<|fim_middle|>", "<｜fim▁end｜>"),
     "fim_suffix": ("<fim_suffix>", "<|fim_suffix|>", "<｜fim▁hole｜>"),
     "fim_pad": ("<fim_pad>", "<|fim_pad|>", "<pad>", "<|pad|>", "<｜▁pad▁｜>"),
+    "repo_name": ("<repo_name>",),  # repository-level documents (StarCoder2's spellings)
+    "file_sep": ("<file_sep>",),
 }
 FIM_NAMES = ("fim_prefix", "fim_middle", "fim_suffix", "fim_pad")
 # The spellings tools/add_fim_tokens.py adds to a tokenizer that has none.
@@ -107,8 +109,9 @@ class HFTokenizer:
     """A byte-level BPE ``tokenizer.json``: the interface of ``megafim.data.tokenizer.Tokenizer``.
 
     ``special_tokens`` names the spelling of any of ``eod``, ``fim_prefix``, ``fim_middle``,
-    ``fim_suffix``, ``fim_pad`` (else the known spellings are looked up). End-of-text is required; a
-    FIM id is ``None`` when the tokenizer has no such token (``require_fim`` says how to add them).
+    ``fim_suffix``, ``fim_pad``, ``repo_name``, ``file_sep`` (else the known spellings are looked up).
+    End-of-text is required; a FIM or repository id is ``None`` when the tokenizer has no such token
+    (``require_fim`` / ``require_repo_tokens`` say how to add them).
     """
 
     backend = "huggingface"
@@ -287,10 +290,12 @@ class HFTokenizer:
 
 
 def add_fim_tokens(src: str | os.PathLike, out_dir: str | os.PathLike,
-                   spellings: dict[str, str] | None = None) -> tuple[Path, dict[str, int]]:
+                   spellings: dict[str, str] | None = None,
+                   repo_tokens: bool = False) -> tuple[Path, dict[str, int]]:
     """Copy the tokenizer at ``src`` (``tokenizer.json`` or a directory) to ``out_dir`` with the FIM
     tokens it lacks added as special tokens (``DEFAULT_FIM_SPELLINGS`` unless ``spellings``), and
-    end-of-text too when it has none. Returns (the new tokenizer.json, {name: new id}).
+    end-of-text too when it has none; with ``repo_tokens`` also ``<repo_name>`` / ``<file_sep>``
+    (repository-level documents). Returns (the new tokenizer.json, {name: new id}).
 
     New tokens get ids after the last one, so the vocabulary grows: a model imported with this
     tokenizer needs its embedding (and output) matrices resized to the new ``vocab_size`` (new rows:
@@ -302,8 +307,10 @@ def add_fim_tokens(src: str | os.PathLike, out_dir: str | os.PathLike,
     src_path = Path(src)
     json_path = src_path / "tokenizer.json" if src_path.is_dir() else src_path
     old = HFTokenizer.from_file(json_path)
-    spellings = {**DEFAULT_FIM_SPELLINGS, "eod": "<|endoftext|>", **(spellings or {})}
-    wanted = [n for n in ("eod", *FIM_NAMES) if getattr(old, n) is None]
+    spellings = {**DEFAULT_FIM_SPELLINGS, "eod": "<|endoftext|>", "repo_name": SPELLINGS["repo_name"][0],
+                 "file_sep": SPELLINGS["file_sep"][0], **(spellings or {})}
+    names = ("eod", *FIM_NAMES, *(("repo_name", "file_sep") if repo_tokens else ()))
+    wanted = [n for n in names if getattr(old, n) is None]
     rust = RustTokenizer.from_str(old._json_text)
     added = {}
     for name in wanted:

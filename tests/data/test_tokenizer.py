@@ -10,7 +10,7 @@ import sentencepiece as spm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megafim.data.tokenizer import SPECIAL_PIECES, Tokenizer
+from megafim.data.tokenizer import REPO_PIECES, SPECIAL_PIECES, Tokenizer
 from tests.data.test_tokenizer_fixtures import (  # noqa: F401  (session fixtures)
     small_model, small_tokenizer, sp_tokenizer, stdlib_files, train_tool)
 
@@ -28,14 +28,14 @@ def tok(request, small_model):
 
 
 def test_special_ids_are_distinct_control_ids(tok, small_model):
-    ids = [tok.eod, tok.fim_prefix, tok.fim_middle, tok.fim_suffix, tok.fim_pad]
-    assert len(set(ids)) == 5 and all(0 <= i < tok.vocab_size for i in ids)
+    ids = [tok.eod, tok.fim_prefix, tok.fim_middle, tok.fim_suffix, tok.fim_pad, tok.repo_name, tok.file_sep]
+    assert len(set(ids)) == 7 and all(0 <= i < tok.vocab_size for i in ids)
     sp = spm.SentencePieceProcessor(model_file=small_model)
-    for attr, piece in SPECIAL_PIECES.items():
+    for attr, piece in {**SPECIAL_PIECES, **REPO_PIECES}.items():
         assert sp.id_to_piece(getattr(tok, attr)) == piece and sp.is_control(getattr(tok, attr))
     assert sp.bos_id() == -1 and sp.eos_id() == tok.eod
     info = json.loads(open(small_model[:-len(".model")] + ".json").read())
-    assert info["special_ids"] == {k: getattr(tok, k) for k in SPECIAL_PIECES}
+    assert info["special_ids"] == {k: getattr(tok, k) for k in {**SPECIAL_PIECES, **REPO_PIECES}}
     assert info["vocab_size"] == tok.vocab_size == 2000
 
 

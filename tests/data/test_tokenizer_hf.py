@@ -32,7 +32,7 @@ def test_special_tokens_are_found_by_their_spellings(llama3_fim, gpt2_fim, llama
     tok = load_tokenizer(llama3_fim)
     assert tok.special_pieces == {"eod": "<|end_of_text|>", "fim_prefix": "<|fim_prefix|>",
                                   "fim_middle": "<|fim_middle|>", "fim_suffix": "<|fim_suffix|>",
-                                  "fim_pad": "<|fim_pad|>"}
+                                  "fim_pad": "<|fim_pad|>", "repo_name": None, "file_sep": None}
     r = rust(llama3_fim)
     assert (tok.eod, tok.fim_prefix, tok.fim_pad) == (r.token_to_id("<|end_of_text|>"),
                                                      r.token_to_id("<|fim_prefix|>"), r.token_to_id("<|fim_pad|>"))
@@ -127,7 +127,7 @@ def test_ids_are_the_libraries_and_round_trip(hf_fim_tokenizer, text):  # noqa: 
 
 def test_special_spellings_stay_text(hf_fim_tokenizer):  # noqa: F811
     tok = hf_fim_tokenizer
-    text = "".join(p for p in tok.special_pieces.values()) + " x"
+    text = "".join(p for p in tok.special_pieces.values() if p) + " x"
     ids = tok.encode(text)
     assert not {tok.eod, tok.fim_prefix, tok.fim_middle, tok.fim_suffix, tok.fim_pad} & set(ids)
     assert tok.decode(ids) == text
