@@ -2,7 +2,6 @@
 choice of the directory to resume from, the settings that may not change on resume, and one-line
 errors that name the file."""
 
-import dataclasses
 import json
 
 import pytest
