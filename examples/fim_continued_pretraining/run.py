@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import sysconfig
 import time
@@ -36,8 +35,9 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO))  # this checkout's megafim, as the stages (run from REPO) use
+sys.path[:0] = [str(REPO), str(REPO / "examples")]  # this checkout's megafim, as the stages (run from REPO) use
 
+from logged_run import run_logged  # noqa: E402
 from megafim.training.config import SPECIAL_TOKEN_NAMES  # noqa: E402
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 DEFAULT_DATA = ("json", "email", "http", "logging", "importlib", "asyncio")  # stdlib packages
@@ -104,12 +104,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run(cmd: list[str], log: Path) -> None:
     """Run a stage's command from the repository root, its output into ``log``; print the command."""
-    print("$ " + shlex.join(cmd).replace(sys.executable, "python"), flush=True)
-    with open(log, "a", encoding="utf-8") as out:
-        code = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-15:])
-        raise ExampleError(f"{cmd[1]} failed with exit code {code}; log {log}:\n{tail}")
+    run_logged(cmd, log, REPO, ExampleError)
 
 
 def stage(n: int, name: str) -> None:

@@ -40,6 +40,7 @@ REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(REPO / "examples")]  # report.py; quickstart.write_corpus
 
 import report  # noqa: E402
+from logged_run import run_logged  # noqa: E402
 
 EVAL_SEED = 1234  # the FIM cut points of the held-out data: the same for every run and step
 
@@ -140,13 +141,7 @@ class DataPaths:
 
 def run_tool(args: list[str], log: Path) -> None:
     """Run ``python <tool> args`` from the repository root; on failure, show the tail of its log."""
-    cmd = [sys.executable, *args]
-    print("$ " + shlex.join(cmd).replace(sys.executable, "python"), flush=True)
-    with open(log, "a", encoding="utf-8") as out:
-        code = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-15:])
-        raise ExperimentError(f"{args[0]} failed with exit code {code}; log {log}:\n{tail}")
+    run_logged([sys.executable, *args], log, REPO, ExperimentError)
 
 
 def data_paths(cfg: ExperimentConfig) -> DataPaths:
