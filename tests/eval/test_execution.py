@@ -314,8 +314,11 @@ def test_other_processes_command_lines_are_hidden():
 
 @pytest.mark.skipif(not IS_ROOT, reason="privileges are dropped only when the harness is root")
 def test_code_runs_unprivileged_and_cannot_write_outside():
-    # Outside /tmp, which the sandbox replaces with its own tmpfs.
-    folder = tempfile.mkdtemp(prefix=".sandbox-test-", dir=os.path.dirname(__file__))
+    # Outside the folders the sandbox replaces with its tmpfs; a checkout may itself live under /tmp.
+    here = os.path.dirname(os.path.realpath(__file__))
+    replaced = {"/tmp", "/var/tmp", "/dev/shm", os.path.realpath(tempfile.gettempdir())}
+    outside = os.path.expanduser("~") if any(os.path.commonpath([here, r]) == r for r in replaced) else here
+    folder = tempfile.mkdtemp(prefix=".sandbox-test-", dir=outside)
     os.chmod(folder, 0o755)
     try:
         _write_outside(os.path.join(folder, "pwned"))
