@@ -25,6 +25,8 @@
 #include <string_view>
 #include <vector>
 
+#include "byte_bpe_py.h"
+
 #if __has_include("bpe.h")
 #include "bpe.h"
 #include "splitmix64.h"
@@ -125,10 +127,12 @@ using BatchFn = std::function<void(const std::vector<std::string>&, const std::v
 
 // How the re-encoded texts are encoded: the tokenizer's C++ encoder, or a callable (Python), or a
 // batch callable that takes a whole piece's texts at once (one call into Python per FIM piece
-// instead of up to six: the per-call cost of a Python tokenizer dominates these short texts).
+// instead of up to six: the per-call cost of a Python tokenizer dominates these short texts). A
+// byte-level BPE tokenizer's ASCII texts are encoded in C++ (byte_bpe), the others by the callables.
 struct Encoder {
   EncodeFn fn;
   BatchFn batch;
+  std::shared_ptr<const ByteBpe> byte_bpe;
 #ifdef MEGAFIM_HAVE_BPE
   std::shared_ptr<const BpeEncoder> bpe;
 #endif
@@ -140,6 +144,7 @@ class ContextEncoder {
  public:
   explicit ContextEncoder(const Encoder& e) : e_(e) {}
   void operator()(std::string_view text, std::vector<int32_t>& dst) {
+    if (e_.byte_bpe && e_.byte_bpe->encode(text, dst)) return;
     if (e_.batch) {  // deferred to flush()
       texts_.emplace_back(text);
       dsts_.push_back(&dst);
@@ -624,17 +629,21 @@ PYBIND11_MODULE(fim, m) {
       .def_static(
           "with_callable",
           [](const py::list& token_bytes, int32_t eod, int32_t pre, int32_t mid, int32_t suf, int32_t pad,
-             py::function encode, int boundaries, py::object encode_batch) {
+             py::function encode, int boundaries, py::object encode_batch, py::object byte_bpe) {
             // For tests and tokenizers without a native encoder: encode(str) -> list[int], and
-            // optionally encode_batch(list[str]) -> list[list[int]] (then used instead).
+            // optionally encode_batch(list[str]) -> list[list[int]] (then used instead). With
+            // `byte_bpe` (HFTokenizer.byte_bpe_spec()) ASCII texts are encoded in C++, the transform
+            // runs without the GIL and takes it only to call these.
             Encoder enc;
             enc.fn = [encode](std::string_view text, std::vector<int32_t>& dst) {
+              py::gil_scoped_acquire gil;
               py::str s(text.data(), text.size());
               for (const py::handle& t : encode(s)) dst.push_back(t.cast<int32_t>());
             };
             if (!encode_batch.is_none())
               enc.batch = [encode_batch](const std::vector<std::string>& texts,
                                          const std::vector<std::vector<int32_t>*>& dsts) {
+                py::gil_scoped_acquire gil;
                 py::list in(texts.size());
                 for (size_t i = 0; i < texts.size(); ++i) in[i] = py::str(texts[i]);
                 py::sequence out = encode_batch(in);
@@ -642,13 +651,16 @@ PYBIND11_MODULE(fim, m) {
                 for (size_t i = 0; i < texts.size(); ++i)
                   for (const py::handle& t : out[i]) dsts[i]->push_back(t.cast<int32_t>());
               };
+            if (!byte_bpe.is_none())
+              enc.byte_bpe = std::make_shared<const ByteBpe>(byte_bpe_spec_from_python(byte_bpe.cast<py::tuple>()));
             PyFim f;
             f.fim = std::make_unique<Fim>(to_strings(token_bytes), Specials{eod, pre, mid, suf, pad}, enc, boundaries);
+            f.releases_gil = enc.byte_bpe != nullptr;
             return f;
           },
           py::arg("token_bytes"), py::arg("eod"), py::arg("fim_prefix"), py::arg("fim_middle"),
           py::arg("fim_suffix"), py::arg("fim_pad"), py::arg("encode"), py::arg("boundaries") = 1,
-          py::arg("encode_batch") = py::none())
+          py::arg("encode_batch") = py::none(), py::arg("byte_bpe") = py::none())
 #ifdef MEGAFIM_HAVE_BPE
       .def_static(
           "with_model_spec",

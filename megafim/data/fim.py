@@ -90,9 +90,11 @@ class FimTransform:
                                                       scores=list(scores), types=list(types))
             self.native_encoder = True
         else:
+            byte_bpe = tokenizer.byte_bpe_spec() if hasattr(tokenizer, "byte_bpe_spec") else None
             self._native = native.Fim.with_callable(token_bytes, **ids, encode=tokenizer.encode,
                                                     boundaries=getattr(tokenizer, "fim_boundaries", 1),
-                                                    encode_batch=getattr(tokenizer, "encode_texts", None))
+                                                    encode_batch=getattr(tokenizer, "encode_texts", None),
+                                                    byte_bpe=byte_bpe)
             self.native_encoder = False
         self._transform = self._native.transform
         self._options = (float(config.rate), float(config.spm_rate), config.level == "document",

@@ -195,6 +195,13 @@ class HFTokenizer:
                                  "byte-level alphabet")
         return out
 
+    def byte_bpe_spec(self) -> tuple | None:
+        """The model of megafim's C++ encoder for ASCII text (``csrc/byte_bpe.h``, exact there), or None
+        when this tokenizer does something it does not reproduce (``megafim/data/byte_bpe.py``)."""
+        from megafim.data.byte_bpe import byte_bpe_spec
+
+        return byte_bpe_spec(json.loads(self._json_text), unicode_to_byte())
+
     def token_id(self, spelling: str) -> int | None:
         """The id of a token spelled ``spelling`` exactly, or None."""
         return self._ids.get(spelling)
