@@ -45,8 +45,10 @@ SPACE_SAFE_REGEXES = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 )
 # FIM word-boundary rules of csrc/fim.cpp: none (re-encode whole parts), a space after a non-space
-# (megafim's sentencepiece models), a space after an ASCII non-whitespace byte (the regexes above).
-BOUNDARY_NONE, BOUNDARY_SPACE, BOUNDARY_ASCII_SPACE = 0, 1, 2
+# (megafim's sentencepiece models), a space after an ASCII non-whitespace byte (the regexes above),
+# that or a newline whose following whitespace holds no newline and ends at an ASCII non-whitespace
+# byte (Llama 3 and Qwen2's regexes, applied first: their `\s*[\r\n]+` ends a pre-token there).
+BOUNDARY_NONE, BOUNDARY_SPACE, BOUNDARY_ASCII_SPACE, BOUNDARY_AFTER_NEWLINE = 0, 1, 2, 3
 
 # A text with what byte-level tokenizers could get wrong: no leading space (add_prefix_space would
 # add one), runs of spaces, tabs, newlines, accents, CJK, emoji, a special token's spelling.
@@ -100,7 +102,13 @@ def _boundary_rule(spec: dict) -> int:
                 return BOUNDARY_NONE
         else:
             return BOUNDARY_NONE
-    return BOUNDARY_ASCII_SPACE if parts else BOUNDARY_NONE
+    if not parts:
+        return BOUNDARY_NONE
+    first = parts[0]
+    if (first.get("type") == "Split" and first.get("behavior") == "Isolated"
+            and first["pattern"]["Regex"] in SPACE_SAFE_REGEXES[1:]):
+        return BOUNDARY_AFTER_NEWLINE
+    return BOUNDARY_ASCII_SPACE
 
 
 class HFTokenizer:
