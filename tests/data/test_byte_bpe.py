@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -124,8 +126,6 @@ def test_no_spec_for_what_it_cannot_reproduce(llama3_fim, change):  # noqa: F811
 
 
 def test_bad_spec_is_refused():
-    import numpy as np
-
     native = load("byte_bpe")
     vocab = [bytes([b]) for b in range(256)]
     with pytest.raises(ValueError, match="lacks the byte 65"):
@@ -134,3 +134,22 @@ def test_bad_spec_is_refused():
         native.ByteBpe((vocab, np.zeros((2, 2), np.int32), [1], False, []))
     with pytest.raises(ValueError, match="unknown pre-tokenizer step"):
         native.ByteBpe((vocab, np.zeros((0, 3), np.int32), [9], False, []))
+
+
+def test_batch_encoders_mix_both_encoders(tokenizers, llama3_fim, hf_dir):  # noqa: F811
+    """encode_flat / encode_batch (preprocessing): ASCII texts from C++, the others from the library,
+    in order; with a non-special added token the texts holding it go to the library."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as RustTokenizer
+
+    r = RustTokenizer.from_file(str(llama3_fim / "tokenizer.json"))
+    r.add_tokens([AddedToken("<tool_call>", special=False)])
+    r.save(str(hf_dir / "added_plain_batch.json"))
+    texts = ["def f(x):\n    return x\n", "naïve 日本", "", "a <tool_call> b", "<|fim_prefix|> x", "1234567 'S"]
+    for tok in [t for t, _ in tokenizers] + [load_tokenizer(hf_dir / "added_plain_batch.json")]:
+        expected = [tok._hf.encode(t, add_special_tokens=False).ids for t in texts]
+        flat, lengths = tok.encode_flat(texts)
+        assert lengths.tolist() == [len(e) for e in expected] and flat.tolist() == sum(expected, [])
+        assert flat.dtype == np.int32 and lengths.dtype == np.int64
+        assert [b.tolist() for b in tok.encode_batch(texts)] == expected
+        assert tok.encode_batch([]) == [] and tok.encode_flat([])[0].size == 0
