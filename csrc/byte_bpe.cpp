@@ -40,9 +40,10 @@ PYBIND11_MODULE(byte_bpe, m) {
               py::gil_scoped_release nogil;
               int64_t* len = lengths.mutable_data();
               bool* no = declined.mutable_data();
+              ByteBpe::Workspace& ws = ByteBpe::workspace();
               for (size_t i = 0; i < in.size(); ++i) {
                 const size_t before = ids.size();
-                no[i] = !self.encode(in[i], ids);
+                no[i] = !self.encode(in[i], ids, ws);
                 len[i] = static_cast<int64_t>(ids.size() - before);
               }
             }

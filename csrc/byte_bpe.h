@@ -74,32 +74,47 @@ class ByteBpe {
     merges_.build(last);
   }
 
+  // Scratch space and the word cache of one thread (for one encoder at a time: owner is the
+  // encoder's instance number, never reused).
+  struct Workspace {
+    static constexpr size_t kMaxWordBytes = 64, kMaxEntries = size_t(1) << 16;
+    uint64_t owner = 0;
+    bpe_detail::BytesMap words;  // pre-token bytes -> span of ids
+    std::vector<int32_t> ids, sym;
+    std::vector<std::pair<size_t, size_t>> a, b;
+  };
+  // The calling thread's workspace. A caller that encodes many texts in a row fetches it once (a
+  // thread_local in a shared library costs a call per access).
+  static Workspace& workspace() {
+    thread_local Workspace ws;
+    return ws;
+  }
+
   // Appends the ids of `text` and returns true; returns false, appending nothing, when the text is
   // not ASCII or holds a reserved text.
-  bool encode(std::string_view text, std::vector<int32_t>& out) const {
+  bool encode(std::string_view text, std::vector<int32_t>& out) const { return encode(text, out, workspace()); }
+
+  bool encode(std::string_view text, std::vector<int32_t>& out, Workspace& ws) const {
     for (unsigned char c : text)
       if (c >= 128) return false;
     for (const std::string& r : reserved_)
       if (text.find(r) != std::string_view::npos) return false;
-    thread_local std::vector<std::pair<size_t, size_t>> a, b;
-    a.assign(1, {0, text.size()});
-    for (int step : steps_) {
-      b.clear();
-      for (auto [s, e] : a) split(step, text, s, e, b);
-      std::swap(a, b);
+    if (ws.owner != instance_ || ws.words.size() >= Workspace::kMaxEntries) {  // bound memory
+      ws.words.clear();
+      ws.ids.clear();
+      ws.owner = instance_;
     }
-    for (auto [s, e] : a) word(text.substr(s, e - s), out);
+    ws.a.assign(1, {0, text.size()});
+    for (int step : steps_) {
+      ws.b.clear();
+      for (auto [s, e] : ws.a) split(step, text, s, e, ws.b);
+      std::swap(ws.a, ws.b);
+    }
+    for (auto [s, e] : ws.a) word(text.substr(s, e - s), out, ws);
     return true;
   }
 
  private:
-  // The calling thread's word cache, for one encoder at a time (instance_: ids are never reused).
-  struct Cache {
-    static constexpr size_t kMaxWordBytes = 64, kMaxEntries = size_t(1) << 16;
-    uint64_t owner = 0;
-    bpe_detail::BytesMap words;  // pre-token bytes -> span of ids
-    std::vector<int32_t> ids;
-  };
   std::vector<int> steps_;
   bool ignore_merges_;
   std::vector<std::string> reserved_;
@@ -201,7 +216,7 @@ class ByteBpe {
 
   // One pre-token: the whole of it when ignore_merges and it is in the vocabulary, else its bytes
   // merged pair by pair, lowest rank first, leftmost first among equal ranks.
-  void word(std::string_view w, std::vector<int32_t>& out) const {
+  void word(std::string_view w, std::vector<int32_t>& out, Workspace& ws) const {
     if (w.empty()) return;
     const uint64_t h = bpe_detail::hash_bytes(w.data(), w.size());
     if (ignore_merges_)
@@ -209,19 +224,13 @@ class ByteBpe {
         out.push_back(static_cast<int32_t>(f->value_off));
         return;
       }
-    thread_local Cache cache;
-    if (cache.owner != instance_ || cache.words.size() >= Cache::kMaxEntries) {  // bound memory
-      cache.words.clear();
-      cache.ids.clear();
-      cache.owner = instance_;
-    }
-    const bool cacheable = w.size() <= Cache::kMaxWordBytes;
+    const bool cacheable = w.size() <= Workspace::kMaxWordBytes;
     if (cacheable)
-      if (const auto* f = cache.words.find(w, h)) {
-        out.insert(out.end(), cache.ids.begin() + f->value_off, cache.ids.begin() + f->value_off + f->value_len);
+      if (const auto* f = ws.words.find(w, h)) {
+        out.insert(out.end(), ws.ids.begin() + f->value_off, ws.ids.begin() + f->value_off + f->value_len);
         return;
       }
-    thread_local std::vector<int32_t> sym;
+    std::vector<int32_t>& sym = ws.sym;
     sym.clear();
     for (char c : w) sym.push_back(byte_id_[static_cast<unsigned char>(c)]);
     while (sym.size() > 1) {
@@ -242,8 +251,8 @@ class ByteBpe {
     }
     out.insert(out.end(), sym.begin(), sym.end());
     if (!cacheable) return;
-    cache.words.insert(w, h, {static_cast<uint32_t>(cache.ids.size()), static_cast<uint32_t>(sym.size())});
-    cache.ids.insert(cache.ids.end(), sym.begin(), sym.end());
+    ws.words.insert(w, h, {static_cast<uint32_t>(ws.ids.size()), static_cast<uint32_t>(sym.size())});
+    ws.ids.insert(ws.ids.end(), sym.begin(), sym.end());
   }
 };
 

@@ -161,7 +161,10 @@ class ContextEncoder {
  public:
   explicit ContextEncoder(const Encoder& e) : e_(e) {}
   void operator()(std::string_view text, std::vector<int32_t>& dst) {
-    if (e_.byte_bpe && e_.byte_bpe->encode(text, dst)) return;
+    if (e_.byte_bpe) {
+      if (!byte_ws_) byte_ws_ = &ByteBpe::workspace();
+      if (e_.byte_bpe->encode(text, dst, *byte_ws_)) return;
+    }
     if (e_.batch) {  // deferred to flush()
       texts_.emplace_back(text);
       dsts_.push_back(&dst);
@@ -188,6 +191,7 @@ class ContextEncoder {
   const Encoder& e_;
   std::vector<std::string> texts_;
   std::vector<std::vector<int32_t>*> dsts_;
+  ByteBpe::Workspace* byte_ws_ = nullptr;
 #ifdef MEGAFIM_HAVE_BPE
   std::optional<BpeEncoder::Session> session_;
 #endif
