@@ -218,6 +218,10 @@ class ByteBpe {
   // merged pair by pair, lowest rank first, leftmost first among equal ranks.
   void word(std::string_view w, std::vector<int32_t>& out, Workspace& ws) const {
     if (w.empty()) return;
+    if (w.size() == 1) {  // a byte is its own token: nothing to merge, and the vocabulary entry is it
+      out.push_back(byte_id_[static_cast<unsigned char>(w[0])]);
+      return;
+    }
     const uint64_t h = bpe_detail::hash_bytes(w.data(), w.size());
     if (ignore_merges_)
       if (const auto* f = words_.find(w, h)) {
