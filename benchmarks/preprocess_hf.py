@@ -7,8 +7,8 @@
 The corpus is the standard library's *.py files as JSONL (benchmarks/preprocess.py's). The tokenizer
 is a Llama-3-style byte-level BPE trained here with the ``tokenizers`` library on the same files, FIM
 tokens added (tools/add_fim_tokens.py), written as a transformers directory that both tools load.
-Megatron-LM comes from ``--megatron-dir`` or ``$MEGATRON_LM`` (a checkout; made from the git mirror
-``--megatron-git-dir`` at ``--megatron-ref`` when missing). The tools run alternately; medians are
+Megatron-LM comes from ``--megatron-lm`` or ``$MEGATRON_LM`` (a checkout, see benchmarks/README.md;
+without one only megafim is measured). The tools run alternately; medians are
 reported, with docs/s, peak RSS over the process tree, and whether the ids agree document by document.
 Writes benchmarks/results/preprocess_hf.json.
 """
@@ -26,17 +26,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from preprocess import (MIRROR, compare_outputs, ensure_megatron, make_corpus, medians, one_run,  # noqa: E402
-                        ours_cmd, print_table, shared_machine)
+from preprocess import (checkout_version, compare_outputs, make_corpus, medians, megatron_checkout,  # noqa: E402
+                        one_run, ours_cmd, print_table, shared_machine)
 from report import write_json  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="/tmp/megafim-bench-preprocess-hf")
-    p.add_argument("--megatron-dir", default=os.environ.get("MEGATRON_LM", "/tmp/megatron-lm"))
-    p.add_argument("--megatron-git-dir", default=MIRROR)
-    p.add_argument("--megatron-ref", default="core_v0.16.1")
+    p.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM"),
+                   help="a Megatron-LM checkout (default: $MEGATRON_LM; none: only megafim is measured)")
     p.add_argument("--megatron-pythonpath", default="",
                    help="extra PYTHONPATH entries for Megatron-LM's tool (it imports `six`, which megafim does not need)")
     p.add_argument("--vocab-size", type=int, default=16384)
@@ -82,49 +81,51 @@ def megatron_hf_cmd(mdir: Path, inp: Path, prefix: Path, model: Path, workers: i
 def main() -> None:
     args = parse_args()
     load_at_start = os.getloadavg()
+    mdir = megatron_checkout(args.megatron_lm)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    mdir = ensure_megatron(args)
     small, _, n_docs = make_corpus(work, 1)
     model = ensure_hf_tokenizer(work, args.vocab_size, small)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(mdir), args.megatron_pythonpath])),
-               PYTHONWARNINGS="ignore")
     from megafim.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model)
     print(f"corpus: {small} ({small.stat().st_size / 2**20:.1f} MiB, {n_docs} documents); tokenizer {model} "
           f"(vocab {tok.vocab_size}); workers {args.workers}; {args.repeats} alternating runs each", flush=True)
-    commands = {"megafim": ours_cmd(small, work / "ours", model, args.workers),
-                "megatron-lm": megatron_hf_cmd(mdir, small, work / "megatron", model, args.workers)}
-    runs: dict[str, list[dict]] = {"megafim": [], "megatron-lm": []}
+    commands = {"megafim": ours_cmd(small, work / "ours", model, args.workers)}
+    env = None
+    if mdir is not None:
+        commands["megatron-lm"] = megatron_hf_cmd(mdir, small, work / "megatron", model, args.workers)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(mdir), args.megatron_pythonpath])),
+                   PYTHONWARNINGS="ignore")
+    runs: dict[str, list[dict]] = {name: [] for name in commands}
     for i in range(args.repeats):
         for name in runs:
             prefix = work / ("ours" if name == "megafim" else "megatron")
             runs[name].append(one_run(name, commands[name], prefix, small.stat().st_size,
                                       None if name == "megafim" else env))
-        print(f"  run {i + 1}: megafim {runs['megafim'][-1]['wall_s']:.1f} s, "
-              f"megatron-lm {runs['megatron-lm'][-1]['wall_s']:.1f} s", flush=True)
+        print(f"  run {i + 1}: " + ", ".join(f"{t} {r[-1]['wall_s']:.1f} s" for t, r in runs.items()), flush=True)
     med = {k: medians(v) for k, v in runs.items()}
-    agreement = compare_outputs(str(work / "ours_text_document"), str(work / "megatron_text_document"),
-                                tok.eod, tok.eod)
-    ratios = {k: med["megafim"][k] / med["megatron-lm"][k] for k in ("docs_per_s", "tokens_per_s", "mb_per_s",
-                                                                    "steady_docs_per_s", "tokens_per_cpu_s")}
-    ratios["peak_rss"] = med["megafim"]["peak_rss_mib"] / med["megatron-lm"]["peak_rss_mib"]
     print_table(f"stdlib JSONL, Hugging Face tokenizer, {args.workers} workers, median of {args.repeats}", med)
-    print("\nmegafim / megatron-lm: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
-    print(f"output agreement: {agreement}")
+    result = {"benchmark": "preprocess_hf", "machine": shared_machine(load_at_start),
+              "command": "python benchmarks/preprocess_hf.py " + " ".join(sys.argv[1:]),
+              "megatron_lm": {"dir": str(mdir), "version": checkout_version(mdir)} if mdir else None,
+              "corpus": {"path": str(small), "bytes": small.stat().st_size, "documents": n_docs},
+              "tokenizer": {"path": str(model), "vocab_size": tok.vocab_size, "eod": tok.eod},
+              "commands": {k: shlex.join(v) for k, v in commands.items()}}
+    if mdir is not None:
+        agreement = compare_outputs(str(work / "ours_text_document"), str(work / "megatron_text_document"),
+                                    tok.eod, tok.eod)
+        ratios = {k: med["megafim"][k] / med["megatron-lm"][k]
+                  for k in ("docs_per_s", "tokens_per_s", "mb_per_s", "steady_docs_per_s", "tokens_per_cpu_s")}
+        ratios["peak_rss"] = med["megafim"]["peak_rss_mib"] / med["megatron-lm"]["peak_rss_mib"]
+        print("\nmegafim / megatron-lm: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+        print(f"output agreement: {agreement}")
+        result.update(ratios_megafim_over_megatron=ratios, output_agreement=agreement)
     for rows in runs.values():
         for r in rows:
             r.pop("stderr", None)
-    write_json(args.output, {
-        "benchmark": "preprocess_hf", "machine": shared_machine(load_at_start),
-        "command": "python benchmarks/preprocess_hf.py " + " ".join(sys.argv[1:]),
-        "megatron_lm": {"ref": args.megatron_ref, "dir": str(mdir)},
-        "corpus": {"path": str(small), "bytes": small.stat().st_size, "documents": n_docs},
-        "tokenizer": {"path": str(model), "vocab_size": tok.vocab_size, "eod": tok.eod},
-        "commands": {k: shlex.join(v) for k, v in commands.items()},
-        "runs": runs, "medians": med, "ratios_megafim_over_megatron": ratios, "output_agreement": agreement,
-    })
+    result.update(runs=runs, medians=med)
+    write_json(args.output, result)
 
 
 if __name__ == "__main__":
