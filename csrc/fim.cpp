@@ -437,6 +437,7 @@ class Fim {
       blocks[k] = chars;
       const size_t e = std::min(m, (k + 1) * kCharBlock);
       uint32_t sum = 0;  // exact while no kSlow bit is seen (and the block is then recounted)
+#pragma GCC unroll 8
       for (size_t i = k * kCharBlock; i < e; ++i) {
         const uint32_t v = packed_[tok[i]];
         sum += v;
