@@ -25,6 +25,8 @@
 #include <string_view>
 #include <vector>
 
+#include "byte_bpe_py.h"
+
 #if __has_include("bpe.h")
 #include "bpe.h"
 #include "splitmix64.h"
@@ -60,7 +62,15 @@ enum Kind : uint8_t { kText = 0, kMiddle = 1, kSentinel = 2, kPad = 3 };
 // nowhere known (whole parts are re-encoded), before a space that follows a non-space (megafim's
 // sentencepiece models), before a space that follows an ASCII non-whitespace byte (byte-level BPE
 // with the GPT-2 / Llama 3 / Qwen2 pre-tokenizer regexes).
-enum BoundaryRule : int { kNoBoundary = 0, kSpaceAfterNonSpace = 1, kSpaceAfterAsciiNonWhitespace = 2 };
+// Rule 3 (the Llama 3 / Qwen2 regexes) adds: after a newline, when the whitespace that follows it
+// holds no other newline and ends at an ASCII non-whitespace byte (`\s*[\r\n]+` ends a pre-token at
+// the run's last newline, and no other alternative holds a newline followed by anything else).
+enum BoundaryRule : int {
+  kNoBoundary = 0, kSpaceAfterNonSpace = 1, kSpaceAfterAsciiNonWhitespace = 2, kAlsoAfterNewline = 3
+};
+// How a token can continue the whitespace after a newline (rule 3): only spaces, tabs, \v, \f (the
+// run goes on); such bytes and then an ASCII non-whitespace byte (the run ends: a boundary); else not.
+enum LineClass : uint8_t { kLineWs = 0, kLineStart = 1, kLineNo = 2 };
 
 // ---------------------------------------------------------------------------------------------
 // Strict UTF-8 (the same bytes Python's strict decoder accepts).
@@ -112,7 +122,16 @@ struct TokenInfo {
   bool valid = false;       // its bytes alone are complete, valid UTF-8
   bool first_space = false, last_space = false;
   uint8_t first = 0xFF, last = 0xFF;  // its first / last byte when ASCII, else 0xFF
+  uint8_t line = kLineNo;             // LineClass
 };
+
+inline uint8_t line_class(const std::string& b) {
+  for (unsigned char x : b) {
+    if (x == ' ' || x == '\t' || x == '\v' || x == '\f') continue;
+    return x < 0x80 && x != '\n' && x != '\r' ? kLineStart : kLineNo;
+  }
+  return b.empty() ? kLineNo : kLineWs;
+}
 
 // Per token, for the one pass over a piece that counts its characters: the character count in the
 // low 7 bits, kSlow when the token needs the byte-by-byte UTF-8 check (byte-fallback, special) or
@@ -125,10 +144,12 @@ using BatchFn = std::function<void(const std::vector<std::string>&, const std::v
 
 // How the re-encoded texts are encoded: the tokenizer's C++ encoder, or a callable (Python), or a
 // batch callable that takes a whole piece's texts at once (one call into Python per FIM piece
-// instead of up to six: the per-call cost of a Python tokenizer dominates these short texts).
+// instead of up to six: the per-call cost of a Python tokenizer dominates these short texts). A
+// byte-level BPE tokenizer's ASCII texts are encoded in C++ (byte_bpe), the others by the callables.
 struct Encoder {
   EncodeFn fn;
   BatchFn batch;
+  std::shared_ptr<const ByteBpe> byte_bpe;
 #ifdef MEGAFIM_HAVE_BPE
   std::shared_ptr<const BpeEncoder> bpe;
 #endif
@@ -140,6 +161,10 @@ class ContextEncoder {
  public:
   explicit ContextEncoder(const Encoder& e) : e_(e) {}
   void operator()(std::string_view text, std::vector<int32_t>& dst) {
+    if (e_.byte_bpe) {
+      if (!byte_ws_) byte_ws_ = &ByteBpe::workspace();
+      if (e_.byte_bpe->encode(text, dst, *byte_ws_)) return;
+    }
     if (e_.batch) {  // deferred to flush()
       texts_.emplace_back(text);
       dsts_.push_back(&dst);
@@ -166,6 +191,7 @@ class ContextEncoder {
   const Encoder& e_;
   std::vector<std::string> texts_;
   std::vector<std::vector<int32_t>*> dsts_;
+  ByteBpe::Workspace* byte_ws_ = nullptr;
 #ifdef MEGAFIM_HAVE_BPE
   std::optional<BpeEncoder::Session> session_;
 #endif
@@ -248,8 +274,8 @@ class Fim {
  public:
   Fim(std::vector<std::string> token_bytes, Specials sp, Encoder enc, int rule = kSpaceAfterNonSpace)
       : bytes_(std::move(token_bytes)), sp_(sp), encode_(std::move(enc)), rule_(rule) {
-    if (rule < kNoBoundary || rule > kSpaceAfterAsciiNonWhitespace)
-      throw std::invalid_argument("FIM boundary rule " + std::to_string(rule) + " is not 0, 1 or 2");
+    if (rule < kNoBoundary || rule > kAlsoAfterNewline)
+      throw std::invalid_argument("FIM boundary rule " + std::to_string(rule) + " is not 0, 1, 2 or 3");
     info_.resize(bytes_.size());
     packed_.resize(bytes_.size());
     for (size_t t = 0; t < bytes_.size(); ++t) {
@@ -270,6 +296,7 @@ class Fim {
         if (static_cast<unsigned char>(b.front()) < 128) in.first = static_cast<uint8_t>(b.front());
         if (static_cast<unsigned char>(b.back()) < 128) in.last = static_cast<uint8_t>(b.back());
       }
+      in.line = line_class(b);
       packed_[t] = in.valid && in.n_chars < kSlow ? static_cast<uint8_t>(in.n_chars) : kSlow;
     }
     for (int32_t id : {sp.eod, sp.prefix, sp.middle, sp.suffix, sp.pad})
@@ -298,6 +325,17 @@ class Fim {
       start = end + 1;
     }
     out.pad_to_end(sp_.pad);  // the tail past n was cut off already
+  }
+
+  // The j in [1, n) where the boundary rule lets encoding split the text of tokens[0, n) (for tests
+  // against the tokenizer's own pre-tokenizer).
+  std::vector<size_t> boundaries(const std::vector<int64_t>& tokens) const {
+    for (int64_t t : tokens)
+      if (t < 0 || static_cast<size_t>(t) >= bytes_.size()) throw std::invalid_argument("token id outside the vocabulary");
+    std::vector<size_t> out;
+    for (size_t j = 1; j < tokens.size(); ++j)
+      if (boundary(tokens.data(), tokens.size(), j)) out.push_back(j);
+    return out;
   }
 
  private:
@@ -348,13 +386,21 @@ class Fim {
   // Whether no merge crosses from token j - 1 to token j: a space after a non-space (a word start, for
   // any tokenizer here), or with the C++ encoder any pair of ASCII bytes it cuts its input between
   // (it encodes the text between them on its own, so the tokens there are unchanged).
+  // Rule 3 looks at the tokens after j up to the end of the core m (at most kLineScan of them): what
+  // follows the core is not known, so a run that reaches its end is no boundary.
+  static constexpr size_t kLineScan = 16;
   template <typename T>
-  bool boundary(const T* core, size_t j) const {
+  bool boundary(const T* core, size_t m, size_t j) const {
     const TokenInfo& a = info_[core[j - 1]];
     const TokenInfo& b = info_[core[j]];
     if (rule_ == kNoBoundary) return false;
-    if (rule_ == kSpaceAfterAsciiNonWhitespace)  // a.last is 0xFF when not ASCII; \t..\r and ' ' are \s
-      return b.first_space && a.last < 0x80 && a.last != ' ' && !(a.last >= '\t' && a.last <= '\r');
+    if (rule_ >= kSpaceAfterAsciiNonWhitespace) {  // a.last is 0xFF when not ASCII; \t..\r and ' ' are \s
+      if (b.first_space && a.last < 0x80 && a.last != ' ' && !(a.last >= '\t' && a.last <= '\r')) return true;
+      if (rule_ != kAlsoAfterNewline || (a.last != '\n' && a.last != '\r')) return false;
+      for (size_t t = j; t < m && t < j + kLineScan; ++t)
+        if (info_[core[t]].line != kLineWs) return info_[core[t]].line == kLineStart;
+      return false;
+    }
     if (b.first_space && !a.last_space) return true;
 #ifdef MEGAFIM_HAVE_BPE
     if (encode_.bpe && encode_.bpe->splits_words()) return encode_.bpe->is_boundary(a.last, b.first);
@@ -391,6 +437,7 @@ class Fim {
       blocks[k] = chars;
       const size_t e = std::min(m, (k + 1) * kCharBlock);
       uint32_t sum = 0;  // exact while no kSlow bit is seen (and the block is then recounted)
+#pragma GCC unroll 8
       for (size_t i = k * kCharBlock; i < e; ++i) {
         const uint32_t v = packed_[tok[i]];
         sum += v;
@@ -463,7 +510,7 @@ void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, 
   const bool e_boundary = at_doc_end && e == Pos{m, 0};
   size_t w1 = s.tok;                               // s itself, or the first boundary after it
   if (!s_boundary) {
-    for (++w1; w1 < inside_end && !boundary(core, w1);) ++w1;
+    for (++w1; w1 < inside_end && !boundary(core, m, w1);) ++w1;
     if (w1 >= inside_end) {  // no boundary inside: encode it all
       text.clear();
       append_text(core, s, e, text);
@@ -473,7 +520,7 @@ void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, 
   }
   size_t w2 = m;                                   // e itself, or the last boundary before it
   if (!e_boundary)
-    for (w2 = inside_end - 1; w2 > w1 && !boundary(core, w2);) --w2;
+    for (w2 = inside_end - 1; w2 > w1 && !boundary(core, m, w2);) --w2;
   if (!s_boundary) {
     text.clear();
     append_text(core, s, Pos{w1, 0}, text);
@@ -624,17 +671,21 @@ PYBIND11_MODULE(fim, m) {
       .def_static(
           "with_callable",
           [](const py::list& token_bytes, int32_t eod, int32_t pre, int32_t mid, int32_t suf, int32_t pad,
-             py::function encode, int boundaries, py::object encode_batch) {
+             py::function encode, int boundaries, py::object encode_batch, py::object byte_bpe) {
             // For tests and tokenizers without a native encoder: encode(str) -> list[int], and
-            // optionally encode_batch(list[str]) -> list[list[int]] (then used instead).
+            // optionally encode_batch(list[str]) -> list[list[int]] (then used instead). With
+            // `byte_bpe` (HFTokenizer.byte_bpe_spec()) ASCII texts are encoded in C++, the transform
+            // runs without the GIL and takes it only to call these.
             Encoder enc;
             enc.fn = [encode](std::string_view text, std::vector<int32_t>& dst) {
+              py::gil_scoped_acquire gil;
               py::str s(text.data(), text.size());
               for (const py::handle& t : encode(s)) dst.push_back(t.cast<int32_t>());
             };
             if (!encode_batch.is_none())
               enc.batch = [encode_batch](const std::vector<std::string>& texts,
                                          const std::vector<std::vector<int32_t>*>& dsts) {
+                py::gil_scoped_acquire gil;
                 py::list in(texts.size());
                 for (size_t i = 0; i < texts.size(); ++i) in[i] = py::str(texts[i]);
                 py::sequence out = encode_batch(in);
@@ -642,13 +693,16 @@ PYBIND11_MODULE(fim, m) {
                 for (size_t i = 0; i < texts.size(); ++i)
                   for (const py::handle& t : out[i]) dsts[i]->push_back(t.cast<int32_t>());
               };
+            if (!byte_bpe.is_none())
+              enc.byte_bpe = std::make_shared<const ByteBpe>(byte_bpe_spec_from_python(byte_bpe.cast<py::tuple>()));
             PyFim f;
             f.fim = std::make_unique<Fim>(to_strings(token_bytes), Specials{eod, pre, mid, suf, pad}, enc, boundaries);
+            f.releases_gil = enc.byte_bpe != nullptr;
             return f;
           },
           py::arg("token_bytes"), py::arg("eod"), py::arg("fim_prefix"), py::arg("fim_middle"),
           py::arg("fim_suffix"), py::arg("fim_pad"), py::arg("encode"), py::arg("boundaries") = 1,
-          py::arg("encode_batch") = py::none())
+          py::arg("encode_batch") = py::none(), py::arg("byte_bpe") = py::none())
 #ifdef MEGAFIM_HAVE_BPE
       .def_static(
           "with_model_spec",
@@ -669,6 +723,9 @@ PYBIND11_MODULE(fim, m) {
       .def("transform", &run, py::arg("context"), py::arg("seed"), py::arg("epoch"), py::arg("index"),
            py::arg("rate"), py::arg("spm_rate"), py::arg("keep_length"), py::arg("mask_sentinels"),
            "-> (tokens int64, loss_mask float32, middle_mask bool, modes bytes: 0 ar, 1 psm, 2 spm)")
+      .def(
+          "boundaries", [](const PyFim& self, const std::vector<int64_t>& tokens) { return self.fim->boundaries(tokens); },
+          py::arg("tokens"), "-> the j where the boundary rule splits tokens[:j] from tokens[j:] (for tests)")
       .def(
           "set_options",
           [](PyFim& self, double rate, double spm_rate, bool keep_length, bool mask_sentinels) {

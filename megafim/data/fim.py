@@ -66,8 +66,9 @@ class FimTransform:
     (``backend == "native"``), re-encoding runs in C++ without the GIL on the same model
     (``model_spec()``); otherwise the C++ code calls ``tokenizer.encode`` for the words it re-encodes,
     re-encoding up to the token boundaries the tokenizer's ``fim_boundaries`` rule vouches for (a
-    Hugging Face byte-level BPE tokenizer: docs/fim.md). A rate > 0 needs the four FIM tokens
-    (``require_fim``: one-line ValueError).
+    Hugging Face byte-level BPE tokenizer: docs/fim.md), and a tokenizer with ``byte_bpe_spec()``
+    has its ASCII texts encoded in C++ (``byte_bpe``: csrc/byte_bpe.h, the same ids). A rate > 0 needs
+    the four FIM tokens (``require_fim``: one-line ValueError).
 
     ``sample(context, seed, epoch, index) -> (tokens, loss_mask, middle_mask)`` is the same transform
     without the modes, for ``GPTDataset.__getitem__``: one native call, arguments by position,
@@ -89,10 +90,14 @@ class FimTransform:
             self._native = native.Fim.with_model_spec(token_bytes, **ids, pieces=list(pieces),
                                                       scores=list(scores), types=list(types))
             self.native_encoder = True
+            self.byte_bpe = False
         else:
+            byte_bpe = tokenizer.byte_bpe_spec() if hasattr(tokenizer, "byte_bpe_spec") else None
             self._native = native.Fim.with_callable(token_bytes, **ids, encode=tokenizer.encode,
                                                     boundaries=getattr(tokenizer, "fim_boundaries", 1),
-                                                    encode_batch=getattr(tokenizer, "encode_texts", None))
+                                                    encode_batch=getattr(tokenizer, "encode_texts", None),
+                                                    byte_bpe=byte_bpe)
+            self.byte_bpe = byte_bpe is not None
             self.native_encoder = False
         self._transform = self._native.transform
         self._options = (float(config.rate), float(config.spm_rate), config.level == "document",

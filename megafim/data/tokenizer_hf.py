@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from megafim._native import load as _load_native
 from megafim.data.tokenizer import decode_with_table
 
 # The names of the special tokens megafim uses, with their spellings in the tokenizers people have,
@@ -47,8 +48,10 @@ SPACE_SAFE_REGEXES = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 )
 # FIM word-boundary rules of csrc/fim.cpp: none (re-encode whole parts), a space after a non-space
-# (megafim's sentencepiece models), a space after an ASCII non-whitespace byte (the regexes above).
-BOUNDARY_NONE, BOUNDARY_SPACE, BOUNDARY_ASCII_SPACE = 0, 1, 2
+# (megafim's sentencepiece models), a space after an ASCII non-whitespace byte (the regexes above),
+# that or a newline whose following whitespace holds no newline and ends at an ASCII non-whitespace
+# byte (Llama 3 and Qwen2's regexes, applied first: their `\s*[\r\n]+` ends a pre-token there).
+BOUNDARY_NONE, BOUNDARY_SPACE, BOUNDARY_ASCII_SPACE, BOUNDARY_AFTER_NEWLINE = 0, 1, 2, 3
 
 # A text with what byte-level tokenizers could get wrong: no leading space (add_prefix_space would
 # add one), runs of spaces, tabs, newlines, accents, CJK, emoji, a special token's spelling.
@@ -102,7 +105,13 @@ def _boundary_rule(spec: dict) -> int:
                 return BOUNDARY_NONE
         else:
             return BOUNDARY_NONE
-    return BOUNDARY_ASCII_SPACE if parts else BOUNDARY_NONE
+    if not parts:
+        return BOUNDARY_NONE
+    first = parts[0]
+    if (first.get("type") == "Split" and first.get("behavior") == "Isolated"
+            and first["pattern"]["Regex"] in SPACE_SAFE_REGEXES[1:]):
+        return BOUNDARY_AFTER_NEWLINE
+    return BOUNDARY_ASCII_SPACE
 
 
 class HFTokenizer:
@@ -134,6 +143,7 @@ class HFTokenizer:
         # Text that spells a special token is encoded as text: documents cannot inject control ids.
         # The library is ~1.7x slower in that mode, so texts that spell no special token (nearly all)
         # go to a second instance in the default mode, which gives them the same ids.
+        self._byte_bpe = False  # not built yet (_native_encoder)
         self._hf.encode_special_tokens = True
         self._hf_plain = RustTokenizer.from_str(json_text)
         self._added = self._hf.get_added_tokens_decoder()
@@ -198,6 +208,13 @@ class HFTokenizer:
                                  "byte-level alphabet")
         return out
 
+    def byte_bpe_spec(self) -> tuple | None:
+        """The model of megafim's C++ encoder for ASCII text (``csrc/byte_bpe.h``, exact there), or None
+        when this tokenizer does something it does not reproduce (``megafim/data/byte_bpe.py``)."""
+        from megafim.data.byte_bpe import byte_bpe_spec
+
+        return byte_bpe_spec(json.loads(self._json_text), unicode_to_byte())
+
     def token_id(self, spelling: str) -> int | None:
         """The id of a token spelled ``spelling`` exactly, or None."""
         return self._ids.get(spelling)
@@ -243,6 +260,32 @@ class HFTokenizer:
                 out[i] = e
         return out
 
+    def _native_encoder(self):
+        """megafim's C++ encoder for ASCII texts (``byte_bpe_spec``), built at first use; None when this
+        tokenizer has none."""
+        if self._byte_bpe is False:
+            spec = self.byte_bpe_spec()
+            self._byte_bpe = None if spec is None else _load_native("byte_bpe").ByteBpe(spec)
+        return self._byte_bpe
+
+    def _encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(all ids, int32; ids per text, int64): ASCII texts in C++, the others in the library."""
+        native = self._native_encoder()
+        if native is None:
+            encodings = self._encode_many(texts)
+            lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
+            return np.fromiter((i for e in encodings for i in e.ids), dtype=np.int32,
+                               count=int(lengths.sum())), lengths
+        flat, lengths, declined = native.encode_flat(texts)
+        if not declined.any():
+            return flat, lengths
+        rest = np.flatnonzero(declined).tolist()
+        parts = np.split(flat, np.cumsum(lengths)[:-1])
+        for i, e in zip(rest, self._encode_many([texts[i] for i in rest])):
+            parts[i] = np.asarray(e.ids, dtype=np.int32)
+            lengths[i] = len(e.ids)
+        return np.concatenate(parts) if parts else flat, lengths
+
     def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[np.ndarray]:
         """``encode`` of each text as an int32 array, in the library's thread pool (its size is set
         by ``RAYON_NUM_THREADS``; ``num_threads`` is accepted for the interface)."""
@@ -251,7 +294,8 @@ class HFTokenizer:
         bad = next((t for t in texts if not isinstance(t, str)), None)
         if bad is not None:
             raise TypeError(f"encode_batch: expected str, got {type(bad).__name__}")
-        return [np.asarray(e.ids, dtype=np.int32) for e in self._encode_many(list(texts))]
+        flat, lengths = self._encode_flat(list(texts))
+        return np.split(flat, np.cumsum(lengths)[:-1]) if len(texts) else []
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         """``encode`` of each text, in one call: FIM re-encodes a piece's few texts with it."""
@@ -259,11 +303,9 @@ class HFTokenizer:
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All texts encoded: (every id, int32, concatenated; the number of ids per text, int64).
-        The preprocessing pipeline's batch encoder."""
-        encodings = self._encode_many(texts)
-        lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
-        flat = np.fromiter((i for e in encodings for i in e.ids), dtype=np.int32, count=int(lengths.sum()))
-        return flat, lengths
+        The preprocessing pipeline's batch encoder: ASCII texts are encoded by megafim's C++ encoder
+        (``csrc/byte_bpe.h``, the library's ids, ~13x faster), the others by the library."""
+        return self._encode_flat(list(texts))
 
     # -- decoding ----------------------------------------------------------------------------------
 

@@ -34,6 +34,55 @@ def test_fast_path_equals_definition(hf_fim_tokenizer, data, seed, epoch, index,
     assert_same(fast, t.reference(ctx, seed=seed, epoch=epoch, index=index))
 
 
+# Whitespace runs with and without newlines, \r\n, \v and \f, line starts after newlines, digit runs,
+# contractions, and non-ASCII pieces (Unicode whitespace among them) that the C++ encoder declines.
+EDGE_PIECES = ["\n", "\n\n", "\r\n", "\r", " \n", "\n    ", "\n\t", "    ", " ", "\t", "\x0b", "\x0c", "x", "def",
+               " return", "(a)", "):", "'s", "'LL", "123456", "#", "=", "\u00a0", "\u2028", "\u3000", "é", "日本", "😀"]
+
+
+@SETTINGS
+@given(docs=st.lists(st.lists(st.sampled_from(EDGE_PIECES), max_size=40).map("".join), min_size=1, max_size=4),
+       cut=st.integers(0, 10**6), seed=st.integers(0, 2**64 - 1), level=st.sampled_from(["context", "document"]))
+def test_line_starts_and_whitespace_runs(hf_fim_tokenizer, docs, cut, seed, level):  # noqa: F811
+    """The texts the boundary rules and the C++ encoder decide on: equal to the definition, also when
+    the context starts or ends inside a whitespace run (what follows it is then unknown)."""
+    tok = hf_fim_tokenizer
+    stream = []
+    for d in docs:
+        stream += tok.encode(d) + [tok.eod]
+    ctx = np.asarray(stream[cut % len(stream):] + stream[:cut % len(stream)], dtype=np.int32)
+    t = FimTransform(FimConfig(rate=1.0, spm_rate=0.5, level=level), tok)
+    assert t.byte_bpe
+    for index in range(3):
+        assert_same(t(ctx, seed=seed, epoch=0, index=index), t.reference(ctx, seed=seed, epoch=0, index=index))
+
+
+def pre_token_starts(tok, text: str) -> set[int]:
+    """Byte offsets where the library's pre-tokenizer starts a piece of ``text``."""
+    pieces = tok._hf.pre_tokenizer.pre_tokenize_str(text)
+    return {len(text[:start].encode()) for _, (start, _) in pieces}
+
+
+@SETTINGS
+@given(text=st.lists(st.sampled_from(EDGE_PIECES), max_size=60).map("".join), cut=st.integers(0, 10**6))
+def test_boundaries_are_pre_token_boundaries(hf_fim_tokenizer, text, cut):  # noqa: F811
+    """Every place the tokenizer's boundary rule trusts is where its pre-tokenizer starts a piece, in
+    the whole text and in what is left of it when a context starts or ends inside it."""
+    tok = hf_fim_tokenizer
+    native = FimTransform(FimConfig(rate=1.0), tok)._native
+    ids = tok.encode(text)
+    k = cut % (len(ids) + 1)
+    for part in (ids, ids[:k], ids[k:]):
+        data = b"".join(tok.token_bytes[i] for i in part)
+        try:
+            part_text = data.decode("utf-8")
+        except UnicodeDecodeError:  # cut inside a character: such a core does not take part in FIM
+            continue
+        ends = np.cumsum([len(tok.token_bytes[i]) for i in part]).tolist()
+        starts = pre_token_starts(tok, part_text)
+        assert all(ends[j - 1] in starts for j in native.boundaries(part)), (part_text, native.boundaries(part))
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(st.characters(codec="utf-8"), max_size=60), seed=st.integers(0, 2**64 - 1),
        spm_rate=st.sampled_from([0.0, 1.0]))

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from megafim.data.tokenizer import Tokenizer, load_tokenizer, require_fim
-from megafim.data.tokenizer_hf import BOUNDARY_ASCII_SPACE, BOUNDARY_NONE, HFTokenizer, add_fim_tokens
+from megafim.data.tokenizer_hf import (BOUNDARY_AFTER_NEWLINE, BOUNDARY_ASCII_SPACE, BOUNDARY_NONE, HFTokenizer,
+                                      add_fim_tokens)
 from tests.data.hf_tokenizer_fixtures import (  # noqa: F401
     gpt2_fim, hf_dir, hf_fim_tokenizer, llama3_fim, llama3_plain, train_byte_level_bpe)
 from tests.data.test_tokenizer_fixtures import REPO, small_model, stdlib_files, train_tool  # noqa: F401
@@ -188,7 +189,7 @@ def test_add_fim_tokens_keeps_every_other_id(llama3_plain, llama3_fim, tmp_path)
 def test_boundary_rule_is_chosen_from_the_pre_tokenizer(llama3_fim, gpt2_fim, hf_dir):  # noqa: F811
     from tokenizers import Regex, pre_tokenizers
 
-    assert load_tokenizer(llama3_fim).fim_boundaries == BOUNDARY_ASCII_SPACE
+    assert load_tokenizer(llama3_fim).fim_boundaries == BOUNDARY_AFTER_NEWLINE
     assert load_tokenizer(gpt2_fim).fim_boundaries == BOUNDARY_ASCII_SPACE
     r = rust(gpt2_fim)  # an unknown regex: FIM re-encodes whole parts (exact, slower)
     r.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\w+|[^\w]+"), behavior="isolated"),
