@@ -196,3 +196,36 @@ def test_hf_bad_split_token(hf_split_tokenizer):  # noqa: F811
         split_token_id(FimConfig(split_token="<file-sep>"), hf_split_tokenizer)
     assert split_token_id(FimConfig(split_token="<file_sep>"), hf_split_tokenizer) == \
         hf_split_tokenizer.token_id("<file_sep>")
+
+
+def test_inspect_samples_shows_files(split_tokenizer, split_model, tmp_path, capsys):  # noqa: F811
+    """tools/inspect_samples.py --fim-split-token: one mode per file, what training reads; a token
+    the tokenizer lacks is exit code 2 with one line naming the flag."""
+    from megafim.data.indexed import IndexedDatasetBuilder
+    from tests.data.test_fim_inspect import load_tool
+
+    tok = split_tokenizer
+    prefix = str(tmp_path / "repos")
+    with IndexedDatasetBuilder(prefix) as b:
+        for k in range(6):
+            b.add_document(np.asarray(repo_document(tok, f"r{k}", FILES[k % 5:] + FILES[:k % 5]) + [tok.eod]))
+    tool = load_tool()
+    args = ["--data-path", prefix, "--tokenizer-model", split_model, "--seq-length", "96", "--fim-rate", "1",
+            "--num-samples", "3"]
+    import io
+    import json
+
+    out = io.StringIO()
+    assert tool.main(args + ["--json", "--fim-split-token", "<file_sep>"], stream=out) == 0
+    t = FimTransform(FimConfig(rate=1.0, split_token="<file_sep>"), tok)
+    for line in out.getvalue().splitlines():
+        obj = json.loads(line)
+        ctx = np.asarray(obj["tokens"])
+        n_files = sum(len(split_pieces(p, t.split_id)) for p in split_pieces(ctx.tolist(), tok.eod))
+        assert len(obj["modes"]) >= n_files - 1 and {"psm", "spm"} & set(obj["modes"])
+    text = io.StringIO()
+    assert tool.main(args + ["--fim-split-token", "<file_sep>"], stream=text) == 0
+    assert "=== sample 0 (epoch 0): files ar, " in text.getvalue()
+    assert tool.main(args + ["--fim-split-token", "<nope>"], stream=io.StringIO()) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("inspect_samples: error: --fim-split-token: FimConfig.split_token")
