@@ -6,7 +6,8 @@ files with ``python -m megafim.evaluate`` (full causal attention over its packed
 the tool always scores). A tiny model trained for minutes on a CPU: the spread between seeds of one
 setting is printed beside the difference between settings, read the latter against the former.
 
-    python benchmarks/document_mask_quality.py [--max-files 400 --seq-length 256 --train-iters 200 --seeds 1234[,1235 ...]]
+    python benchmarks/document_mask_quality.py [--max-files 400 --seq-length 256 --train-iters 200] \
+        [--seeds 1234,1235]
 """
 
 from __future__ import annotations

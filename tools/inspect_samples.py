@@ -9,8 +9,9 @@ Samples come from ``GPTDataset`` (the same packing, shuffle and per-sample FIM s
 trained on wrapped in ``[[masked: ...]]``. ``--json``: one object per line with ``index``, ``epoch``,
 ``tokens`` (the ``seq_length + 1`` context), ``loss_mask`` and ``middle_mask`` (per token, as a
 target: the model is trained on predicting token t from tokens < t where ``loss_mask[t]`` is 1),
-``modes`` (per end-of-text-separated piece, or per file with ``--fim-split-token``: ar / psm / spm), ``segment_ids`` (per token: its document,
-as ``--reset-attention-mask`` sees it) and ``text``. See docs/fim.md.
+``modes`` (per end-of-text-separated piece, or per file with ``--fim-split-token``: ar / psm / spm),
+``segment_ids`` (per token: its document, as ``--reset-attention-mask`` sees it) and ``text``.
+See docs/fim.md.
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ def split_token_id(config: FimConfig, tokenizer) -> int | None:
     if i is None:
         raise ValueError(f"FimConfig.split_token {config.split_token!r}: tokenizer {tokenizer.model_path} has no "
                          "such token (repository-level tokenizers: tools/train_tokenizer.py)")
-    taken = [n for n in ("eod", "fim_prefix", "fim_middle", "fim_suffix", "fim_pad") if getattr(tokenizer, n, None) == i]
+    taken = [n for n in ("eod", "fim_prefix", "fim_middle", "fim_suffix", "fim_pad")
+             if getattr(tokenizer, n, None) == i]
     if taken:
         raise ValueError(f"FimConfig.split_token {config.split_token!r} is the tokenizer's {taken[0]} token; "
                          "name the token that separates files")

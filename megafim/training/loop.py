@@ -93,8 +93,8 @@ def check_before_groups(cfg: TrainConfig, world_size: int):
     try:
         split_token_id(cfg.data.fim, tokenizer)
     except ValueError as exc:
-        raise ConfigError(f"data.fim.split_token (--fim-split-token): {str(exc).removeprefix('FimConfig.split_token ')}"
-                          ) from None
+        detail = str(exc).removeprefix("FimConfig.split_token ")
+        raise ConfigError(f"data.fim.split_token (--fim-split-token): {detail}") from None
     notes: list[str] = []
     mc = resolve_model_config(cfg, tokenizer.vocab_size, notes)
     validate(cfg, world_size, mc)
