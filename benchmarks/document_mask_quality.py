@@ -4,7 +4,9 @@ The same corpus (the stdlib, held-out files chosen as examples/quickstart.py cho
 data, seeds and steps; only ``data.reset_attention_mask`` differs. Each run is scored on the held-out
 files with ``python -m megafim.evaluate`` (full causal attention over its packed held-out contexts, as
 the tool always scores). A tiny model trained for minutes on a CPU: the spread between seeds of one
-setting is printed beside the difference between settings, read the latter against the former.
+setting is printed beside the difference between settings, read the latter against the former. The
+JSON's ``mean_documents_per_context`` is the number of documents that end per context (end-of-text
+tokens per ``seq_length + 1`` tokens): how many contexts the mask changes at all.
 
     python benchmarks/document_mask_quality.py [--max-files 400 --seq-length 256 --train-iters 200] \
         [--seeds 1234,1235]
