@@ -296,7 +296,9 @@ class Fim {
       const size_t end = eods[p];
       if (p > 0) out.push(sp_.eod, kText);
       const uint64_t key = piece_key(seed, epoch, index, p);
-      if (split >= 0)
+      // A split id that T cannot hold (uint16 contexts, a vocabulary above 65535) is in no piece: each
+      // piece is then its only file, which piece() transforms with the same key.
+      if (split >= 0 && static_cast<uint64_t>(split) <= static_cast<uint64_t>(std::numeric_limits<T>::max()))
         files(ctx + start, end - start, p > 0, end < n, key, rate, spm_rate, keep_length, static_cast<T>(split),
               encode, out);
       else

@@ -229,3 +229,25 @@ def test_inspect_samples_shows_files(split_tokenizer, split_model, tmp_path, cap
     assert tool.main(args + ["--fim-split-token", "<nope>"], stream=io.StringIO()) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("inspect_samples: error: --fim-split-token: FimConfig.split_token")
+
+
+def test_split_id_beyond_uint16_with_uint16_contexts():
+    """A vocabulary above 65535 with a context stored as uint16 (ids below 65536 only): the split id
+    matches no token. It must not be truncated to 16 bits (id 65536 + 7 is not token 7)."""
+    from megafim._native import load as load_native
+
+    token_bytes = [b""] * 8 + [bytes([c]) for c in range(32, 127)]
+    token_bytes += [b""] * (65536 + 16 - len(token_bytes))
+    char_id = {chr(c): 8 + c - 32 for c in range(32, 127)}
+    fim = load_native("fim").Fim.with_callable(token_bytes, eod=0, fim_prefix=1, fim_middle=2, fim_suffix=3,
+                                               fim_pad=4, encode=lambda s: [char_id[c] for c in s], boundaries=0)
+    text = [char_id[c] for c in "def f(x): return x"]
+    ctx = text[:5] + [7] + text[5:] + [0] + text  # token 7: 65536 + 7 truncated to 16 bits
+    for index in range(8):
+        wide = fim.transform(np.asarray(ctx, np.int64), 3, 0, index, 1.0, 0.5, False, False, split_token=65536 + 7)
+        narrow = fim.transform(np.asarray(ctx, np.uint16), 3, 0, index, 1.0, 0.5, False, False,
+                               split_token=65536 + 7)
+        assert len(wide[3]) == len(narrow[3]) == 2  # one file per piece
+        for a, b in zip(wide, narrow):
+            np.testing.assert_array_equal(np.asarray(a if not isinstance(a, bytes) else list(a)),
+                                          np.asarray(b if not isinstance(b, bytes) else list(b)))
