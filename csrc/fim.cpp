@@ -50,6 +50,8 @@ inline uint64_t piece_key(uint64_t seed, uint64_t epoch, uint64_t index, uint64_
   h = splitmix64(h ^ index);
   return splitmix64(h ^ piece);
 }
+// File f of a piece split on the split token (fim_reference.file_key): the first keeps the piece's key.
+inline uint64_t file_key(uint64_t key, uint64_t file) { return file == 0 ? key : splitmix64(key ^ file); }
 inline uint64_t draw(uint64_t key, uint64_t k) { return splitmix64(key + k * kGolden); }
 inline double uniform(uint64_t r) { return static_cast<double>(r >> 11) * 0x1.0p-53; }
 inline uint64_t below(uint64_t r, uint64_t n) {
@@ -307,10 +309,11 @@ class Fim {
   size_t vocab_size() const { return bytes_.size(); }
 
   // The whole context: split on end-of-text, transform pieces, join, cut or pad to length. T is the
-  // context's integer type (ids are checked against the vocabulary on the way).
+  // context's integer type (ids are checked against the vocabulary on the way). `split` >= 0: each
+  // piece is split again on that id and its files are transformed one by one (files()).
   template <typename T>
   void transform(const T* ctx, size_t n, uint64_t seed, uint64_t epoch, uint64_t index, double rate,
-                 double spm_rate, bool keep_length, Output& out) const {
+                 double spm_rate, bool keep_length, int64_t split, Output& out) const {
     thread_local std::vector<size_t> eods;
     if (!scan(ctx, n, eods)) throw_bad_id(ctx, n);
     eods.push_back(n);
@@ -319,8 +322,15 @@ class Fim {
     for (uint64_t p = 0;; ++p) {
       const size_t end = eods[p];
       if (p > 0) out.push(sp_.eod, kText);
-      out.modes.push_back(piece(ctx + start, end - start, p > 0, end < n, piece_key(seed, epoch, index, p), rate,
-                                spm_rate, keep_length, encode, out));
+      const uint64_t key = piece_key(seed, epoch, index, p);
+      // A split id that T cannot hold (uint16 contexts, a vocabulary above 65535) is in no piece: each
+      // piece is then its only file, which piece() transforms with the same key.
+      if (split >= 0 && static_cast<uint64_t>(split) <= static_cast<uint64_t>(std::numeric_limits<T>::max()))
+        files(ctx + start, end - start, p > 0, end < n, key, rate, spm_rate, keep_length, static_cast<T>(split),
+              encode, out);
+      else
+        out.modes.push_back(piece(ctx + start, end - start, p > 0, end < n, key, rate, spm_rate, keep_length,
+                                  encode, out));
       if (end == n) break;
       start = end + 1;
     }
@@ -487,6 +497,24 @@ class Fim {
     }
   }
 
+  // One piece split on `split`: its files transformed in order, the split tokens kept between them. A
+  // file next to a split token is not taken for a document start or end (the tokens after a special
+  // token need not be what encoding the text alone gives), so the words there are re-encoded.
+  template <typename T>
+  void files(const T* tok, size_t n, bool after_eod, bool before_eod, uint64_t key, double rate,
+             double spm_rate, bool keep_length, T split, ContextEncoder& encode, Output& out) const {
+    size_t start = 0;
+    for (uint64_t f = 0;; ++f) {
+      size_t end = start;
+      while (end < n && tok[end] != split) ++end;
+      if (f > 0) out.push(split, kText);
+      out.modes.push_back(piece(tok + start, end - start, after_eod && f == 0, before_eod && end == n,
+                                file_key(key, f), rate, spm_rate, keep_length, encode, out));
+      if (end == n) break;
+      start = end + 1;
+    }
+  }
+
   template <typename T>
   uint8_t piece(const T* tok, size_t n, bool after_eod, bool before_eod, uint64_t key, double rate,
                 double spm_rate, bool keep_length, ContextEncoder& encode, Output& out) const;
@@ -603,6 +631,7 @@ uint8_t Fim::piece(const T* tok, size_t n, bool after_eod, bool before_eod, uint
 struct Options {
   double rate = 0.0, spm_rate = 0.0;
   bool keep_length = false, mask_sentinels = false;
+  int64_t split = -1;  // the split token's id (FIM per file), -1: none
 };
 
 struct PyFim {
@@ -633,14 +662,16 @@ py::tuple transform_arrays(const PyFim& self, const py::array& context, uint64_t
   py::array_t<float> loss(n);
   py::array_t<bool> middle(n);
   Output out(tokens.mutable_data(), loss.mutable_data(), middle.mutable_data(), n, o.mask_sentinels);
+  if (o.split >= static_cast<int64_t>(self.fim->vocab_size()))
+    throw std::invalid_argument("FIM split token id " + std::to_string(o.split) + " is outside the vocabulary");
   auto go = [&]() {
     const Fim& f = *self.fim;
     if (type == 0 || type == 3)
-      f.transform(static_cast<const int64_t*>(c.data()), n, seed, epoch, index, o.rate, o.spm_rate, o.keep_length, out);
+      f.transform(static_cast<const int64_t*>(c.data()), n, seed, epoch, index, o.rate, o.spm_rate, o.keep_length, o.split, out);
     else if (type == 1)
-      f.transform(static_cast<const int32_t*>(c.data()), n, seed, epoch, index, o.rate, o.spm_rate, o.keep_length, out);
+      f.transform(static_cast<const int32_t*>(c.data()), n, seed, epoch, index, o.rate, o.spm_rate, o.keep_length, o.split, out);
     else
-      f.transform(static_cast<const uint16_t*>(c.data()), n, seed, epoch, index, o.rate, o.spm_rate, o.keep_length, out);
+      f.transform(static_cast<const uint16_t*>(c.data()), n, seed, epoch, index, o.rate, o.spm_rate, o.keep_length, o.split, out);
   };
   if (self.releases_gil) {
     py::gil_scoped_release nogil;
@@ -653,10 +684,10 @@ py::tuple transform_arrays(const PyFim& self, const py::array& context, uint64_t
 }
 
 py::tuple run(const PyFim& self, const py::array& context, uint64_t seed, uint64_t epoch, uint64_t index,
-              double rate, double spm_rate, bool keep_length, bool mask_sentinels) {
+              double rate, double spm_rate, bool keep_length, bool mask_sentinels, int64_t split) {
   std::vector<uint8_t> modes;
   py::tuple arrays = transform_arrays(self, context, seed, epoch, index,
-                                      Options{rate, spm_rate, keep_length, mask_sentinels}, &modes);
+                                      Options{rate, spm_rate, keep_length, mask_sentinels, split}, &modes);
   py::bytes m(reinterpret_cast<const char*>(modes.data()), modes.size());
   return py::make_tuple(arrays[0], arrays[1], arrays[2], m);
 }
@@ -722,16 +753,19 @@ PYBIND11_MODULE(fim, m) {
 #endif
       .def("transform", &run, py::arg("context"), py::arg("seed"), py::arg("epoch"), py::arg("index"),
            py::arg("rate"), py::arg("spm_rate"), py::arg("keep_length"), py::arg("mask_sentinels"),
-           "-> (tokens int64, loss_mask float32, middle_mask bool, modes bytes: 0 ar, 1 psm, 2 spm)")
+           py::arg("split_token") = -1,
+           "-> (tokens int64, loss_mask float32, middle_mask bool, modes bytes: 0 ar, 1 psm, 2 spm; one per "
+           "piece, or per file with split_token >= 0)")
       .def(
           "boundaries", [](const PyFim& self, const std::vector<int64_t>& tokens) { return self.fim->boundaries(tokens); },
           py::arg("tokens"), "-> the j where the boundary rule splits tokens[:j] from tokens[j:] (for tests)")
       .def(
           "set_options",
-          [](PyFim& self, double rate, double spm_rate, bool keep_length, bool mask_sentinels) {
-            self.options = Options{rate, spm_rate, keep_length, mask_sentinels};
+          [](PyFim& self, double rate, double spm_rate, bool keep_length, bool mask_sentinels, int64_t split) {
+            self.options = Options{rate, spm_rate, keep_length, mask_sentinels, split};
           },
-          py::arg("rate"), py::arg("spm_rate"), py::arg("keep_length"), py::arg("mask_sentinels"))
+          py::arg("rate"), py::arg("spm_rate"), py::arg("keep_length"), py::arg("mask_sentinels"),
+          py::arg("split_token") = -1)
       // The data loader's call, once per sample: four positional arguments, no modes.
       .def(
           "sample",

@@ -9,8 +9,9 @@ Samples come from ``GPTDataset`` (the same packing, shuffle and per-sample FIM s
 trained on wrapped in ``[[masked: ...]]``. ``--json``: one object per line with ``index``, ``epoch``,
 ``tokens`` (the ``seq_length + 1`` context), ``loss_mask`` and ``middle_mask`` (per token, as a
 target: the model is trained on predicting token t from tokens < t where ``loss_mask[t]`` is 1),
-``modes`` (per end-of-text-separated piece: ar / psm / spm), ``segment_ids`` (per token: its document,
-as ``--reset-attention-mask`` sees it) and ``text``. See docs/fim.md.
+``modes`` (per end-of-text-separated piece, or per file with ``--fim-split-token``: ar / psm / spm),
+``segment_ids`` (per token: its document, as ``--reset-attention-mask`` sees it) and ``text``.
+See docs/fim.md.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fim-spm-rate", type=float, default=0.5)
     p.add_argument("--fim-level", choices=["context", "document"], default="context")
     p.add_argument("--mask-sentinels", action="store_true", help="leave the FIM sentinels out of the loss")
+    p.add_argument("--fim-split-token", default=None, metavar="TOKEN",
+                   help="FIM each file of a document separately, files separated by this token (e.g. <file_sep>)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--split-name", default="train", help="the split whose FIM seed to use")
     p.add_argument("--start", type=int, default=0, help="first sample index")
@@ -86,7 +89,8 @@ def segments(tok: Tokenizer, out: FimResult) -> list[int]:
     return [*inputs.tolist(), *labels[-1:].tolist()]
 
 
-def emit(stream: TextIO, tok: Tokenizer, i: int, epoch: int, out: FimResult, as_json: bool) -> None:
+def emit(stream: TextIO, tok: Tokenizer, i: int, epoch: int, out: FimResult, as_json: bool,
+         split: bool = False) -> None:
     text = render(tok, out)
     seg = segments(tok, out)
     if as_json:
@@ -97,7 +101,8 @@ def emit(stream: TextIO, tok: Tokenizer, i: int, epoch: int, out: FimResult, as_
         return
     trained = int(out.loss_mask.sum())
     lengths = [seg.count(s) for s in range(seg[-1] + 1)]
-    stream.write(f"=== sample {i} (epoch {epoch}): pieces {', '.join(out.modes)}; {len(out.tokens)} tokens, "
+    unit = "files" if split else "pieces"
+    stream.write(f"=== sample {i} (epoch {epoch}): {unit} {', '.join(out.modes)}; {len(out.tokens)} tokens, "
                  f"{trained} trained on, {int(out.middle_mask.sum())} in middles; {len(lengths)} documents of "
                  f"{', '.join(map(str, lengths))} tokens\n{text}\n\n")
 
@@ -119,8 +124,12 @@ def inspect(args: argparse.Namespace, stream: TextIO) -> None:
     except (ValueError, OSError) as err:
         raise ValueError(f"--tokenizer-model: {err}") from None
     prefix = resolve_dataset_prefix(args.data_path, "--data-path")
-    fim = FimTransform(FimConfig(rate=args.fim_rate, spm_rate=args.fim_spm_rate, level=args.fim_level,
-                                 mask_sentinels=args.mask_sentinels), tok)
+    try:
+        fim = FimTransform(FimConfig(rate=args.fim_rate, spm_rate=args.fim_spm_rate, level=args.fim_level,
+                                     mask_sentinels=args.mask_sentinels, split_token=args.fim_split_token), tok)
+    except ValueError as err:
+        flag = "--fim-split-token" if "split_token" in str(err) else "--fim-rate"
+        raise ValueError(f"{flag}: {err}") from None
     spec = GPTDatasetSpec(path_prefix=prefix, seq_length=args.seq_length, seed=args.seed,
                           split_name=args.split_name)
     ds = GPTDataset(spec, fim=fim, cache_dir=args.cache_dir)
@@ -133,7 +142,7 @@ def inspect(args: argparse.Namespace, stream: TextIO) -> None:
                              f"{int(raw.max())}, outside its vocabulary of {tok.vocab_size} (was the dataset "
                              "made with another tokenizer?)")
         epoch, out = sample(ds, fim, i)
-        emit(stream, tok, i, epoch, out, args.json)
+        emit(stream, tok, i, epoch, out, args.json, split=fim.split_id is not None)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from megafim.checkpoint.format import TOKENIZER_FILE
 
 MODEL_MAY_CHANGE = ("activation_checkpointing", "max_seq_len", "init_std")
 OVERRIDABLE = ("data.data_path", "data.split", "data.fim.rate", "data.fim.spm_rate", "data.fim.level",
-               "data.tokenizer_model", "data.special_tokens")
+               "data.fim.split_token", "data.tokenizer_model", "data.special_tokens")
 _NOT_REPORTED = ("checkpoint.load", "checkpoint.save")
 
 

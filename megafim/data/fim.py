@@ -34,6 +34,10 @@ class FimConfig:
     ``document``: every piece keeps its own token count (its suffix absorbs the difference)."""
     mask_sentinels: bool = False
     """Leave the sentinel tokens out of the loss (end-of-text is always trained on)."""
+    split_token: str | None = None
+    """FIM per file: the token (as the tokenizer spells it, e.g. ``<file_sep>``) that separates the
+    files of a repository-level document. Each file between two of them is a piece of its own: its
+    own FIM decision, mode and cuts; the split tokens stay in place. None: whole documents."""
 
     def __post_init__(self) -> None:
         for name in ("rate", "spm_rate"):
@@ -44,6 +48,25 @@ class FimConfig:
             raise ValueError(f"FimConfig.level must be one of {LEVELS}, got {self.level!r}")
         if not isinstance(self.mask_sentinels, bool):
             raise ValueError(f"FimConfig.mask_sentinels must be a bool, got {self.mask_sentinels!r}")
+        if self.split_token is not None and (not isinstance(self.split_token, str) or not self.split_token):
+            raise ValueError(f"FimConfig.split_token must be a token's spelling or None, got {self.split_token!r}")
+
+
+def split_token_id(config: FimConfig, tokenizer) -> int | None:
+    """The id of ``config.split_token`` in ``tokenizer`` (None when unset); ValueError (one line, naming
+    ``FimConfig.split_token``) when the tokenizer lacks it or it is end-of-text or a FIM token."""
+    if config.split_token is None:
+        return None
+    i = tokenizer.token_id(config.split_token)
+    if i is None:
+        raise ValueError(f"FimConfig.split_token {config.split_token!r}: tokenizer {tokenizer.model_path} has no "
+                         "such token (repository-level tokenizers: tools/train_tokenizer.py)")
+    taken = [n for n in ("eod", "fim_prefix", "fim_middle", "fim_suffix", "fim_pad")
+             if getattr(tokenizer, n, None) == i]
+    if taken:
+        raise ValueError(f"FimConfig.split_token {config.split_token!r} is the tokenizer's {taken[0]} token; "
+                         "name the token that separates files")
+    return i
 
 
 @dataclass(slots=True)
@@ -55,7 +78,8 @@ class FimResult:
     middle_mask: np.ndarray
     """bool per token: the token belongs to the middle of a FIM piece."""
     modes: list[str]
-    """Per end-of-text-separated piece of the input context: "ar", "psm" or "spm"."""
+    """Per end-of-text-separated piece of the input context (per file of it with a split token):
+    "ar", "psm" or "spm"."""
 
 
 class FimTransform:
@@ -68,7 +92,8 @@ class FimTransform:
     re-encoding up to the token boundaries the tokenizer's ``fim_boundaries`` rule vouches for (a
     Hugging Face byte-level BPE tokenizer: docs/fim.md), and a tokenizer with ``byte_bpe_spec()``
     has its ASCII texts encoded in C++ (``byte_bpe``: csrc/byte_bpe.h, the same ids). A rate > 0 needs
-    the four FIM tokens (``require_fim``: one-line ValueError).
+    the four FIM tokens (``require_fim``: one-line ValueError), and a ``split_token`` the tokenizer has
+    (``split_token_id``).
 
     ``sample(context, seed, epoch, index) -> (tokens, loss_mask, middle_mask)`` is the same transform
     without the modes, for ``GPTDataset.__getitem__``: one native call, arguments by position,
@@ -81,6 +106,7 @@ class FimTransform:
         self.tokenizer = tokenizer
         if config.rate > 0:
             require_fim(tokenizer)
+        self.split_id = split_token_id(config, tokenizer)
         native = _load_native("fim")
         ids = dict(eod=tokenizer.eod, fim_prefix=tokenizer.fim_prefix, fim_middle=tokenizer.fim_middle,
                    fim_suffix=tokenizer.fim_suffix, fim_pad=tokenizer.fim_pad)
@@ -101,7 +127,7 @@ class FimTransform:
             self.native_encoder = False
         self._transform = self._native.transform
         self._options = (float(config.rate), float(config.spm_rate), config.level == "document",
-                         config.mask_sentinels)
+                         config.mask_sentinels, -1 if self.split_id is None else self.split_id)
         self._native.set_options(*self._options)
         self.sample = self._native.sample
 
@@ -124,14 +150,16 @@ class FimTransform:
         """The same transform by the slow definition (fim_reference.py)."""
         c = self.config
         r = _ref.transform_context(context, self.tokenizer, seed=seed, epoch=epoch, index=index, rate=c.rate,
-                                   spm_rate=c.spm_rate, level=c.level, mask_sentinels=c.mask_sentinels)
+                                   spm_rate=c.spm_rate, level=c.level, mask_sentinels=c.mask_sentinels,
+                                   split_token=self.split_id)
         return FimResult(r.tokens, r.loss_mask, r.middle_mask, r.modes)
 
 
-def unpermute(tokens, tokenizer) -> list[bytes]:
-    """The original bytes of each end-of-text-separated piece of a FIM'd context.
+def unpermute(tokens, tokenizer, split_token: int | None = None) -> list[bytes]:
+    """The original bytes of each end-of-text-separated piece of a FIM'd context (of each file, when
+    the pieces were split on ``split_token``, an id: ``FimTransform.split_id``).
 
     Exact for every piece the context holds in full (context level); a piece cut off by the end of
     the context gives what is left of prefix + middle + suffix in that order.
     """
-    return _ref.unpermute(tokens, tokenizer)
+    return _ref.unpermute(tokens, tokenizer, split_token)

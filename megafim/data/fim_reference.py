@@ -41,6 +41,14 @@ def piece_key(seed: int, epoch: int, index: int, piece: int) -> int:
     return splitmix64(h ^ (piece & MASK64))
 
 
+def file_key(key: int, file: int) -> int:
+    """The RNG key of file ``file`` of a piece split on the split token (``piece_key`` is ``key``).
+
+    The first file keeps the piece's own key, so a document without the split token is transformed
+    exactly as without the option; every later file gets a key of its own from the chain."""
+    return key if file == 0 else splitmix64(key ^ (file & MASK64))
+
+
 def draw(key: int, k: int) -> int:
     """The k-th 64-bit draw of a piece's counter-based stream."""
     return splitmix64((key + k * GOLDEN) & MASK64)
@@ -204,7 +212,8 @@ class ReferenceResult:
 
 
 def split_pieces(context: list[int], eod: int) -> list[list[int]]:
-    """The pieces between end-of-text tokens: k end-of-text tokens give k + 1 (maybe empty) pieces."""
+    """The pieces between end-of-text tokens: k end-of-text tokens give k + 1 (maybe empty) pieces
+    (also the files between split tokens: ``eod`` is then the split token)."""
     pieces, cur = [], []
     for t in context:
         if t == eod:
@@ -217,12 +226,15 @@ def split_pieces(context: list[int], eod: int) -> list[list[int]]:
 
 
 def transform_context(context, tok, *, seed: int, epoch: int, index: int, rate: float,
-                      spm_rate: float, level: str = "context", mask_sentinels: bool = False
-                      ) -> ReferenceResult:
+                      spm_rate: float, level: str = "context", mask_sentinels: bool = False,
+                      split_token: int | None = None) -> ReferenceResult:
     """Context-level (or document-level) FIM of one context; exactly ``len(context)`` tokens out.
 
     Context level: pieces are transformed, joined with end-of-text, then the tail is cut off or
     ``fim_pad`` is appended. Document level: every piece keeps its own length (see transform_piece).
+    ``split_token`` (FIM per file): each piece is split again on that id, every file between two of
+    them is transformed on its own with ``file_key`` (files in order), and the split tokens stay where
+    they were; ``modes`` then has one entry per file.
     """
     context = [int(t) for t in context]
     length = len(context)
@@ -233,11 +245,16 @@ def transform_context(context, tok, *, seed: int, epoch: int, index: int, rate: 
         if i > 0:
             tokens.append(tok.eod)
             kinds.append(KIND_TEXT)
-        out = transform_piece(piece, piece_key(seed, epoch, index, i), tok, rate, spm_rate,
-                              keep_length=(level == "document"))
-        tokens += out.tokens
-        kinds += out.kinds
-        modes.append(out.mode)
+        key = piece_key(seed, epoch, index, i)
+        files = [piece] if split_token is None else split_pieces(piece, split_token)
+        for j, file in enumerate(files):
+            if j > 0:
+                tokens.append(split_token)
+                kinds.append(KIND_TEXT)
+            out = transform_piece(file, file_key(key, j), tok, rate, spm_rate, keep_length=(level == "document"))
+            tokens += out.tokens
+            kinds += out.kinds
+            modes.append(out.mode)
     tokens, kinds = tokens[:length], kinds[:length]
     kinds += [KIND_PAD] * (length - len(tokens))
     tokens += [tok.fim_pad] * (length - len(tokens))
@@ -276,6 +293,10 @@ def unpermute_piece(piece: list[int], tok) -> bytes:
     return text(lead) + text(prefix) + text(rest[m + 1:]) + text(rest[:m])
 
 
-def unpermute(tokens, tok) -> list[bytes]:
-    """The original bytes of every piece of a transformed context (see unpermute_piece)."""
-    return [unpermute_piece(p, tok) for p in split_pieces([int(t) for t in tokens], tok.eod)]
+def unpermute(tokens, tok, split_token: int | None = None) -> list[bytes]:
+    """The original bytes of every piece of a transformed context (see unpermute_piece); with
+    ``split_token``, of every file (the pieces split again on it, as transform_context does)."""
+    pieces = split_pieces([int(t) for t in tokens], tok.eod)
+    if split_token is not None:
+        pieces = [f for p in pieces for f in split_pieces(p, split_token)]
+    return [unpermute_piece(p, tok) for p in pieces]

@@ -385,6 +385,11 @@ class Tokenizer:
         not form valid UTF-8 (only possible for ids that ``encode`` did not make) become U+FFFD."""
         return decode_with_table(self._decode_table, ids)
 
+    def token_id(self, spelling: str) -> int | None:
+        """The id of the piece spelled ``spelling`` exactly, or None (as HFTokenizer.token_id)."""
+        i = self._sp.piece_to_id(spelling)
+        return i if self._sp.id_to_piece(i) == spelling else None
+
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(i)
 

@@ -42,6 +42,7 @@ MEGATRON_FLAGS: dict[str, tuple[str, type, str]] = {
     "--rotary-base": ("model.rope_theta", float, "base of the rotary frequencies"),
     "--fim-rate": ("data.fim.rate", float, "FIM probability per document/piece"),
     "--fim-spm-rate": ("data.fim.spm_rate", float, "SPM probability among FIM pieces"),
+    "--fim-split-token": ("data.fim.split_token", str, "FIM each file separately; files end at this token"),
     "--save": ("checkpoint.save", str, "checkpoint directory"),
     "--load": ("checkpoint.load", str, "resume from this checkpoint directory"),
     "--save-interval": ("checkpoint.save_interval", int, "save every N steps"),

@@ -184,7 +184,7 @@ class CheckpointSection:
     allow_changes: list = field(default_factory=list)
     """Settings that normally may not change on resume which this run changes on purpose, by name:
     ``data.data_path``, ``data.split``, ``data.fim.rate``, ``data.fim.spm_rate``, ``data.fim.level``,
-    ``data.tokenizer_model``, ``data.special_tokens`` (the model shape never may)."""
+    ``data.fim.split_token``, ``data.tokenizer_model``, ``data.special_tokens`` (the model shape never may)."""
 
 
 @dataclass

@@ -80,6 +80,7 @@ def check_before_groups(cfg: TrainConfig, world_size: int):
         raise ConfigError("parallel.zero_stage = 3 with parallel.pipeline > 1 is not supported: ZeRO-3 checks "
                           "that every rank ran the same modules, which pipeline stages never do. Use ZeRO 0-2 "
                           "with pipeline parallelism (docs/training.md)")
+    from megafim.data.fim import split_token_id
     from megafim.data.tokenizer import load_tokenizer, require_fim
 
     notes: list[str] = []
@@ -94,6 +95,11 @@ def check_before_groups(cfg: TrainConfig, world_size: int):
             require_fim(tokenizer)
         except ValueError as exc:
             raise ConfigError(f"data.fim.rate {cfg.data.fim.rate}: {exc}") from None
+    try:
+        split_token_id(cfg.data.fim, tokenizer)
+    except ValueError as exc:
+        detail = str(exc).removeprefix("FimConfig.split_token ")
+        raise ConfigError(f"data.fim.split_token (--fim-split-token): {detail}") from None
     mc = resolve_model_config(cfg, tokenizer.vocab_size, notes)
     validate(cfg, world_size, mc)
     return tokenizer, mc, notes

@@ -114,6 +114,10 @@ def test_model_shape_and_data_may_not_change_the_rest_is_reported(tmp_path):
     fim = to_dict(_cfg())
     fim["data"]["fim"]["rate"] = 0.9
     assert compat.compare(tmp_path, mc, mc, saved, fim, True, [])[0].startswith("data.fim.rate")
+    per_file = to_dict(_cfg())
+    per_file["data"]["fim"]["split_token"] = "<file_sep>"  # other samples: refused unless allowed
+    assert compat.compare(tmp_path, mc, mc, saved, per_file, True, [])[0].startswith("data.fim.split_token")
+    assert compat.compare(tmp_path, mc, mc, saved, per_file, True, ["data.fim.split_token"])[0] is None
 
 
 def test_a_changed_tokenizer_is_refused(tmp_path):

@@ -168,13 +168,16 @@ def test_deepspeed_config_generated_and_merged(tmp_path):
         effective_deepspeed_config(cfg, world_size=2)
 
 
-@pytest.mark.parametrize("name, world_size", [("tiny", 1), ("125M", 8), ("1.3B", 8), ("7B", 32)])
+@pytest.mark.parametrize("name, world_size", [("tiny", 1), ("125M", 8), ("1.3B", 8), ("1.3B-16k-cp", 8), ("7B", 32)])
 def test_example_configs_validate(name, world_size):
     repo = Path(__file__).resolve().parents[2]
     cfg, _ = config_from_args(["--config", str(repo / f"examples/configs/{name}.yaml")])
     mc = resolve_model_config(cfg, tokenizer_vocab=32000)
     validate(cfg, world_size, mc)
     assert mc.n_future == cfg.model.n_future and mc.max_seq_len >= cfg.data.seq_length
+    if name == "1.3B-16k-cp":  # the long-context example really splits each sample over ranks
+        assert cfg.parallel.context == 4 and cfg.data.seq_length == 16384
+        assert cfg.data.seq_length % (2 * cfg.parallel.context) == 0
 
 
 # --- one definition of each setting: the domain configs validate, the trainer names the field ----------
