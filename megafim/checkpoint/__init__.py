@@ -8,5 +8,6 @@
 - ``state``: ``trainer_state.json``, ``config.yaml``, RNG states;
 - ``weights``: the layout-free weights (``model/``), read and written one tensor at a time;
 - ``safetensors_stream``: lazy tensors and a streaming safetensors writer;
-- ``engine``: the collective save and the exact resume of a DeepSpeed engine.
+- ``engine``: the collective save and the exact resume of a DeepSpeed engine;
+- ``writer``: asynchronous saves (host copies, a writer thread, per-rank completion markers).
 """

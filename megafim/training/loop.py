@@ -372,7 +372,7 @@ def _save(run: Run, writer: Writer, reason: str) -> None:
         run.log.info(f"checkpoint: {path.name} copied to host memory in {time.perf_counter() - t0:.2f} s "
                      f"({reason}); writing in the background")
     else:
-        run.log.info(f"checkpoint: saved {path} ({reason})")
+        run.log.info(f"checkpoint: saved {path} in {time.perf_counter() - t0:.2f} s ({reason})")
 
 
 def train(cfg: TrainConfig) -> int:
