@@ -77,15 +77,29 @@ def read_index(folder: Path) -> dict:
     return data
 
 
+def _region(out: torch.Tensor, offset, shape) -> torch.Tensor:
+    """The part of ``out`` a slice of ``shape`` at ``offset`` covers (a view)."""
+    region = out
+    for dim, (start, size) in enumerate(zip(offset, shape)):
+        region = region.narrow(dim, start, size)
+    return region
+
+
 class ShardedState(Mapping):
     """{name: global tensor} over a sharded folder, each tensor assembled from its slices on access
     (one tensor in memory at a time); ``spec(name)`` gives shape and dtype without reading."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, readers: dict | None = None) -> None:
         self.folder = Path(folder)
         data = read_index(self.folder)
         self.metadata: dict = data.get("metadata", {})
         self._tensors: dict[str, dict] = data["tensors"]
+        self._readers = readers  # {file name: verified_read.VerifyingReader}: checked as they are read
+
+    def finish(self) -> None:
+        """With verifying readers: check every file's checksum (``CheckpointError`` naming the file)."""
+        for reader in (self._readers or {}).values():
+            reader.finish()
 
     def __getitem__(self, name: str) -> torch.Tensor:
         entry = self._tensors[name]
@@ -93,13 +107,16 @@ class ShardedState(Mapping):
         out = torch.empty(shape, dtype=dtype)
         filled = 0
         for shard in entry["shards"]:
-            path = self.folder / shard["file"]
-            with safe_open(str(path), framework="pt") as handle:
-                part = handle.get_tensor(name)
-            region = out
-            for dim, (start, size) in enumerate(zip(shard["offset"], part.shape)):
-                region = region.narrow(dim, start, size)
-            region.copy_(part)
+            if self._readers is not None:  # read (and hashed) straight into its place when contiguous
+                reader = self._readers[shard["file"]]
+                region = _region(out, shard["offset"], reader.shape_of(name))
+                part = reader.get_tensor(name, into=region)
+            else:
+                with safe_open(str(self.folder / shard["file"]), framework="pt") as handle:
+                    part = handle.get_tensor(name)
+                region = _region(out, shard["offset"], part.shape)
+            if part is not region:
+                region.copy_(part)
             filled += part.numel()
         if filled != out.numel():
             raise CheckpointError(f"{self.folder / INDEX}: the slices of {name} cover {filled} of "
