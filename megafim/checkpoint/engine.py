@@ -89,9 +89,10 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
     synchronous one) it returns after the commit."""
     writer = writer or Writer(background=False)
     writer.wait()  # a second save waits for the first (and raises its error)
-    tmp = temp_dir(save_root, state.step)
+    step = state.step  # the writer thread commits this step while the loop moves ``state`` on
+    tmp = temp_dir(save_root, step)
     if dims.rank == 0:
-        files.begin(save_root, state.step)
+        files.begin(save_root, step)
     dist.barrier()
     deferred = DeferredSaves(engine) if writer.background else nullcontext()
     with deferred:  # DeepSpeed's files: written now, or kept in host memory for the writer
@@ -103,10 +104,10 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
         if tokenizer_model:  # a checkpoint is self-contained for evaluation, inference and export
             src = Path(tokenizer_model)  # a Hugging Face directory: its tokenizer.json (loaders sniff JSON)
             shutil.copyfile(src / "tokenizer.json" if src.is_dir() else src, tmp / TOKENIZER_FILE)
-    final = Path(save_root) / step_dir_name(state.step)
+    final = Path(save_root) / step_dir_name(step)
 
     def write_files() -> None:
-        time.sleep(write_delay(state.step))
+        time.sleep(write_delay(step))
         if writer.background:
             deferred.write_all()
         write_model()
@@ -116,7 +117,7 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
         dist.barrier()
         if dims.rank == 0:
             merge_index(tmp / MODEL_DIR)
-            files.commit(save_root, state.step, keep_last)
+            files.commit(save_root, step, keep_last)
         dist.barrier()
         return final
 
@@ -131,7 +132,7 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
         if dims.rank == 0:
             wait_for_ranks(tmp, dims.world_size, timeout_s)
             merge_index(tmp / MODEL_DIR)
-            files.commit(save_root, state.step, keep_last)
+            files.commit(save_root, step, keep_last)
             say(f"checkpoint: {final} complete (written in the background in "
                 f"{time.perf_counter() - started:.1f} s)")
     writer.start(write_and_commit)

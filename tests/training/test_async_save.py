@@ -108,3 +108,27 @@ def test_the_end_of_training_waits_for_the_pending_write(tiny_data, tmp_path):
     assert manifest.verify(save / "step_00000002")
     state = json.loads((save / "step_00000002" / "trainer_state.json").read_text())
     assert state["step"] == 2
+
+
+def test_a_signal_save_waits_for_the_pending_write(tiny_data, tmp_path):
+    """SIGTERM while step 2's write is held back: the signal's save waits for it, then writes its own,
+    and the run exits with both complete."""
+    save = tmp_path / "run"
+    args = base_args(tiny_data) + LAYOUT + ["--train-iters", "1000", "--save-interval", "2", "--async-save",
+                                           "--save", str(save)]
+    env = dict(trainer_env(tmp_path), MEGAFIM_CHECKPOINT_WRITE_DELAY="2:8")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "megafim.train", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_steps(save, 3, proc)
+        assert (save / ".tmp-step_00000002").is_dir()  # still pending
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        _kill_all(proc) if proc.poll() is None else None
+    assert (save / "latest").is_file(), out[-3000:]
+    stopped = json.loads((save / (save / "latest").read_text().strip() / "trainer_state.json").read_text())["step"]
+    assert 3 <= stopped < 1000 and len(metrics(save)) == stopped
+    assert manifest.verify(save / "step_00000002") and manifest.verify(save / f"step_{stopped:08d}")
+    assert not list(save.glob(".tmp-*"))
