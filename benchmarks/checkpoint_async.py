@@ -124,7 +124,8 @@ def main() -> None:
     sync_s = statistics.median(runs["sync"]["save_held_loop_s"])
     async_s = statistics.median(runs["async"]["save_held_loop_s"])
     result = {"benchmark": "checkpoint_async", "machine": machine("shared with other jobs"),
-              "command": " ".join(["python", *sys.argv]), "size": args.size, "n_layers": args.n_layers or "the size's", "vocab": 512,
+              "command": " ".join(["python", *sys.argv]), "size": args.size,
+              "n_layers": args.n_layers or "the size's", "vocab": 512,
               "n_future": args.n_future, "tp": args.tp, "pp": args.pp, "zero_stage": 1,
               "iters": args.iters, "interval": args.interval,
               "median_save_held_loop_s": {"sync": sync_s, "async": async_s},
@@ -137,7 +138,8 @@ def main() -> None:
     for kind, r in runs.items():
         bg = f"{statistics.median(r['background_write_s']):.2f}" if r["background_write_s"] else "-"
         print(f"{kind:6} {statistics.median(r['save_held_loop_s']):12.2f} {bg:>11} "
-              f"{statistics.median(r['step_s_after_save'] or [0]):18.2f} {statistics.median(r['step_s_other'] or [0]):14.2f} "
+              f"{statistics.median(r['step_s_after_save'] or [0]):18.2f} "
+              f"{statistics.median(r['step_s_other'] or [0]):14.2f} "
               f"{' '.join(f'{m:.0f}' for m in r['rank_peak_rss_mib']):>24}")
     print(f"async stall / sync save: {result['async_stall_over_sync_save']:.3f}")
     write_json(args.out, result)
