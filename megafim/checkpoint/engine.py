@@ -6,6 +6,9 @@ Two copies of the weights go into every checkpoint:
 - ``model/``: every tensor x pipeline rank's slices of its parameters under the whole model's names and
   an index of which slice each file holds (``sharded.py``), plus ``model_config.json``: a layout-free
   view that any layout reads one global tensor at a time, written without gathering anything.
+
+With a background ``writer.Writer`` (``--async-save``) ``save`` returns once the state is copied to host
+memory, and the files are written and committed by the writer thread (``writer.py``).
 """
 
 from __future__ import annotations
