@@ -7,11 +7,18 @@ Two copies of the weights go into every checkpoint:
   an index of which slice each file holds (``sharded.py``), plus ``model_config.json``: a layout-free
   view that any layout reads one global tensor at a time, written without gathering anything;
 - ``optim/``: the optimizer state in the same scheme (``optim_state.py``), for a resume in another layout.
+
+With a background ``writer.Writer`` (``--async-save``) ``save`` returns once the state is copied to host
+memory, and the files are written and committed by the writer thread (``writer.py``). ``optim/`` is
+written before that, in the loop: its gathers are collectives, which the writer thread must not run.
 """
 
 from __future__ import annotations
 
 import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -23,6 +30,7 @@ from megafim.checkpoint.format import (DS_DIR, MODEL_DIR, OPTIM_DIR, TOKENIZER_F
 from megafim.checkpoint.state import TrainerState, save_rng, write_trainer_state
 from megafim.checkpoint.sharded import merge_index, write_shard
 from megafim.checkpoint.weights import shard_name, write_model_config
+from megafim.checkpoint.writer import DeferredSaves, Writer, host_copy, mark_done, write_delay, wait_for_ranks
 from megafim.model.config import ModelConfig
 
 
@@ -51,13 +59,21 @@ def stage_slices(stage, dims, zero_stage: int) -> tuple[dict[str, torch.Tensor],
     return state, placement
 
 
-def save_model_state(ckpt_dir: Path, stage, dims, zero_stage: int, mc: ModelConfig) -> None:
-    """Every rank calls it; data-parallel rank 0 of each tensor x pipeline rank writes its slices."""
+def save_model_state(ckpt_dir: Path, stage, dims, zero_stage: int, mc: ModelConfig,
+                     copy_to_host: bool = False) -> Callable[[], None]:
+    """Every rank calls it (collective under ZeRO-3); returns the writes of this rank's part of
+    ``model/`` (data-parallel rank 0 of each tensor x pipeline rank writes its slices; the others
+    nothing). ``copy_to_host``: the slices are copied now, so that the writes may run later."""
     state, placement = stage_slices(stage, dims, zero_stage)
-    if dims.dp_rank == 0 and getattr(dims, "cp_rank", 0) == 0:  # context-parallel ranks hold the same weights
+    if dims.dp_rank != 0 or getattr(dims, "cp_rank", 0) != 0:  # context-parallel ranks hold the same weights
+        return lambda: None
+    state = host_copy(state) if copy_to_host else state
+
+    def write() -> None:
         write_shard(Path(ckpt_dir) / MODEL_DIR, shard_name(dims.tp_rank, dims.pp_rank), state, placement)
         if dims.rank == 0:
             write_model_config(Path(ckpt_dir) / MODEL_DIR, mc)
+    return write
 
 
 def layout_of(dims, zero_stage: int) -> dict:
@@ -68,29 +84,71 @@ def layout_of(dims, zero_stage: int) -> dict:
 
 
 def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml: str, mc: ModelConfig,
-         zero_stage: int, keep_last: int, tokenizer_model: str = "") -> Path:
-    """Collective: every rank calls it. Returns the committed checkpoint directory."""
-    tmp = temp_dir(save_root, state.step)
+         zero_stage: int, keep_last: int, tokenizer_model: str = "", writer: Writer | None = None,
+         timeout_s: float = 600.0, say: Callable[[str], None] = print) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory it commits.
+
+    With a background ``writer`` it returns once the state is copied to host memory; the files are
+    written by the writer's thread, and rank 0's commits (manifest, rename, ``latest``; then ``say``)
+    once every rank has marked its files complete, waiting at most ``timeout_s``. Without one (or a
+    synchronous one) it returns after the commit."""
+    writer = writer or Writer(background=False)
+    writer.wait()  # a second save waits for the first (and raises its error)
+    step = state.step  # the writer thread commits this step while the loop moves ``state`` on
+    tmp = temp_dir(save_root, step)
     if dims.rank == 0:
-        files.begin(save_root, state.step)
+        files.begin(save_root, step)
     dist.barrier()
-    engine.save_checkpoint(str(tmp), tag=DS_DIR, save_latest=False)
-    save_model_state(tmp, stage, dims, zero_stage, mc)
+    deferred = DeferredSaves(engine) if writer.background else nullcontext()
+    with deferred:  # DeepSpeed's files: written now, or kept in host memory for the writer
+        engine.save_checkpoint(str(tmp), tag=DS_DIR, save_latest=False)
+    write_model = save_model_state(tmp, stage, dims, zero_stage, mc, copy_to_host=writer.background)
     optim_state.save_optimizer_state(tmp / OPTIM_DIR, shard_name(dims.tp_rank, dims.pp_rank),
                                      engine.optimizer, stage, dims)
+    optim_step = optim_state.adam_step(engine.optimizer)
     save_rng(tmp, dims.rank)
     if dims.rank == 0:
         write_trainer_state(tmp, state, config_yaml)
         if tokenizer_model:  # a checkpoint is self-contained for evaluation, inference and export
             shutil.copyfile(files.tokenizer_source(tokenizer_model), tmp / TOKENIZER_FILE)
-    dist.barrier()
-    if dims.rank == 0:
+    final = Path(save_root) / step_dir_name(step)
+
+    def merge_indexes() -> None:
         merge_index(tmp / MODEL_DIR)
         if (tmp / OPTIM_DIR).is_dir():  # absent before the optimizer's first step
-            merge_index(tmp / OPTIM_DIR, {"step": optim_state.adam_step(engine.optimizer)})
-    final = files.commit(save_root, state.step, keep_last) if dims.rank == 0 else None
-    dist.barrier()
-    return final or Path(save_root) / step_dir_name(state.step)
+            merge_index(tmp / OPTIM_DIR, {"step": optim_step})
+
+    def write_files() -> None:
+        time.sleep(write_delay(step))
+        if writer.background:
+            deferred.write_all()
+        write_model()
+
+    if not writer.background:
+        write_files()
+        dist.barrier()
+        if dims.rank == 0:
+            merge_indexes()
+            files.commit(save_root, step, keep_last)
+        dist.barrier()
+        return final
+
+    def write_and_commit() -> None:
+        started = time.perf_counter()
+        try:
+            write_files()
+        except BaseException as exc:
+            mark_done(tmp, dims.rank, exc)
+            raise
+        mark_done(tmp, dims.rank)
+        if dims.rank == 0:
+            wait_for_ranks(tmp, dims.world_size, timeout_s)
+            merge_indexes()
+            files.commit(save_root, step, keep_last)
+            say(f"checkpoint: {final} complete (written in the background in "
+                f"{time.perf_counter() - started:.1f} s)")
+    writer.start(write_and_commit)
+    return final
 
 
 def load_engine_state(ckpt_dir: Path, engine) -> None:

@@ -77,27 +77,52 @@ def read_index(folder: Path) -> dict:
     return data
 
 
+def _region(out: torch.Tensor, offset, shape) -> torch.Tensor:
+    """The part of ``out`` a slice of ``shape`` at ``offset`` covers (a view)."""
+    region = out
+    for dim, (start, size) in enumerate(zip(offset, shape)):
+        region = region.narrow(dim, start, size)
+    return region
+
+
 class ShardedState(Mapping):
     """{name: global tensor} over a sharded folder, each tensor assembled from its slices on access
     (one tensor in memory at a time); ``spec(name)`` gives shape and dtype without reading."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, readers: dict | None = None) -> None:
         self.folder = Path(folder)
         data = read_index(self.folder)
         self.metadata: dict = data.get("metadata", {})
         self._tensors: dict[str, dict] = data["tensors"]
+        self._readers = readers  # {file name: verified_read.VerifyingReader}: checked as they are read
+
+    def finish(self) -> None:
+        """With verifying readers: check every file's checksum (``CheckpointError`` naming the file)."""
+        for reader in (self._readers or {}).values():
+            reader.finish()
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        shape, _ = self.spec(name)
-        return self.read_slice(name, (0,) * len(shape), shape)
+        shape, dtype = self.spec(name)
+        if self._readers is None:
+            return self.read_slice(name, (0,) * len(shape), shape)
+        out = torch.empty(shape, dtype=dtype)
+        filled = 0
+        for shard in self._tensors[name]["shards"]:  # read (and hashed) straight into its place when contiguous
+            reader = self._readers[shard["file"]]
+            region = _region(out, shard["offset"], reader.shape_of(name))
+            part = reader.get_tensor(name, into=region)
+            if part is not region:
+                region.copy_(part)
+            filled += part.numel()
+        self._check_filled(name, filled, out)
+        return out
 
     def read_slice(self, name: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
         """The region ``[offset, offset + shape)`` of the global tensor ``name``, read from the parts of
         the stored slices that overlap it (a rank of another layout reads only what it holds)."""
-        entry = self._tensors[name]
         out = torch.empty(tuple(shape), dtype=self.spec(name)[1])
         filled = 0
-        for shard in entry["shards"]:
+        for shard in self._tensors[name]["shards"]:
             with safe_open(str(self.folder / shard["file"]), framework="pt") as handle:
                 part = handle.get_slice(name)
                 src, dst = _overlap(shard["offset"], part.get_shape(), offset, shape)
@@ -106,10 +131,13 @@ class ShardedState(Mapping):
                 piece = part[src] if src else handle.get_tensor(name)  # a 0-d tensor has no slices
             out[dst] = piece
             filled += piece.numel()
+        self._check_filled(name, filled, out)
+        return out
+
+    def _check_filled(self, name: str, filled: int, out: torch.Tensor) -> None:
         if filled != out.numel():
             raise CheckpointError(f"{self.folder / INDEX}: the slices of {name} cover {filled} of "
                                   f"{out.numel()} elements")
-        return out
 
     def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         entry = self._tensors[name]

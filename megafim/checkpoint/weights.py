@@ -23,6 +23,7 @@ from megafim.checkpoint.format import (CONFIG_YAML, LATEST, MODEL_CONFIG, MODEL_
 from megafim.checkpoint.safetensors_stream import LazySafetensors
 from megafim.checkpoint.sharded import INDEX, ShardedState, merge_index, write_shard
 from megafim.checkpoint.state import TrainerState, write_trainer_state
+from megafim.checkpoint.verified_read import readers_for
 from megafim.model.config import ModelConfig
 
 
@@ -40,15 +41,19 @@ def read_model_config(ckpt_dir: Path) -> ModelConfig:
         raise CheckpointError(f"{path}: not a valid model config ({exc})") from None
 
 
-def read_model_state(ckpt_dir: Path) -> tuple[Mapping[str, torch.Tensor], ModelConfig]:
+def read_model_state(ckpt_dir: Path, checksums: dict | None = None,
+                     hasher=None) -> tuple[Mapping[str, torch.Tensor], ModelConfig]:
     """Full model state {name: tensor} and its ModelConfig from a checkpoint's ``model/`` folder.
 
     The tensors are read from the files when accessed, one at a time, each assembled from the slices
-    the ranks wrote (``sharded.py``); format 1 kept whole tensors in ``stage_<p>.safetensors``."""
+    the ranks wrote (``sharded.py``); format 1 kept whole tensors in ``stage_<p>.safetensors``.
+    ``checksums`` (the manifest's ``files``): the shards' CRCs are computed as their bytes are read
+    (``verified_read.py``; in the ``hasher`` executor's one thread when given), and the state's
+    ``finish()`` compares them."""
     folder = Path(ckpt_dir) / MODEL_DIR
     config = read_model_config(ckpt_dir)
     if (folder / INDEX).is_file():
-        return ShardedState(folder), config
+        return ShardedState(folder, readers_for(folder, Path(ckpt_dir), checksums, hasher)), config
     files = sorted(folder.glob("stage_*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no {INDEX} (not a complete megafim checkpoint)")

@@ -20,6 +20,7 @@ import torch
 
 from megafim.checkpoint import find, manifest
 from megafim.checkpoint.format import HF_SPECIAL_TOKENS_FILE, HF_TOKENIZER_FILE
+from megafim.checkpoint.sharded import INDEX
 from megafim.checkpoint.weights import read_model_state, special_tokens, tokenizer_path
 from megafim.model.gpt import GPT
 
@@ -82,19 +83,37 @@ def load_model(path: str | Path, *, iteration: int | None = None, device: str | 
     if not verify:
         state, config = read_model_state(source)
         return LoadedModel(_build(state, config, device, dtype), tokenizer_path(source), "megafim", source, named)
-    # The checksums are computed in a thread while the weights load (zlib releases the GIL), and the
-    # model is returned only once they match; a load that fails on a corrupt file reports the
-    # verification's error, which names the file.
-    with ThreadPoolExecutor(1) as pool:
-        check = pool.submit(manifest.verify, source, manifest.files_under(source, "model/"))
+    return LoadedModel(_verified_build(source, device, dtype), tokenizer_path(source), "megafim", source, named)
+
+
+def _verified_build(source: Path, device, dtype) -> GPT:
+    """The model, returned only once its files match the manifest. The weight shards are hashed as
+    their bytes are read for loading (one pass, ``verified_read.py``), in a thread beside the load; the
+    small files (index, config) first. A load that fails on a corrupt file reports the verification's
+    error, which names the file. Format 1 (no index) hashes in a thread beside the load."""
+    data = manifest.read(source)
+    model_files = manifest.files_under(source, "model/")
+    if data is None or not (source / "model" / INDEX).is_file():
+        with ThreadPoolExecutor(1) as pool:
+            check = pool.submit(manifest.verify, source, model_files)
+            try:
+                state, config = read_model_state(source)
+                model = _build(state, config, device, dtype)
+            except Exception:
+                check.result()
+                raise
+            check.result()
+        return model
+    manifest.verify(source, [rel for rel in model_files if not rel.endswith(".safetensors")])
+    with ThreadPoolExecutor(1) as hasher:  # one thread: each file's CRC updates run in order
+        state, config = read_model_state(source, checksums=data["files"], hasher=hasher)
         try:
-            state, config = read_model_state(source)
             model = _build(state, config, device, dtype)
         except Exception:
-            check.result()
+            state.finish()
             raise
-        check.result()
-    return LoadedModel(model, tokenizer_path(source), "megafim", source, named)
+        state.finish()
+    return model
 
 
 def _build(state, config, device, dtype) -> GPT:

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reset-attention-mask", dest="megatron:data.reset_attention_mask",
                         action="store_const", const=True, default=None,
                         help="attend only within each document (data.reset_attention_mask)")
+    parser.add_argument("--async-save", dest="megatron:checkpoint.async_save", action="store_const", const=True,
+                        default=None, help="write checkpoints in the background (checkpoint.async_save)")
     parser.add_argument("--reset-position-ids", dest="megatron:data.reset_position_ids",
                         action="store_const", const=True, default=None,
                         help="restart positions at 0 in each document (data.reset_position_ids)")

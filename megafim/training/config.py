@@ -185,6 +185,9 @@ class CheckpointSection:
     """Settings that normally may not change on resume which this run changes on purpose, by name:
     ``data.data_path``, ``data.split``, ``data.fim.rate``, ``data.fim.spm_rate``, ``data.fim.level``,
     ``data.fim.split_token``, ``data.tokenizer_model``, ``data.special_tokens`` (the model shape never may)."""
+    async_save: bool = False
+    """Write checkpoints in a background thread: training continues once the state is copied to host
+    memory; ``latest`` moves when every rank's files are written (docs/checkpoints.md)."""
 
 
 @dataclass

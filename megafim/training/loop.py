@@ -27,6 +27,7 @@ from megafim.parallel import DeepSpeedMPU, ParallelDims
 from megafim.parallel.zero3 import apply_zero3
 from megafim.checkpoint import engine as ckpt_engine
 from megafim.checkpoint.state import TrainerState, load_rng
+from megafim.checkpoint.writer import Writer
 from megafim.checkpoint.weights import full_weights
 from megafim.training.build import (PipelineStage, StagePlan, build_stage, build_train_valid_datasets,
                                     checked_data_config, plan_stages)
@@ -374,14 +375,20 @@ def _flops_per_token(mc: ModelConfig, seq: int) -> float:
 # The run.
 
 
-def _save(run: Run, reason: str) -> None:
+def _save(run: Run, writer: Writer, reason: str) -> None:
     cfg = run.cfg
     if not cfg.checkpoint.save:
         run.log.info(f"checkpoint: not saved ({reason}): checkpoint.save is empty")
         return
+    t0 = time.perf_counter()
     path = ckpt_engine.save(cfg.checkpoint.save, run.engine, run.stage, run.dims, run.state, dump_yaml(cfg),
-                              run.mc, cfg.parallel.zero_stage, cfg.checkpoint.keep_last, cfg.data.tokenizer_model)
-    run.log.info(f"checkpoint: saved {path} ({reason})")
+                            run.mc, cfg.parallel.zero_stage, cfg.checkpoint.keep_last, cfg.data.tokenizer_model,
+                            writer, cfg.parallel.distributed_timeout_minutes * 60, run.log.info)
+    if writer.background:
+        run.log.info(f"checkpoint: {path.name} copied to host memory in {time.perf_counter() - t0:.2f} s "
+                     f"({reason}); writing in the background")
+    else:
+        run.log.info(f"checkpoint: saved {path} in {time.perf_counter() - t0:.2f} s ({reason})")
 
 
 def train(cfg: TrainConfig) -> int:
@@ -392,6 +399,7 @@ def train(cfg: TrainConfig) -> int:
                                state.consumed_samples)
     micro = MicroBatches(dataset, sampler)
     stop = StopRequest(enabled=cfg.checkpoint.save_on_signal)
+    writer = Writer(background=cfg.checkpoint.async_save)
     tokens_per_step = cfg.batch.global_batch_size * cfg.data.seq_length
     flops_per_token = _flops_per_token(run.mc, cfg.data.seq_length)
     peak = cfg.logging.peak_tflops * 1e12 or default_peak_flops()
@@ -431,21 +439,22 @@ def train(cfg: TrainConfig) -> int:
             if state.nonfinite_in_a_row >= cfg.logging.max_nonfinite_in_a_row:
                 run.log.info(f"stopping: {state.nonfinite_in_a_row} non-finite losses in a row "
                              f"(logging.max_nonfinite_in_a_row)")
-                _save(run, "non-finite losses")
+                _save(run, writer, "non-finite losses")
                 code, saved_at = EXIT_NONFINITE, state.step
                 break
             interval = cfg.checkpoint.save_interval
             if interval and state.step % interval == 0:
-                _save(run, f"every {interval} steps")
+                _save(run, writer, f"every {interval} steps")
                 saved_at = state.step
             if stop.agreed(run.device):
                 run.log.info(f"signal {stop.signum or 'on another rank'}: saving and stopping at step {state.step}")
                 if saved_at != state.step:
-                    _save(run, "signal")
+                    _save(run, writer, "signal")
                     saved_at = state.step
                 break
         if code == EXIT_OK and saved_at != state.step:
-            _save(run, "end of training")
+            _save(run, writer, "end of training")
+        writer.wait()  # the end of training (a signal, too) waits for a pending write
     finally:
         profiler.finish()
         stop.restore()

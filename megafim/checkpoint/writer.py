@@ -1,0 +1,174 @@
+"""Asynchronous saves: copy the state to host memory, write it in a background thread, commit when every
+rank's files are complete (docs/checkpoints.md, "Asynchronous saves").
+
+- ``host_copy``: a copy of a state (nested dicts, lists, tuples of tensors) in host memory that keeps
+  which tensors share a storage, so ``torch.save`` of the copy writes the same bytes as of the original;
+- ``DeferredSaves``: stands in for DeepSpeed's checkpoint engine during ``engine.save_checkpoint`` and
+  keeps (path, host copy) instead of writing, for the writer thread to write with the real engine;
+- ``Writer``: one per rank; runs a save's writes in a thread and waits for the previous one first;
+- completion markers: each rank, once its files are written, creates ``.writers/rank_<r>`` (or
+  ``rank_<r>.failed`` with the error) in the save's temporary directory; rank 0's writer waits for
+  all of them before it writes the manifest and moves ``latest``. Files, not collectives: the writer
+  threads never talk over the process group, which belongs to the training loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from megafim.checkpoint.format import CheckpointError
+
+WRITERS_DIR = ".writers"
+DELAY_ENV = "MEGAFIM_CHECKPOINT_WRITE_DELAY"
+"""``STEP:SECONDS``: the writes of the save of STEP start SECONDS late (tests simulate a slow disk)."""
+
+
+def host_copy(obj, memo: dict | None = None):
+    """``obj`` with every tensor copied to host memory (nested dicts, lists, tuples; other values are
+    deep-copied). What ``obj`` shares stays shared in the copy: tensors that shared a storage share the
+    copy of it (same offset, shape and stride), a tuple or dict met twice is copied once, and a
+    ``Parameter`` stays one; so ``torch.save`` of the copy writes the bytes it wrote of ``obj``."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, torch.Tensor):
+        out = _tensor_copy(obj, memo)
+    elif isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps the mapping's type (OrderedDict) and insertion order
+        for key, value in obj.items():
+            out[key] = host_copy(value, memo)
+    elif type(obj) in (list, tuple):
+        items = [host_copy(value, memo) for value in obj]
+        same = type(obj) is tuple and all(a is b for a, b in zip(items, obj))
+        out = obj if same else type(obj)(items)  # a tuple of immutable values is itself (as in deepcopy)
+    else:
+        return copy.deepcopy(obj, memo)
+    memo[id(obj)] = out
+    memo.setdefault("keep", []).append(obj)  # the ids stay unique while the memo lives
+    return out
+
+
+def _tensor_copy(tensor: torch.Tensor, memo: dict) -> torch.Tensor:
+    storage = tensor.untyped_storage()
+    key = (storage.device, storage.data_ptr(), storage.nbytes())
+    if key not in memo:
+        memo[key] = storage.cpu() if storage.device.type != "cpu" else storage.clone()
+    out = torch.empty(0, dtype=tensor.dtype).set_(memo[key], tensor.storage_offset(), tensor.size(),
+                                                  tensor.stride())
+    if isinstance(tensor, torch.nn.Parameter):
+        return torch.nn.Parameter(out, requires_grad=tensor.requires_grad)
+    return out.requires_grad_(tensor.requires_grad) if tensor.requires_grad else out
+
+
+class DeferredSaves:
+    """DeepSpeed's checkpoint engine for one ``save_checkpoint``: ``save`` keeps a host copy of each
+    state dict and its path; ``write_all`` later writes them through the engine it stood in for."""
+
+    def __init__(self, engine) -> None:
+        self.real = engine.checkpoint_engine
+        self.saved: list[tuple[dict, str]] = []
+        self._ds_engine = engine
+
+    def __enter__(self) -> DeferredSaves:
+        self._ds_engine.checkpoint_engine = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ds_engine.checkpoint_engine = self.real
+
+    def save(self, state_dict, path: str) -> None:
+        self.saved.append((host_copy(state_dict), path))
+
+    def write_all(self) -> None:
+        for state_dict, path in self.saved:
+            self.real.save(state_dict, path)
+        self.saved.clear()
+
+    def __getattr__(self, name):  # create, makedirs, commit, is_decoupled, ...: the real engine's
+        return getattr(self.real, name)
+
+
+def write_delay(step: int) -> float:
+    """Seconds the writes of ``step`` wait, from ``MEGAFIM_CHECKPOINT_WRITE_DELAY`` (0 when unset)."""
+    raw = os.environ.get(DELAY_ENV, "")
+    if not raw:
+        return 0.0
+    at, _, seconds = raw.partition(":")
+    return float(seconds) if int(at) == step else 0.0
+
+
+def mark_done(tmp: Path, rank: int, error: BaseException | None = None) -> None:
+    """Say that this rank's files of the save in ``tmp`` are complete (or that writing them failed)."""
+    folder = Path(tmp) / WRITERS_DIR
+    folder.mkdir(exist_ok=True)
+    name = f"rank_{rank:05d}" + (".failed" if error else "")
+    (folder / f".{name}.tmp").write_text(f"{type(error).__name__}: {error}\n" if error else "")
+    os.replace(folder / f".{name}.tmp", folder / name)  # a marker appears whole or not at all
+
+
+def wait_for_ranks(tmp: Path, world_size: int, timeout_s: float, poll_s: float = 0.05) -> None:
+    """Wait until every rank marked its files of the save in ``tmp`` complete, then remove the markers.
+    ``CheckpointError`` when a rank's writes failed or not all finished within ``timeout_s``."""
+    folder = Path(tmp) / WRITERS_DIR
+    deadline = time.monotonic() + timeout_s
+    while True:
+        failed = sorted(folder.glob("rank_*.failed"))
+        if failed:
+            raise CheckpointError(f"{failed[0]}: {failed[0].read_text().strip()} (the save in {tmp} is "
+                                  "incomplete; latest still names the previous checkpoint)")
+        done = len(list(folder.glob("rank_[0-9]*[0-9]")))
+        if done == world_size:
+            break
+        if time.monotonic() > deadline:
+            raise CheckpointError(f"{folder}: {done} of {world_size} ranks finished writing within "
+                                  f"{timeout_s:.0f} s")
+        time.sleep(poll_s)
+    for marker in folder.iterdir():
+        marker.unlink()
+    folder.rmdir()
+
+
+class Writer:
+    """Runs each save's writes inline (``background=False``) or in a thread, one save at a time."""
+
+    def __init__(self, background: bool) -> None:
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, job: Callable[[], None]) -> None:
+        """Run ``job`` (the writes of one save) after the previous one finished."""
+        self.wait()
+        if not self.background:
+            job()
+            return
+
+        def run() -> None:
+            try:
+                job()
+            except BaseException as exc:  # noqa: BLE001  handed to the training loop by wait()
+                self._error = exc
+        # A daemon: a rank that fails does not linger on its write (the save stays incomplete and
+        # ``latest`` names the previous one); the training loop waits for it on every normal exit.
+        self._thread = threading.Thread(target=run, name="megafim-checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until the pending write (if any) is done; raise its error in the caller."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
