@@ -164,8 +164,10 @@ def dump_yaml(cfg: TrainConfig) -> str:
 
 def flag_names() -> dict[str, str]:
     """``{setting: its command-line flag}`` for the settings that have one."""
-    names = {path: flag for flag, (path, _, _) in MEGATRON_FLAGS.items()}
-    names["model.activation_checkpointing"] = "--activation-checkpointing"
+    names = {}
+    for action in build_parser()._actions:  # the table's flags and the on/off switches alike
+        if action.dest.startswith("megatron:") and action.option_strings:
+            names.setdefault(action.dest.removeprefix("megatron:"), action.option_strings[0])
     return names
 
 
