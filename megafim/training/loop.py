@@ -47,7 +47,7 @@ from megafim.training.sampler import MicroBatches, ResumableSampler
 from megafim.training.signals import StopRequest
 from megafim.training.wandb_logger import WandbRun
 
-EXIT_OK, EXIT_NONFINITE = 0, 3
+EXIT_OK, EXIT_RAISED, EXIT_NONFINITE = 0, 1, 3  # 1: what Python exits with on an exception
 
 
 @dataclass
@@ -145,7 +145,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
     log = MetricsLogger(cfg.checkpoint.save, cfg.schedule.train_iters, enabled=dims.rank == 0,
                         log_interval=cfg.logging.log_interval, tensorboard=cfg.logging.tensorboard,
                         progress_bar=cfg.logging.progress_bar, start_step=saved.step if saved else 0,
-                        wandb=WandbRun.open(cfg) if dims.rank == 0 else None)
+                        wandb=WandbRun.open(cfg, resuming=saved is not None) if dims.rank == 0 else None)
     log.info(f"megafim: {info.world_size} ranks = tp {dims.tp} x cp {dims.cp} x pp {dims.pp} x dp {dims.dp}, ZeRO-"
              f"{cfg.parallel.zero_stage}, {resolve_precision(cfg)}, {gas} micro-batches/step, device {device}")
     log.info(f"model: {mc}")
@@ -455,9 +455,12 @@ def train(cfg: TrainConfig) -> int:
         if code == EXIT_OK and saved_at != state.step:
             _save(run, writer, "end of training")
         writer.wait()  # the end of training (a signal, too) waits for a pending write
+    except BaseException:
+        code = EXIT_RAISED  # for the logs; the exception goes on up
+        raise
     finally:
         profiler.finish()
         stop.restore()
-        run.log.close()
+        run.log.close(code)
     shutdown()
     return code
