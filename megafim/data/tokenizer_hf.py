@@ -64,11 +64,12 @@ class NoEndOfTextError(ValueError):
 
     def __init__(self, path: str) -> None:
         self.path = path
-        super().__init__(self.naming("the special-token name eod"))
+        super().__init__(self.naming())
 
-    def naming(self, how: str) -> str:
-        """The message, telling to name the tokenizer's end-of-text token with ``how``."""
-        return f"{self.path}: no end-of-text token among {list(SPELLINGS['eod'])}; name it with {how}"
+    def naming(self, how: str | None = None) -> str:
+        """The message, telling to name the tokenizer's end-of-text token with ``how`` (a flag)."""
+        advice = f"name it with {how}" if how else "name the one it has as the special token eod"
+        return f"{self.path}: no end-of-text token among {list(SPELLINGS['eod'])}; {advice}"
 
 
 @lru_cache(maxsize=1)

@@ -122,7 +122,7 @@ def test_refuses_what_it_cannot_represent(hf_dir, small_model, llama3_plain):  #
     with pytest.raises(ValueError, match="does not give texts back"):
         load_tokenizer(prefixed)
     # the plain message names no tool's flag (each tool names its own: test_no_end_of_text_...)
-    with pytest.raises(NoEndOfTextError, match="no end-of-text .* name it with the special-token name eod$"):
+    with pytest.raises(NoEndOfTextError, match="; name the one it has as the special token eod$"):
         load_tokenizer(without_end_of_text(llama3_plain, hf_dir / "no_eod.json"))
 
 
