@@ -2,9 +2,10 @@
 
 The same corpus (the stdlib, held-out files chosen as examples/quickstart.py chooses them), tokenizer,
 data, seeds and steps; only ``data.reset_attention_mask`` differs. Each run is scored on the held-out
-files with ``python -m megafim.evaluate`` (full causal attention over its packed held-out contexts, as
-the tool always scores). A tiny model trained for minutes on a CPU: the spread between seeds of one
-setting is printed beside the difference between settings, read the latter against the former. The
+files with ``python -m megafim.evaluate`` (full causal attention over its packed held-out contexts for
+both settings, ``--no-reset-attention-mask``, so that the two are scored alike). A tiny model trained
+for minutes on a CPU: the spread between seeds of one setting is printed beside the difference
+between settings, read the latter against the former. The
 JSON's ``mean_documents_per_context`` is the number of documents that end per context (end-of-text
 tokens per ``seq_length + 1`` tokens): how many contexts the mask changes at all.
 
@@ -72,7 +73,8 @@ def train_and_score(a, out: Path, tok: str, train: str, held: str, masked: bool,
     run(args, env)
     seconds = time.time() - t0
     report = json.loads(run(["-m", "megafim.evaluate", "--load", str(save), "--data-path", held, "--seq-length",
-                             str(a.seq_length), "--num-samples", str(a.eval_samples), "--json", "--no-progress"],
+                             str(a.seq_length), "--num-samples", str(a.eval_samples), "--json", "--no-progress",
+                             "--no-reset-attention-mask", "--no-reset-position-ids"],
                             env).strip().splitlines()[-1])
     return {"masked": masked, "seed": seed, "train_seconds": round(seconds, 1),
             **{k: report[k]["loss"] for k in KINDS}, "eval_samples": report["samples"]}

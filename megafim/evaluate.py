@@ -4,7 +4,9 @@
         --data-path runs/quickstart/data/heldout_text_document [--seq-length 256] [--num-samples 64] [--json]
 
 By default the first 256 held-out contexts are scored (--num-samples 0: all of them). A progress bar
-goes to stderr when it is a terminal (--no-progress turns it off).
+goes to stderr when it is a terminal (--no-progress turns it off). A checkpoint trained with
+--reset-attention-mask / --reset-position-ids is scored with them (its config.yaml says so);
+--[no-]reset-attention-mask and --[no-]reset-position-ids override that.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import sys
 
 from tqdm import tqdm
 
-from megafim.eval.loss import evaluate_losses, format_table
+from megafim.checkpoint.weights import document_settings
+from megafim.eval.loss import DocumentMask, evaluate_losses, format_table
 from megafim.inference.loading import load_model
 
 DEFAULT_NUM_SAMPLES = 256
@@ -36,6 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=1234, help="seeds the FIM cut points")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--reset-attention-mask", action=argparse.BooleanOptionalAction,
+                   help="attend only within each document, as training with this flag did (default: what the "
+                        "checkpoint's run used; off for a Hugging Face directory)")
+    p.add_argument("--reset-position-ids", action=argparse.BooleanOptionalAction,
+                   help="restart rotary positions at each document (default: what the checkpoint's run used)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
     args = p.parse_args(argv)
@@ -62,17 +70,25 @@ class _ProgressBar:
             self.bar.close()
 
 
+def _document_mask(args: argparse.Namespace, loaded) -> DocumentMask:
+    """The flags given, else the checkpoint's run's settings (a Hugging Face directory has none)."""
+    saved = document_settings(loaded.source) if loaded.kind == "megafim" else {}
+    given = {name: getattr(args, name) for name in ("reset_attention_mask", "reset_position_ids")}
+    return DocumentMask(**{name: saved.get(name, False) if flag is None else flag for name, flag in given.items()})
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         loaded = load_model(args.load, iteration=args.iteration, device=args.device)
         tokenizer = loaded.load_tokenizer(args.tokenizer_model)
         seq_length = args.seq_length or loaded.model.config.max_seq_len
+        document_mask = _document_mask(args, loaded)
         bar = _ProgressBar(enabled=not args.no_progress and sys.stderr.isatty())
         try:
             report = evaluate_losses(loaded.model, tokenizer, args.data_path, seq_length=seq_length,
                                      num_samples=args.num_samples or None, batch_size=args.batch_size,
-                                     seed=args.seed, progress=bar)
+                                     seed=args.seed, progress=bar, document_mask=document_mask)
         finally:
             bar.close()
     except (OSError, ValueError, KeyError) as err:
@@ -81,7 +97,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"checkpoint": str(loaded.source), "data_path": args.data_path, **report.as_dict()}))
     else:
-        print(f"{loaded.source} on {args.data_path}: {report.samples} samples of {seq_length} tokens")
+        flags = [f"--{name.replace('_', '-')}" for name, on in vars(document_mask).items() if on]
+        print(f"{loaded.source} on {args.data_path}: {report.samples} samples of {seq_length} tokens"
+              + (f", documents scored alone ({' '.join(flags)})" if flags else ""))
         print(format_table(report))
     return 0
 

@@ -40,7 +40,7 @@ from megafim.checkpoint.weights import write_weights_checkpoint  # noqa: E402
 from megafim.data.tokenizer import load_tokenizer  # noqa: E402
 from megafim.convert.vocab import grow_vocab  # noqa: E402
 from megafim.training.config import VOCAB_MULTIPLE, TrainConfig, to_dict  # noqa: E402
-from tools.preprocess_data import parse_special_tokens  # noqa: E402
+from tools.preprocess_data import error_text, parse_special_tokens  # noqa: E402
 
 
 def default_tokenizer(load: Path, tokenizer_model: str | None) -> str | None:
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         final = write_weights_checkpoint(args.save, state, config,
                                          yaml.safe_dump(to_dict(train_cfg), sort_keys=False), tokenizer)
     except (OSError, ValueError, KeyError) as err:
-        print(f"convert_hf_to_checkpoint: {err}", file=sys.stderr)
+        print(f"convert_hf_to_checkpoint: {error_text(err)}", file=sys.stderr)
         return 2
     print(f"wrote {final} ({config.n_future} head(s), {args.init_heads} new heads)")
     if grown != config.vocab_size:

@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megafim.data.preprocess import PreprocessConfig, format_summary, run_preprocess  # noqa: E402
+from megafim.data.tokenizer_hf import NoEndOfTextError  # noqa: E402
 
 
 class Terminated(KeyboardInterrupt):
@@ -77,6 +78,11 @@ def parse_special_tokens(items: list[str]) -> dict[str, str]:
     return out
 
 
+def error_text(err: Exception) -> str:
+    """``err``'s message; a tokenizer without end-of-text is told to name it with ``--special-token``."""
+    return err.naming("--special-token eod=SPELLING") if isinstance(err, NoEndOfTextError) else str(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -90,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                                   progress=not args.quiet, log_interval=args.log_interval)
         summary = run_preprocess(config)
     except (ValueError, OSError, RuntimeError) as err:  # RuntimeError: the C++ writer's I/O errors
-        print(f"preprocess_data: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"preprocess_data: error: {' '.join(error_text(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         print("preprocess_data: interrupted; no outputs were written", file=sys.stderr)

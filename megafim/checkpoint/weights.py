@@ -121,6 +121,19 @@ def special_tokens(ckpt: Path) -> dict[str, str]:
     return dict(named)
 
 
+def document_settings(ckpt: Path) -> dict[str, bool]:
+    """``data.reset_attention_mask`` and ``data.reset_position_ids`` of the checkpoint's run (False when
+    its ``config.yaml`` has none), so that an evaluation scores documents as training saw them."""
+    data = _data_section(ckpt)
+    out = {}
+    for name in ("reset_attention_mask", "reset_position_ids"):
+        value = data.get(name, False)
+        if not isinstance(value, bool):
+            raise CheckpointError(f"{Path(ckpt) / CONFIG_YAML}: data.{name} is not true or false ({value!r})")
+        out[name] = value
+    return out
+
+
 def write_weights_checkpoint(save_root: Path, state: Mapping[str, torch.Tensor], config: ModelConfig,
                              config_yaml: str, tokenizer_model: str | None = None, step: int = 0) -> Path:
     """A complete checkpoint holding only layout-free weights (no optimizer state), e.g. a Hugging Face

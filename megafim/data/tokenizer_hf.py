@@ -58,6 +58,20 @@ BOUNDARY_NONE, BOUNDARY_SPACE, BOUNDARY_ASCII_SPACE, BOUNDARY_AFTER_NEWLINE = 0,
 _PROBE = "def f(x):\n\treturn 'naïve' + \"日本\"  # 😀 <|endoftext|>\r\n\n    \u00a0end "
 
 
+class NoEndOfTextError(ValueError):
+    """A tokenizer with no end-of-text token among the known spellings. Each tool says how to name
+    one with its own flag (``naming``); the plain message names no flag."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(self.naming())
+
+    def naming(self, how: str | None = None) -> str:
+        """The message, telling to name the tokenizer's end-of-text token with ``how`` (a flag)."""
+        advice = f"name it with {how}" if how else "name the one it has as the special token eod"
+        return f"{self.path}: no end-of-text token among {list(SPELLINGS['eod'])}; {advice}"
+
+
 @lru_cache(maxsize=1)
 def unicode_to_byte() -> dict[str, int]:
     """GPT-2's byte-to-unicode alphabet, reversed: printable Latin-1 bytes stand for themselves, the
@@ -166,18 +180,7 @@ class HFTokenizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike, special_tokens: dict[str, str] | None = None) -> "HFTokenizer":
         """Load ``tokenizer.json``, or the ``tokenizer.json`` inside a directory."""
-        p = Path(path)
-        if p.is_dir():
-            p = p / "tokenizer.json"
-        if not p.is_file():
-            raise FileNotFoundError(f"tokenizer {str(path)!r}: no such file (expected tokenizer.json or "
-                                    "a directory holding it)")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ValueError(f"{p}: not a Hugging Face tokenizer.json (not UTF-8 text)") from None
-        except OSError as err:
-            raise OSError(f"tokenizer {str(p)!r}: cannot read it ({err})") from err
+        p, text = _read_tokenizer_json(path)
         return cls(str(p), text, special_tokens)
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -234,8 +237,7 @@ class HFTokenizer:
             self.special_pieces[name] = spelling
             setattr(self, name, None if spelling is None else self.token_id(spelling))
         if self.eod is None:
-            raise ValueError(f"{self.model_path}: no end-of-text token among {list(SPELLINGS['eod'])}; "
-                             "name it with --eod-token")
+            raise NoEndOfTextError(self.model_path)
 
     # -- encoding ----------------------------------------------------------------------------------
 
@@ -331,13 +333,34 @@ class HFTokenizer:
         return f"HFTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
 
 
+def _read_tokenizer_json(path: str | os.PathLike) -> tuple[Path, str]:
+    """(the file, its text) of ``tokenizer.json`` or of the ``tokenizer.json`` inside a directory."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"tokenizer {str(path)!r}: no such file (expected tokenizer.json or "
+                                "a directory holding it)")
+    try:
+        return p, p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{p}: not a Hugging Face tokenizer.json (not UTF-8 text)") from None
+    except OSError as err:
+        raise OSError(f"tokenizer {str(p)!r}: cannot read it ({err})") from err
+
+
+Tokens = dict[str, tuple[str, int]]  # {name: (spelling, id)}
+
+
 def add_fim_tokens(src: str | os.PathLike, out_dir: str | os.PathLike,
                    spellings: dict[str, str] | None = None,
-                   repo_tokens: bool = False) -> tuple[Path, dict[str, int]]:
+                   repo_tokens: bool = False) -> tuple[Path, Tokens, Tokens]:
     """Copy the tokenizer at ``src`` (``tokenizer.json`` or a directory) to ``out_dir`` with the FIM
     tokens it lacks added as special tokens (``DEFAULT_FIM_SPELLINGS`` unless ``spellings``), and
     end-of-text too when it has none; with ``repo_tokens`` also ``<repo_name>`` / ``<file_sep>``
-    (repository-level documents). Returns (the new tokenizer.json, {name: new id}).
+    (repository-level documents). A token is there already when the tokenizer has its spelling in
+    ``spellings``, or one of its known ``SPELLINGS``. Returns (the new tokenizer.json, the tokens
+    added, the tokens already there), the latter two as {name: (spelling, id)}.
 
     New tokens get ids after the last one, so the vocabulary grows: a model imported with this
     tokenizer needs its embedding (and output) matrices resized to the new ``vocab_size`` (new rows:
@@ -347,17 +370,27 @@ def add_fim_tokens(src: str | os.PathLike, out_dir: str | os.PathLike,
     from tokenizers import Tokenizer as RustTokenizer
 
     src_path = Path(src)
-    json_path = src_path / "tokenizer.json" if src_path.is_dir() else src_path
-    old = HFTokenizer.from_file(json_path)
+    json_path, text = _read_tokenizer_json(src_path)
+    try:
+        rust = RustTokenizer.from_str(text)
+    except Exception as err:  # tokenizers raises its own Exception subclass
+        raise ValueError(f"{json_path}: not a Hugging Face tokenizer.json ({err})") from None
     spellings = {**DEFAULT_FIM_SPELLINGS, "eod": "<|endoftext|>", "repo_name": SPELLINGS["repo_name"][0],
                  "file_sep": SPELLINGS["file_sep"][0], **(spellings or {})}
     names = ("eod", *FIM_NAMES, *(("repo_name", "file_sep") if repo_tokens else ()))
-    wanted = [n for n in names if getattr(old, n) is None]
-    rust = RustTokenizer.from_str(old._json_text)
-    added = {}
-    for name in wanted:
+    vocab = rust.get_vocab(with_added_tokens=True)
+    added, present = {}, {}
+    for name in names:
+        have = next((s for s in (spellings[name], *SPELLINGS[name]) if s in vocab), None)
+        if have is not None:
+            present[name] = (have, vocab[have])
+            continue
         rust.add_special_tokens([AddedToken(spellings[name], special=True, normalized=False)])
-        added[name] = rust.token_to_id(spellings[name])
+        added[name] = (spellings[name], rust.token_to_id(spellings[name]))
+    # The result must load as megafim loads it, its unknown spellings named; checked before writing.
+    chosen = {**present, **added}
+    HFTokenizer(str(json_path), rust.to_str(),
+                {name: spelling for name, (spelling, _) in chosen.items() if spelling not in SPELLINGS[name]})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if src_path.is_dir():  # the rest of a transformers directory goes along
@@ -365,8 +398,8 @@ def add_fim_tokens(src: str | os.PathLike, out_dir: str | os.PathLike,
             if f.is_file() and f.name != "tokenizer.json":
                 (out / f.name).write_bytes(f.read_bytes())
     rust.save(str(out / "tokenizer.json"))
-    _add_to_tokenizer_config(out / "tokenizer_config.json", [spellings[n] for n in wanted])
-    return out / "tokenizer.json", added
+    _add_to_tokenizer_config(out / "tokenizer_config.json", [spelling for spelling, _ in added.values()])
+    return out / "tokenizer.json", added, present
 
 
 def _add_to_tokenizer_config(path: Path, tokens: list[str]) -> None:

@@ -11,6 +11,12 @@
 
 Every number comes with its token count. Head k of a multi-token model is scored on the token k+1
 positions ahead with the same masks.
+
+A model trained with a document mask (``--reset-attention-mask`` / ``--reset-position-ids``,
+``megafim.model.documents``) is scored the same way: each context's documents (each ends with
+end-of-text; a FIM piece is one) attend only within themselves, and a label in a later document than
+its position (a document's first token) is not scored, so a packed context scores exactly as its
+documents scored one by one.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ import numpy as np
 import torch
 
 from megafim.data.fim import FimConfig, FimTransform
-from megafim.data.gpt_dataset import GPTDataset, GPTDatasetSpec
+from megafim.data.gpt_dataset import GPTDataset, GPTDatasetSpec, document_segments
 from megafim.data.tokenizer import Tokenizer
+from megafim.model.documents import Documents
 from megafim.model.gpt import GPT
 
 KINDS = ("ar", "fim_psm", "fim_spm", "middle_psm", "middle_spm", "middle_ar")
@@ -45,15 +52,37 @@ class HeadLosses:
         self.tokens = [a + b for a, b in zip(self.tokens, tokens)]
 
 
+@dataclass(frozen=True)
+class DocumentMask:
+    """How a packed context's documents are scored: as ``--reset-attention-mask`` and
+    ``--reset-position-ids`` trained them (both off: plain causal attention over the whole context)."""
+
+    reset_attention_mask: bool = False
+    reset_position_ids: bool = False
+
+    @property
+    def on(self) -> bool:
+        return self.reset_attention_mask or self.reset_position_ids
+
+    def documents(self, segment_ids: torch.Tensor, label_segment_ids: torch.Tensor) -> Documents | None:
+        if not self.on:
+            return None
+        return Documents(segment_ids.long(), label_segment_ids.long(),
+                         mask_attention=self.reset_attention_mask, reset_positions=self.reset_position_ids)
+
+
 @dataclass
 class LossReport:
     n_future: int
     samples: int
     seq_length: int
     losses: dict[str, HeadLosses] = field(default_factory=dict)
+    document_mask: DocumentMask = field(default_factory=DocumentMask)
 
     def as_dict(self) -> dict:
         return {"n_future": self.n_future, "samples": self.samples, "seq_length": self.seq_length,
+                "reset_attention_mask": self.document_mask.reset_attention_mask,
+                "reset_position_ids": self.document_mask.reset_position_ids,
                 **{kind: {"loss": v.mean[0], "tokens": v.tokens[0], "per_head": v.mean,
                           "tokens_per_head": v.tokens} for kind, v in self.losses.items()}}
 
@@ -91,14 +120,28 @@ def left_to_right_middles(tokens: np.ndarray, tokenizer: Tokenizer) -> tuple[np.
 
 
 @torch.no_grad()
-def score(model: GPT, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[list[float], list[int]]:
-    """Summed nats and target counts per head for a batch (B, T); mask (B, T) float aligned with labels."""
+def score(model: GPT, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+          documents: Documents | None = None) -> tuple[list[float], list[int]]:
+    """Summed nats and target counts per head for a batch (B, T); mask (B, T) 0/1 float aligned with
+    labels. ``documents``: the batch's packed documents, as the model was trained on them."""
     n = model.config.n_future
-    counts = [int(mask[:, k:].sum().item()) for k in range(n)]
+    # The targets each head averages over: mask[t + k], less (under a document mask) the labels in a
+    # later document than t. With 0/1 masks, a mean times this count is the sum of nats.
+    weights = model.targets(labels, mask, documents).weights  # (n, B, T)
+    counts = [int((weights[k] != 0).sum().item()) for k in range(n)]
     if sum(counts) == 0:
         return [0.0] * n, counts
-    head_losses = model(tokens, labels, mask).head_losses  # masked means
+    head_losses = model(tokens, labels, mask, documents=documents).head_losses  # masked means
     return [float(head_losses[k]) * counts[k] for k in range(n)], counts
+
+
+def _row_documents(rows: torch.Tensor, eod: int, mask: DocumentMask) -> Documents | None:
+    """The documents of rows of L + 1 tokens (inputs ``rows[:, :-1]``, labels ``rows[:, 1:]``)."""
+    if not mask.on:
+        return None
+    pairs = [document_segments(row, eod) for row in rows.cpu().numpy()]
+    seg, label_seg = (torch.from_numpy(np.stack([p[i] for p in pairs])).to(rows.device) for i in (0, 1))
+    return mask.documents(seg, label_seg)
 
 
 def _batches(dataset: GPTDataset, batch_size: int):
@@ -109,24 +152,29 @@ def _batches(dataset: GPTDataset, batch_size: int):
 
 def evaluate_losses(model: GPT, tokenizer: Tokenizer, data_path: str, *, seq_length: int,
                     num_samples: int | None = None, batch_size: int = 4, seed: int = 1234,
-                    progress: Callable[[int, int], None] | None = None) -> LossReport:
+                    progress: Callable[[int, int], None] | None = None,
+                    document_mask: DocumentMask = DocumentMask()) -> LossReport:
     """Every loss in ``KINDS`` over the first ``num_samples`` contexts of ``data_path`` (all by default).
 
     ``progress(done, total)`` is called after each batch; the work is three passes (AR, PSM, SPM)
-    over the contexts, so ``total`` is three times their number."""
+    over the contexts, so ``total`` is three times their number. ``document_mask``: score each
+    context's documents as the model was trained (module docstring)."""
     model.eval()
     device = model.embed_tokens.weight.device
     spec = GPTDatasetSpec(data_path, seq_length, seed, num_samples=None, split_name="eval", shuffle=False)
-    plain = GPTDataset(spec, fim=None)
+    eod = tokenizer.eod if document_mask.on else None  # the datasets then emit the documents
+    plain = GPTDataset(spec, fim=None, document_eod=eod)
     count = len(plain) if num_samples is None else min(num_samples, len(plain))
     if count == 0:
         raise ValueError(f"{data_path}: too few tokens for one sample of seq_length {seq_length}")
     n = model.config.n_future
-    report = LossReport(n, count, seq_length, {kind: HeadLosses([0.0] * n, [0] * n) for kind in KINDS})
+    report = LossReport(n, count, seq_length, {kind: HeadLosses([0.0] * n, [0] * n) for kind in KINDS},
+                        document_mask)
+    fim = {spm_rate: FimTransform(FimConfig(rate=1.0, spm_rate=spm_rate), tokenizer) for spm_rate in (0.0, 1.0)}
     datasets = {
         "ar": plain,
-        "fim_psm": GPTDataset(spec, fim=FimTransform(FimConfig(rate=1.0, spm_rate=0.0), tokenizer)),
-        "fim_spm": GPTDataset(spec, fim=FimTransform(FimConfig(rate=1.0, spm_rate=1.0), tokenizer)),
+        "fim_psm": GPTDataset(spec, fim=fim[0.0], document_eod=eod),
+        "fim_spm": GPTDataset(spec, fim=fim[1.0], document_eod=eod),
     }
     done = 0
     for name, dataset in datasets.items():
@@ -137,17 +185,20 @@ def evaluate_losses(model: GPT, tokenizer: Tokenizer, data_path: str, *, seq_len
                 progress(done, len(datasets) * count)
             tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
             mask = batch["loss_mask"].to(device)
-            report.losses[name].add(*score(model, tokens, labels, mask))
+            documents = None if eod is None else document_mask.documents(
+                batch["segment_ids"].to(device), batch["label_segment_ids"].to(device))
+            report.losses[name].add(*score(model, tokens, labels, mask, documents))
             if name == "ar":
                 continue
             middle = mask * batch["middle_mask"].to(device).float()
-            report.losses[name.replace("fim", "middle")].add(*score(model, tokens, labels, middle))
+            report.losses[name.replace("fim", "middle")].add(*score(model, tokens, labels, middle, documents))
             if name == "fim_psm":
                 rows = [left_to_right_middles(torch.cat([t[:1], l]).numpy(), tokenizer)
                         for t, l in zip(batch["tokens"], batch["labels"])]
                 ctx = torch.from_numpy(np.stack([r[0] for r in rows])).to(device)
                 mid = torch.from_numpy(np.stack([r[1] for r in rows])).to(device)
-                report.losses["middle_ar"].add(*score(model, ctx[:, :-1], ctx[:, 1:], mid[:, 1:].float()))
+                report.losses["middle_ar"].add(*score(model, ctx[:, :-1], ctx[:, 1:], mid[:, 1:].float(),
+                                                      _row_documents(ctx, tokenizer.eod, document_mask)))
     return report
 
 

@@ -47,7 +47,7 @@ from megafim.training.sampler import MicroBatches, ResumableSampler
 from megafim.training.signals import StopRequest
 from megafim.training.wandb_logger import WandbRun
 
-EXIT_OK, EXIT_NONFINITE = 0, 3
+EXIT_OK, EXIT_RAISED, EXIT_NONFINITE = 0, 1, 3  # 1: what Python exits with on an exception
 
 
 @dataclass
@@ -83,12 +83,17 @@ def check_before_groups(cfg: TrainConfig, world_size: int):
                           "with pipeline parallelism (docs/training.md)")
     from megafim.data.fim import split_token_id
     from megafim.data.tokenizer import load_tokenizer, require_fim
+    from megafim.data.tokenizer_hf import NoEndOfTextError
 
     notes: list[str] = []
     inherit_special_tokens(cfg, notes)
     try:
         tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type or None,
                                    dict(cfg.data.special_tokens) or None)
+    except NoEndOfTextError as exc:
+        how = "data.special_tokens, e.g. --set 'data.special_tokens={eod: \"<|eot_id|>\"}'"
+        raise ConfigError(f"data.tokenizer_model: cannot load {cfg.data.tokenizer_model}: "
+                          f"{exc.naming(how)}") from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"data.tokenizer_model: cannot load {cfg.data.tokenizer_model}: {exc}") from None
     if cfg.data.fim.rate > 0:
@@ -145,7 +150,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, object, object]:
     log = MetricsLogger(cfg.checkpoint.save, cfg.schedule.train_iters, enabled=dims.rank == 0,
                         log_interval=cfg.logging.log_interval, tensorboard=cfg.logging.tensorboard,
                         progress_bar=cfg.logging.progress_bar, start_step=saved.step if saved else 0,
-                        wandb=WandbRun.open(cfg) if dims.rank == 0 else None)
+                        wandb=WandbRun.open(cfg, saved is not None) if dims.rank == 0 else None)
     log.info(f"megafim: {info.world_size} ranks = tp {dims.tp} x cp {dims.cp} x pp {dims.pp} x dp {dims.dp}, ZeRO-"
              f"{cfg.parallel.zero_stage}, {resolve_precision(cfg)}, {gas} micro-batches/step, device {device}")
     log.info(f"model: {mc}")
@@ -455,9 +460,12 @@ def train(cfg: TrainConfig) -> int:
         if code == EXIT_OK and saved_at != state.step:
             _save(run, writer, "end of training")
         writer.wait()  # the end of training (a signal, too) waits for a pending write
+    except BaseException:
+        code = EXIT_RAISED  # for the logs; the exception goes on up
+        raise
     finally:
         profiler.finish()
         stop.restore()
-        run.log.close()
+        run.log.close(code)
     shutdown()
     return code

@@ -165,8 +165,11 @@ class MetricsLogger:
         else:
             print(text, flush=True)
 
-    def close(self) -> None:
-        for handle in (self.jsonl, self.tb, self.bar, self.wandb):
+    def close(self, exit_code: int = 0) -> None:
+        """``exit_code``: the trainer's (1 when it raised); W&B records it, a non-zero one as failed."""
+        if self.wandb is not None:
+            self.wandb.close(exit_code)
+        for handle in (self.jsonl, self.tb, self.bar):
             if handle is not None:
                 handle.close()
         self.jsonl = self.tb = self.bar = self.wandb = None

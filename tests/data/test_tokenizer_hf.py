@@ -14,12 +14,26 @@ from hypothesis import strategies as st
 
 from megafim.data.tokenizer import Tokenizer, load_tokenizer, require_fim
 from megafim.data.tokenizer_hf import (BOUNDARY_AFTER_NEWLINE, BOUNDARY_ASCII_SPACE, BOUNDARY_NONE, HFTokenizer,
-                                      add_fim_tokens)
+                                      NoEndOfTextError, add_fim_tokens)
 from tests.data.hf_tokenizer_fixtures import (  # noqa: F401
     gpt2_fim, hf_dir, hf_fim_tokenizer, llama3_fim, llama3_plain, train_byte_level_bpe)
 from tests.data.test_tokenizer_fixtures import REPO, small_model, stdlib_files, train_tool  # noqa: F401
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def without_end_of_text(src, out):
+    """``src`` (a tokenizer.json) with its end-of-text token removed."""
+    spec = json.loads(rust(src).to_str())
+    spec["added_tokens"] = []
+    del spec["model"]["vocab"]["<|end_of_text|>"]
+    out.write_text(json.dumps(spec))
+    return out
+
+
+def add_fim_tokens_tool(*args):
+    return subprocess.run([sys.executable, str(REPO / "tools" / "add_fim_tokens.py"), *map(str, args)],
+                          capture_output=True, text=True)
 
 
 def rust(path):
@@ -107,13 +121,9 @@ def test_refuses_what_it_cannot_represent(hf_dir, small_model, llama3_plain):  #
     r.save(str(prefixed))
     with pytest.raises(ValueError, match="does not give texts back"):
         load_tokenizer(prefixed)
-    no_eod = hf_dir / "no_eod.json"
-    spec = json.loads(rust(llama3_plain).to_str())
-    spec["added_tokens"] = []
-    del spec["model"]["vocab"]["<|end_of_text|>"]
-    no_eod.write_text(json.dumps(spec))
-    with pytest.raises(ValueError, match="no end-of-text token .* name it with --eod-token"):
-        load_tokenizer(no_eod)
+    # the plain message names no tool's flag (each tool names its own: test_no_end_of_text_...)
+    with pytest.raises(NoEndOfTextError, match="; name the one it has as the special token eod$"):
+        load_tokenizer(without_end_of_text(llama3_plain, hf_dir / "no_eod.json"))
 
 
 @SETTINGS
@@ -197,3 +207,64 @@ def test_boundary_rule_is_chosen_from_the_pre_tokenizer(llama3_fim, gpt2_fim, hf
     path = hf_dir / "unknown_regex.json"
     r.save(str(path))
     assert load_tokenizer(path).fim_boundaries == BOUNDARY_NONE
+
+
+def test_add_fim_tokens_says_a_named_token_it_has_is_already_present(llama3_plain, tmp_path):  # noqa: F811
+    """A spelling named by a flag that the tokenizer has already keeps its id and is listed as already
+    present (before: reported as added); the other FIM tokens are added after the last id."""
+    r = rust(llama3_plain)
+    r.add_special_tokens(["<|reserved_0|>"])
+    src = tmp_path / "reserved.json"
+    r.save(str(src))
+    reserved, n = r.token_to_id("<|reserved_0|>"), r.get_vocab_size(with_added_tokens=True)
+    proc = add_fim_tokens_tool("--tokenizer", src, "--output", tmp_path / "out",
+                               "--fim-prefix-token", "<|reserved_0|>")
+    assert proc.returncode == 0, proc.stderr
+    added, _, present = proc.stdout.strip().partition("; already present: ")
+    assert added.endswith(f"added <|fim_middle|>={n} (fim_middle), <|fim_suffix|>={n + 1} (fim_suffix), "
+                          f"<|fim_pad|>={n + 2} (fim_pad)"), proc.stdout
+    eod = r.token_to_id("<|end_of_text|>")
+    assert present == f"<|end_of_text|>={eod} (eod), <|reserved_0|>={reserved} (fim_prefix)"
+    tok = load_tokenizer(tmp_path / "out", None, {"fim_prefix": "<|reserved_0|>"})
+    assert tok.fim_prefix == reserved and tok.vocab_size == n + 3
+    # all of them there: nothing added, each one listed
+    again = add_fim_tokens_tool("--tokenizer", tmp_path / "out", "--output", tmp_path / "again",
+                                "--fim-prefix-token", "<|reserved_0|>")
+    assert again.returncode == 0 and "added nothing (it has them all); already present: " in again.stdout
+    assert f"<|reserved_0|>={reserved} (fim_prefix)" in again.stdout and "added <" not in again.stdout
+
+
+def test_add_fim_tokens_adds_the_end_of_text_named_by_its_flag(llama3_plain, tmp_path):  # noqa: F811
+    """A tokenizer without end-of-text gets the one --eod-token names (before: the tool refused it,
+    telling to use the very flag it had been given)."""
+    no_eod = without_end_of_text(llama3_plain, tmp_path / "no_eod.json")
+    proc = add_fim_tokens_tool("--tokenizer", no_eod, "--output", tmp_path / "out", "--eod-token", "<|eot|>")
+    assert proc.returncode == 0, proc.stderr
+    tok = load_tokenizer(tmp_path / "out", None, {"eod": "<|eot|>"})
+    assert f"<|eot|>={tok.eod} (eod)" in proc.stdout and tok.fim_pad == tok.vocab_size - 1
+
+
+def test_no_end_of_text_is_named_with_each_tools_flag(llama3_plain, tmp_path):  # noqa: F811
+    """The same missing end-of-text, told in one line (exit 2) by each tool with the flag it has."""
+    from megafim.data.indexed import IndexedDatasetBuilder
+    from megafim.training.cli import config_from_args
+    from megafim.training.config import ConfigError
+    from megafim.training.loop import check_before_groups
+
+    no_eod = without_end_of_text(llama3_plain, tmp_path / "no_eod.json")
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": "x = 1\n"}) + "\n")
+    tools = {"preprocess_data.py": ["--input", source, "--output-prefix", tmp_path / "o"],
+             "convert_hf_to_checkpoint.py": ["--load", tmp_path / "no_model", "--save", tmp_path / "save"]}
+    for tool, args in tools.items():
+        proc = subprocess.run([sys.executable, str(REPO / "tools" / tool), *map(str, args),
+                               "--tokenizer-model", str(no_eod)], capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "no end-of-text token" in proc.stderr and "--eod-token" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().endswith("name it with --special-token eod=SPELLING"), proc.stderr
+    assert not list(tmp_path.glob("o*")) and not (tmp_path / "save").exists()
+    with IndexedDatasetBuilder(tmp_path / "data", np.uint16) as builder:
+        builder.add_document(np.arange(1, 100))
+    cfg, _ = config_from_args(["--tokenizer-model", str(no_eod), "--data-path", str(tmp_path / "data")])
+    with pytest.raises(ConfigError, match="name it with data.special_tokens, e.g. --set 'data"):
+        check_before_groups(cfg, 1)

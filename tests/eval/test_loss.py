@@ -1,4 +1,5 @@
-"""AR / FIM / middle-only loss evaluation: exact against a naive computation, masks and counts right."""
+"""AR / FIM / middle-only loss evaluation: exact against a naive computation, masks and counts right; under
+the document mask, a packed context scores as its documents scored one by one."""
 
 import sysconfig
 from pathlib import Path
@@ -8,9 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megafim.data.fim import FimConfig, FimTransform
+from megafim.data.gpt_dataset import GPTDataset, GPTDatasetSpec
 from megafim.data.indexed import IndexedDatasetBuilder
 from megafim.data.tokenizer import Tokenizer
-from megafim.eval.loss import KINDS, evaluate_losses, format_table, left_to_right_middles, score
+from megafim.eval.loss import KINDS, DocumentMask, evaluate_losses, format_table, left_to_right_middles, score
 from megafim.model.config import ModelConfig
 from megafim.model.gpt import GPT
 
@@ -30,6 +33,19 @@ def heldout(small_tokenizer_path, tmp_path_factory):
     with IndexedDatasetBuilder(prefix, np.uint16) as builder:
         for path in sorted((STDLIB / "json").glob("*.py")):
             builder.add_document(np.asarray(tok.encode(path.read_text()) + [tok.eod]))
+    return tok, str(prefix)
+
+
+@pytest.fixture(scope="module")
+def short_documents(small_tokenizer_path, tmp_path_factory):
+    """Held-out data of short documents (the blocks between blank lines of a stdlib file), so that a
+    context packs several."""
+    tok = Tokenizer.from_file(small_tokenizer_path)
+    prefix = tmp_path_factory.mktemp("short_documents") / "heldout"
+    blocks = [b for b in (STDLIB / "json" / "encoder.py").read_text().split("\n\n") if b.strip()]
+    with IndexedDatasetBuilder(prefix, np.uint16) as builder:
+        for block in blocks:
+            builder.add_document(np.asarray(tok.encode(block) + [tok.eod]))
     return tok, str(prefix)
 
 
@@ -93,3 +109,54 @@ def test_progress_counts_three_passes_over_the_contexts(heldout):
     evaluate_losses(tiny(tok.vocab_size), tok, prefix, seq_length=64, num_samples=6, batch_size=4,
                     progress=lambda done, total: calls.append((done, total)))
     assert calls == [(4, 18), (6, 18), (10, 18), (12, 18), (16, 18), (18, 18)]
+
+
+def _documents_alone(model, tokens, labels, mask, eod):
+    """Reference for the document mask: every document of every context (cut at end-of-text, which
+    ends its document) scored on its own, plain causal attention from position 0. Summed nats and
+    target counts per head."""
+    n = model.config.n_future
+    nats, counts = [0.0] * n, [0] * n
+    for t, lab, m in zip(tokens, labels, mask):
+        ctx, weight = torch.cat([t[:1], lab]), torch.cat([m[:1], m])  # weight[i]: that of token i as a label
+        ends = [i + 1 for i in torch.nonzero(ctx[:-1] == eod).flatten().tolist()]  # a document starts after
+        for start, stop in zip([0, *ends], [*ends, len(ctx)]):
+            if stop - start < 2:
+                continue  # one token, nothing to predict
+            doc = ctx[start:stop]
+            a, b = score(model, doc[None, :-1], doc[None, 1:], weight[None, start + 1:stop])
+            nats, counts = [x + y for x, y in zip(nats, a)], [x + y for x, y in zip(counts, b)]
+    return nats, counts
+
+
+@pytest.mark.parametrize("reset_positions", [True, False])
+def test_document_mask_scores_a_packed_context_as_its_documents_alone(short_documents, reset_positions):
+    """fp32: AR, PSM and middle-only losses of packed contexts under the document mask equal the
+    token-weighted mean over their documents scored one by one (a FIM piece is one document). Without
+    restarting positions the documents' rotary offsets differ, which relative attention does not see."""
+    tok, prefix = short_documents
+    model = tiny(tok.vocab_size)
+    seq, count = 96, 6
+    mask = DocumentMask(reset_attention_mask=True, reset_position_ids=reset_positions)
+    report = evaluate_losses(model, tok, prefix, seq_length=seq, num_samples=count, batch_size=4,
+                             document_mask=mask)
+    spec = GPTDatasetSpec(prefix, seq, 1234, num_samples=None, split_name="eval", shuffle=False)
+    psm = GPTDataset(spec, fim=FimTransform(FimConfig(rate=1.0, spm_rate=0.0), tok))
+    plain = GPTDataset(spec, fim=None)
+    samples = {"ar": [plain[i] for i in range(count)], "fim_psm": [psm[i] for i in range(count)]}
+    n_docs = 0
+    for kind, items in samples.items():
+        tokens, labels = torch.stack([s["tokens"] for s in items]), torch.stack([s["labels"] for s in items])
+        weights = {kind: torch.stack([s["loss_mask"] for s in items])}
+        if kind == "fim_psm":
+            weights["middle_psm"] = weights[kind] * torch.stack([s["middle_mask"] for s in items]).float()
+        n_docs += int((labels == tok.eod).sum())
+        for name, w in weights.items():
+            nats, counts = _documents_alone(model, tokens, labels, w, tok.eod)
+            got = report.losses[name]
+            assert got.tokens == counts, name
+            assert got.mean == pytest.approx([a / b for a, b in zip(nats, counts)], rel=1e-5), name
+    assert n_docs >= 2 * count  # the contexts pack several documents
+    causal = evaluate_losses(model, tok, prefix, seq_length=seq, num_samples=count, batch_size=4)
+    assert causal.losses["ar"].tokens[0] > report.losses["ar"].tokens[0]  # the mask is not a no-op
+    assert report.as_dict()["reset_attention_mask"] and not causal.as_dict()["reset_attention_mask"]

@@ -1,5 +1,6 @@
-"""Weights & Biases logging: an offline 1-rank run logs the numbers of metrics.jsonl step by step; asking
-for W&B without wandb installed, or naming a run without a project, is one line and exit 2."""
+"""Weights & Biases logging: an offline 1-rank run logs the numbers of metrics.jsonl step by step; a resumed
+run continues the same W&B run; a run that raises is recorded as failed; asking for W&B without wandb
+installed, or naming a run without a project, is one line and exit 2."""
 
 import math
 import subprocess
@@ -8,9 +9,21 @@ import sys
 import pytest
 
 from megafim.training.cli import config_from_args
-from megafim.training.config import ConfigError, validate
+from megafim.training.config import ConfigError, TrainConfig, validate
+from megafim.training.wandb_logger import RUN_ID_FILE, WandbRun
 from tests.training.launcher import REPO, base_args, check, launch, metrics, trainer_env
-from tests.training.wandb_records import history
+from tests.training.wandb_records import exit_code, history, run_id
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B offline and silent, its own files under tmp_path (nothing lands in the home directory)."""
+    pytest.importorskip("wandb")
+    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_env"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
 
 
 def expected_scalars(record: dict) -> dict[str, float]:
@@ -27,12 +40,7 @@ def expected_scalars(record: dict) -> dict[str, float]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_offline_run_logs_the_scalars_of_metrics_jsonl(tiny_data, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
-    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "wandb_env"))  # nothing lands in the home directory
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
+def test_offline_run_logs_the_scalars_of_metrics_jsonl(tiny_data, tmp_path, offline_wandb):
     save = tmp_path / "run"
     args = base_args(tiny_data) + ["--train-iters", "3", "--save", str(save), "--eval-interval", "2",
                                    "--eval-iters", "1", "--wandb-project", "megafim-test",
@@ -94,14 +102,69 @@ def test_wandb_that_cannot_start_is_one_line_and_exit_2(tiny_data, tmp_path, mon
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_only_the_logging_rank_opens_a_wandb_run(tiny_data, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
-    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "wandb_env"))
-    monkeypatch.setenv("WANDB_MODE", "offline")
+def test_only_the_logging_rank_opens_a_wandb_run(tiny_data, tmp_path, offline_wandb):
     save = tmp_path / "run"
     args = base_args(tiny_data) + ["--train-iters", "1", "--save", str(save), "--wandb-project", "p"]
     check(launch(2, args, tmp_path))
     runs = [*(save / "wandb").glob("offline-run-*"), *(tmp_path / "wandb_env").rglob("offline-run-*")]
     assert len(runs) == 1, runs
     assert sorted(history(runs[0])) == [1]
+
+
+def _offline_runs(save):
+    """The offline run folders under ``<save>/wandb``, oldest first (their names start with the time)."""
+    return sorted((save / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_wandb_run(tiny_data, tmp_path, offline_wandb):
+    """2 steps, then a resume (``--load`` of the same save directory) to 4: both starts log to the run
+    id recorded in <save>/wandb_run_id, the second from step 3 on, and both finish with exit code 0."""
+    save = tmp_path / "run"
+    args = base_args(tiny_data) + ["--save", str(save), "--wandb-project", "p"]
+    check(launch(1, args + ["--train-iters", "2"], tmp_path))
+    check(launch(1, args + ["--train-iters", "4", "--load", str(save)], tmp_path))
+    first, second = _offline_runs(save)  # offline, each start writes its own folder; `wandb sync` joins them
+    recorded = (save / RUN_ID_FILE).read_text().strip()
+    assert run_id(first) == run_id(second) == recorded
+    assert sorted(history(first)) == [1, 2] and sorted(history(second)) == [3, 4]
+    assert [line["step"] for line in metrics(save)] == [1, 2, 3, 4]
+    assert exit_code(first) == exit_code(second) == 0
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_run_that_raises_finishes_its_wandb_run_as_failed(tiny_data, tmp_path, offline_wandb):
+    """A file where the step-2 checkpoint directory goes makes the save at the end of training raise
+    (the trainer does not see it at start: only directories are checkpoints). The steps before are
+    logged, and W&B records exit code 1, not the 0 of a finished run."""
+    save = tmp_path / "run"
+    save.mkdir()
+    (save / "step_00000002").write_text("in the way\n")
+    args = base_args(tiny_data) + ["--train-iters", "2", "--save", str(save), "--wandb-project", "p"]
+    proc = launch(1, args, tmp_path)
+    check(proc, code=1)
+    assert "NotADirectoryError" in proc.stderr
+    (run,) = _offline_runs(save)
+    assert sorted(history(run)) == [1, 2]
+    assert exit_code(run) == 1
+
+
+def test_only_a_resume_reuses_the_recorded_run_id(tmp_path, offline_wandb):
+    """In-process: a start from step 0 opens a new run and records its id; a resume reuses the recorded
+    id; a resume into a save directory without one (a new save directory) opens a new run."""
+    cfg = TrainConfig()
+    cfg.logging.wandb_project = "p"
+    cfg.checkpoint.save = str(tmp_path / "a")
+    ids = []
+    for resuming in (False, True, False):
+        run = WandbRun.open(cfg, resuming=resuming)
+        run.close()
+        ids.append(run.run.id)
+        assert (tmp_path / "a" / RUN_ID_FILE).read_text() == run.run.id + "\n"
+    assert ids[1] == ids[0] and ids[2] != ids[0]
+    cfg.checkpoint.save = str(tmp_path / "b")
+    run = WandbRun.open(cfg, resuming=True)
+    run.close()
+    assert run.run.id not in ids and (tmp_path / "b" / RUN_ID_FILE).read_text().strip() == run.run.id
