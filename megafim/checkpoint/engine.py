@@ -9,8 +9,9 @@ Two copies of the weights go into every checkpoint:
 - ``optim/``: the optimizer state in the same scheme (``optim_state.py``), for a resume in another layout.
 
 With a background ``writer.Writer`` (``--async-save``) ``save`` returns once the state is copied to host
-memory, and the files are written and committed by the writer thread (``writer.py``). ``optim/`` is
-written before that, in the loop: its gathers are collectives, which the writer thread must not run.
+memory, and the files are written and committed by the writer thread (``writer.py``). ``optim/``'s
+gathers are collectives, which the writer thread must not run: they run in the loop, into host copies
+that the writer thread writes.
 """
 
 from __future__ import annotations
@@ -103,8 +104,9 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
     with deferred:  # DeepSpeed's files: written now, or kept in host memory for the writer
         engine.save_checkpoint(str(tmp), tag=DS_DIR, save_latest=False)
     write_model = save_model_state(tmp, stage, dims, zero_stage, mc, copy_to_host=writer.background)
-    optim_state.save_optimizer_state(tmp / OPTIM_DIR, shard_name(dims.tp_rank, dims.pp_rank),
-                                     engine.optimizer, stage, dims)
+    write_optim = optim_state.save_optimizer_state(tmp / OPTIM_DIR, shard_name(dims.tp_rank, dims.pp_rank),
+                                                   engine.optimizer, stage, dims,
+                                                   copy_to_host=writer.background) or (lambda: None)
     optim_step = optim_state.adam_step(engine.optimizer)
     save_rng(tmp, dims.rank)
     if dims.rank == 0:
@@ -123,6 +125,7 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
         if writer.background:
             deferred.write_all()
         write_model()
+        write_optim()
 
     if not writer.background:
         write_files()

@@ -11,11 +11,13 @@ ZeRO stage and the dp size. ``deepspeed.utils.safe_get_full_optimizer_state`` an
 ``safe_set_full_optimizer_state`` (and ``safe_*_full_fp32_param``) map one parameter's state out of
 and into them under ZeRO 1, 2, 3 and the bf16 optimizer (the get is a collective over the
 data-parallel group); without ZeRO in fp32 the torch optimizer holds each parameter's state itself.
-One parameter's state is in memory at a time.
+One parameter's state is in memory at a time, unless an asynchronous save copies the rank's
+whole state to host memory for its writer thread.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -65,16 +67,25 @@ def tp_region(param, dims) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(offset), tuple(shape)
 
 
-def _get(optimizer, param, key: str) -> torch.Tensor:
+def _get(optimizer, param, key: str, private: bool = False) -> torch.Tensor:
+    """The parameter's whole ``key`` state (fp32, this tensor rank's shape). DeepSpeed's getters reduce
+    or gather into a new buffer; without ZeRO it is the optimizer's own tensor. ``private``: a copy in
+    host memory that the next step does not change (a new buffer on the CPU is already one)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    live = False
     if key == MASTER:
         value = safe_get_full_fp32_param(param)
     elif _partitioned(param):
         value = safe_get_full_optimizer_state(param, key)
     else:
-        value = _base(optimizer).state[param][key]
-    return value.detach().reshape(_local_shape(param)).to(torch.float32)
+        value, live = _base(optimizer).state[param][key], True
+    out = value.detach().reshape(_local_shape(param))
+    if private and out.device.type != "cpu":
+        return out.to("cpu", torch.float32)
+    if private and live and out.dtype == torch.float32:  # ``to`` below would return the live tensor itself
+        return out.clone()
+    return out.to(torch.float32)
 
 
 def _set(optimizer, param, key: str, value: torch.Tensor) -> None:
@@ -97,13 +108,20 @@ def adam_step(optimizer) -> int | None:
     return int(steps.pop()) if steps else None
 
 
-def save_optimizer_state(folder: Path, shard: str, optimizer, stage, dims) -> bool:
+def save_optimizer_state(folder: Path, shard: str, optimizer, stage, dims,
+                         copy_to_host: bool = False) -> Callable[[], None] | None:
     """Collective over the data-parallel group: every rank calls it, in the same order; data-parallel
     rank 0 (of context rank 0) of each tensor x pipeline rank writes its slices. Replicated parameters
-    are written by tensor rank 0. Returns False (writing nothing) before the optimizer's first step."""
+    are written by tensor rank 0. Returns None (writing nothing) before the optimizer's first step,
+    else the writes still to do: none when the state was streamed into the file now (one parameter's
+    state in memory at a time); with ``copy_to_host``, the gathers ran now into private host copies
+    (the rank's whole state: the memory cost of an asynchronous save) and the returned function writes
+    them, with no collective, so another thread may run it later."""
     if adam_step(optimizer) is None:
-        return False
+        return None
     _link(optimizer)
+    writes = dims.dp_rank == 0 and getattr(dims, "cp_rank", 0) == 0
+    private = copy_to_host and writes
     sources, placement = {}, {}
     for name, param in stage.full_state_names().items():
         if not _tp_split(param, dims) and dims.tp_rank != 0:
@@ -111,15 +129,18 @@ def save_optimizer_state(folder: Path, shard: str, optimizer, stage, dims) -> bo
         offset, global_shape = tp_region(param, dims)
         for key in _keys(param):
             sources[f"{name}.{key}"] = TensorSource(_local_shape(param), torch.float32,
-                                                    lambda p=param, k=key: _get(optimizer, p, k))
+                                                    lambda p=param, k=key: _get(optimizer, p, k, private))
             placement[f"{name}.{key}"] = (offset, global_shape)
-    state = LazyState(sources)
-    if dims.dp_rank == 0 and getattr(dims, "cp_rank", 0) == 0:
-        write_shard(folder, shard, state, placement)
-    else:
+    state: Mapping[str, torch.Tensor] = LazyState(sources)
+    if not writes:
         for name in state:  # take part in the gathers, in the writer's order
             state[name]
-    return True
+        return lambda: None
+    if not copy_to_host:
+        write_shard(folder, shard, state, placement)
+        return lambda: None
+    copies = {name: state[name] for name in state}
+    return lambda: write_shard(folder, shard, copies, placement)
 
 
 def _hp_tensors(optimizer) -> list[torch.Tensor]:

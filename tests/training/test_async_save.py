@@ -40,7 +40,8 @@ def test_async_checkpoints_equal_sync_ones_and_resume_exactly(tiny_data, tmp_pat
     assert "copied to host memory" in proc.stdout and "written in the background" in proc.stdout
     for step in ("step_00000002", "step_00000004"):
         a, b = _files(sync / step), _files(background / step)
-        assert sorted(a) == sorted(b) and any(name.startswith("ds/") for name in a)
+        assert sorted(a) == sorted(b)
+        assert all(any(name.startswith(f"{d}/") for name in a) for d in ("ds", "model", "optim"))
         assert [name for name in a if a[name] != b[name]] == []
         assert manifest.verify(background / step)
         assert not (background / step / ".writers").exists()
