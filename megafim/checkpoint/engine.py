@@ -109,11 +109,11 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
     with deferred:  # DeepSpeed's files: written now, or kept in host memory for the writer
         engine.save_checkpoint(str(tmp), tag=DS_DIR, save_latest=False)
     write_model = save_model_state(tmp, stage, dims, zero_stage, mc, writer.background, memo, writer.buffers)
+    write_optim = optim_state.save_optimizer_state(tmp / OPTIM_DIR, shard_name(dims.tp_rank, dims.pp_rank),
+                                                   engine.optimizer, stage, dims, writer.background, memo,
+                                                   writer.buffers) or (lambda: None)
     writer.buffers.finish()
     del memo
-    write_optim = optim_state.save_optimizer_state(tmp / OPTIM_DIR, shard_name(dims.tp_rank, dims.pp_rank),
-                                                   engine.optimizer, stage, dims,
-                                                   copy_to_host=writer.background) or (lambda: None)
     optim_step = optim_state.adam_step(engine.optimizer)
     save_rng(tmp, dims.rank)
     if dims.rank == 0:
