@@ -50,6 +50,7 @@ setup(
         "tqdm>=4.60",
         "safetensors>=0.4",
         "tensorboard>=2.14",
+        "xxhash>=3.0",  # the checkpoint manifest's checksums (XXH3-64)
     ],
     extras_require={
         "dev": [

@@ -9,8 +9,9 @@ Two copies of the weights go into every checkpoint:
 - ``optim/``: the optimizer state in the same scheme (``optim_state.py``), for a resume in another layout.
 
 With a background ``writer.Writer`` (``--async-save``) ``save`` returns once the state is copied to host
-memory, and the files are written and committed by the writer thread (``writer.py``). ``optim/`` is
-written before that, in the loop: its gathers are collectives, which the writer thread must not run.
+memory, and the files are written and committed by the writer thread (``writer.py``). ``optim/``'s
+gathers are collectives, which the writer thread must not run: they run in the loop, into host copies
+that the writer thread writes.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from megafim.checkpoint.format import (DS_DIR, MODEL_DIR, OPTIM_DIR, TOKENIZER_F
 from megafim.checkpoint.state import TrainerState, save_rng, write_trainer_state
 from megafim.checkpoint.sharded import merge_index, write_shard
 from megafim.checkpoint.weights import shard_name, write_model_config
-from megafim.checkpoint.writer import DeferredSaves, Writer, host_copy, mark_done, write_delay, wait_for_ranks
+from megafim.checkpoint.writer import (DeferredSaves, HostBuffers, Writer, host_copy, mark_done,
+                                       wait_for_ranks, write_delay)
 from megafim.model.config import ModelConfig
 
 
@@ -60,14 +62,17 @@ def stage_slices(stage, dims, zero_stage: int) -> tuple[dict[str, torch.Tensor],
 
 
 def save_model_state(ckpt_dir: Path, stage, dims, zero_stage: int, mc: ModelConfig,
-                     copy_to_host: bool = False) -> Callable[[], None]:
+                     copy_to_host: bool = False, memo: dict | None = None,
+                     buffers: HostBuffers | None = None) -> Callable[[], None]:
     """Every rank calls it (collective under ZeRO-3); returns the writes of this rank's part of
     ``model/`` (data-parallel rank 0 of each tensor x pipeline rank writes its slices; the others
-    nothing). ``copy_to_host``: the slices are copied now, so that the writes may run later."""
+    nothing). ``copy_to_host``: the slices are copied now, so that the writes may run later; with the
+    ``memo`` of the save's other copies a parameter DeepSpeed's model state already holds is not
+    copied again (``writer.host_copy``)."""
     state, placement = stage_slices(stage, dims, zero_stage)
     if dims.dp_rank != 0 or getattr(dims, "cp_rank", 0) != 0:  # context-parallel ranks hold the same weights
         return lambda: None
-    state = host_copy(state) if copy_to_host else state
+    state = host_copy(state, memo, buffers) if copy_to_host else state
 
     def write() -> None:
         write_shard(Path(ckpt_dir) / MODEL_DIR, shard_name(dims.tp_rank, dims.pp_rank), state, placement)
@@ -99,12 +104,16 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
     if dims.rank == 0:
         files.begin(save_root, step)
     dist.barrier()
-    deferred = DeferredSaves(engine) if writer.background else nullcontext()
+    memo = writer.buffers.start()  # one memo: each storage is copied once, into last save's buffer
+    deferred = DeferredSaves(engine, memo, writer.buffers) if writer.background else nullcontext()
     with deferred:  # DeepSpeed's files: written now, or kept in host memory for the writer
         engine.save_checkpoint(str(tmp), tag=DS_DIR, save_latest=False)
-    write_model = save_model_state(tmp, stage, dims, zero_stage, mc, copy_to_host=writer.background)
-    optim_state.save_optimizer_state(tmp / OPTIM_DIR, shard_name(dims.tp_rank, dims.pp_rank),
-                                     engine.optimizer, stage, dims)
+    write_model = save_model_state(tmp, stage, dims, zero_stage, mc, writer.background, memo, writer.buffers)
+    write_optim = optim_state.save_optimizer_state(tmp / OPTIM_DIR, shard_name(dims.tp_rank, dims.pp_rank),
+                                                   engine.optimizer, stage, dims, writer.background, memo,
+                                                   writer.buffers) or (lambda: None)
+    writer.buffers.finish()
+    del memo
     optim_step = optim_state.adam_step(engine.optimizer)
     save_rng(tmp, dims.rank)
     if dims.rank == 0:
@@ -123,6 +132,7 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
         if writer.background:
             deferred.write_all()
         write_model()
+        write_optim()
 
     if not writer.background:
         write_files()

@@ -11,11 +11,13 @@ ZeRO stage and the dp size. ``deepspeed.utils.safe_get_full_optimizer_state`` an
 ``safe_set_full_optimizer_state`` (and ``safe_*_full_fp32_param``) map one parameter's state out of
 and into them under ZeRO 1, 2, 3 and the bf16 optimizer (the get is a collective over the
 data-parallel group); without ZeRO in fp32 the torch optimizer holds each parameter's state itself.
-One parameter's state is in memory at a time.
+One parameter's state is in memory at a time, unless an asynchronous save copies the rank's
+whole state to host memory for its writer thread.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ import torch
 from megafim.checkpoint.format import CheckpointError
 from megafim.checkpoint.safetensors_stream import LazyState, TensorSource
 from megafim.checkpoint.sharded import INDEX, ShardedState, write_shard
+from megafim.checkpoint.writer import HostBuffers, host_copy
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 MASTER = "fp32"
@@ -65,16 +68,34 @@ def tp_region(param, dims) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(offset), tuple(shape)
 
 
-def _get(optimizer, param, key: str) -> torch.Tensor:
+def _get(optimizer, param, key: str, host: Callable[[torch.Tensor], torch.Tensor] | None = None
+         ) -> torch.Tensor:
+    """The parameter's whole ``key`` state (fp32, this tensor rank's shape). ``host``: return a copy
+    in host memory that later steps do not change, made by ``host`` from a tensor the optimizer holds
+    (a gathered one is a new buffer already, only moved off the device)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    if key == MASTER:
-        value = safe_get_full_fp32_param(param)
-    elif _partitioned(param):
-        value = safe_get_full_optimizer_state(param, key)
-    else:
-        value = _base(optimizer).state[param][key]
-    return value.detach().reshape(_local_shape(param)).to(torch.float32)
+    held = _held_whole(param, key)
+    if held is None and not _partitioned(param):
+        held = _base(optimizer).state[param][key]
+    if held is not None:
+        out = held.detach().reshape(_local_shape(param))
+        return (host(out) if host else out).to(torch.float32)
+    value = safe_get_full_fp32_param(param) if key == MASTER else safe_get_full_optimizer_state(param, key)
+    return value.detach().reshape(_local_shape(param)).to("cpu" if host else value.device, torch.float32)
+
+
+def _held_whole(param, key: str) -> torch.Tensor | None:
+    """The view of ``param``'s ``key`` state in DeepSpeed's flat buffer when this rank holds all of it
+    (ZeRO 1/2 or the bf16 optimizer over a data-parallel group of one rank): no gather is needed, and
+    DeepSpeed's getter would allocate, zero and fill a buffer for what is already there."""
+    import torch.distributed as dist
+
+    mapping, group = getattr(param, "_hp_mapping", None), getattr(param, "_dp_group", None)
+    if mapping is None or group is None or dist.get_world_size(group) != 1:
+        return None
+    fragment = mapping.get_hp_fragment(None if key == MASTER else key)
+    return fragment if fragment.numel() == param.numel() else None
 
 
 def _set(optimizer, param, key: str, value: torch.Tensor) -> None:
@@ -97,13 +118,24 @@ def adam_step(optimizer) -> int | None:
     return int(steps.pop()) if steps else None
 
 
-def save_optimizer_state(folder: Path, shard: str, optimizer, stage, dims) -> bool:
+def save_optimizer_state(folder: Path, shard: str, optimizer, stage, dims, copy_to_host: bool = False,
+                         memo: dict | None = None, buffers: HostBuffers | None = None
+                         ) -> Callable[[], None] | None:
     """Collective over the data-parallel group: every rank calls it, in the same order; data-parallel
     rank 0 (of context rank 0) of each tensor x pipeline rank writes its slices. Replicated parameters
-    are written by tensor rank 0. Returns False (writing nothing) before the optimizer's first step."""
+    are written by tensor rank 0. Returns None (writing nothing) before the optimizer's first step,
+    else the writes still to do: none when the state was streamed into the file now (one parameter's
+    state in memory at a time); with ``copy_to_host``, the gathers ran now into private host copies
+    (the rank's whole state: the memory cost of an asynchronous save) and the returned function writes
+    them, with no collective, so another thread may run it later. A tensor the optimizer holds is
+    copied by ``writer.host_copy`` with the save's ``memo`` and ``buffers``: when DeepSpeed's own
+    checkpoint already copied its storage, that copy is used."""
     if adam_step(optimizer) is None:
-        return False
+        return None
     _link(optimizer)
+    writes = dims.dp_rank == 0 and getattr(dims, "cp_rank", 0) == 0
+    memo = {} if memo is None else memo
+    host = (lambda t: host_copy(t, memo, buffers)) if copy_to_host and writes else None
     sources, placement = {}, {}
     for name, param in stage.full_state_names().items():
         if not _tp_split(param, dims) and dims.tp_rank != 0:
@@ -111,15 +143,18 @@ def save_optimizer_state(folder: Path, shard: str, optimizer, stage, dims) -> bo
         offset, global_shape = tp_region(param, dims)
         for key in _keys(param):
             sources[f"{name}.{key}"] = TensorSource(_local_shape(param), torch.float32,
-                                                    lambda p=param, k=key: _get(optimizer, p, k))
+                                                    lambda p=param, k=key: _get(optimizer, p, k, host))
             placement[f"{name}.{key}"] = (offset, global_shape)
-    state = LazyState(sources)
-    if dims.dp_rank == 0 and getattr(dims, "cp_rank", 0) == 0:
-        write_shard(folder, shard, state, placement)
-    else:
+    state: Mapping[str, torch.Tensor] = LazyState(sources)
+    if not writes:
         for name in state:  # take part in the gathers, in the writer's order
             state[name]
-    return True
+        return lambda: None
+    if not copy_to_host:
+        write_shard(folder, shard, state, placement)
+        return lambda: None
+    copies = {name: state[name] for name in state}
+    return lambda: write_shard(folder, shard, copies, placement)
 
 
 def _hp_tensors(optimizer) -> list[torch.Tensor]:

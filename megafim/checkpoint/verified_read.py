@@ -1,10 +1,10 @@
-"""Reading a safetensors file and checking its CRC-32 in one pass: each tensor's bytes are read once,
-straight into their place in the model's tensor, and hashed there, instead of being read once to load
-and once to verify. With verification off the same reader reads without hashing.
+"""Reading a safetensors file and checking its checksum (``manifest.py``) in one pass: each tensor's
+bytes are read once, straight into their place in the model's tensor, and hashed there, instead of
+being read once to load and once to verify. With verification off the same reader reads without hashing.
 
-The CRC of a file is a running value over its bytes in order. Tensors are read in the order asked for;
-one that starts where the last read ended (a reader that goes through a file in order, as loading a
-model does) extends the running CRC; the bytes before it that no one asked for yet (the header, a
+The checksum of a file is a running hash over its bytes in order. Tensors are read in the order asked
+for; one that starts where the last read ended (a reader that goes through a file in order, as loading
+a model does) extends the running hash; the bytes before it that no one asked for yet (the header, a
 skipped tensor) are hashed on the way. A tensor that lies behind the hashed part is read again
 without hashing (its bytes were hashed when passed). ``finish`` hashes the rest of the file and
 compares; nothing read from a file counts as verified before ``finish`` returns.
@@ -14,26 +14,28 @@ from __future__ import annotations
 
 import json
 import struct
-import zlib
 from concurrent.futures import Executor
 from pathlib import Path
 
 import torch
 
 from megafim.checkpoint.format import MANIFEST, CheckpointError
+from megafim.checkpoint.manifest import ALGORITHM, new_hash
 from megafim.checkpoint.safetensors_stream import _SAFETENSORS_TO_TORCH
 
 _BLOCK = 8 << 20
 
 
 class VerifyingReader:
-    """One safetensors file, read tensor by tensor, checked against ``size`` and ``crc32`` (8 hex);
-    ``crc32=None``: read the same way, unchecked (a load with verification off)."""
+    """One safetensors file, read tensor by tensor, checked against ``size`` and ``checksum`` (the
+    manifest's hex digest of ``algorithm``); ``checksum=None``: read the same way, unchecked (a load
+    with verification off)."""
 
-    def __init__(self, path: Path, size: int | None = None, crc32: str | None = None,
-                 hasher: Executor | None = None) -> None:
+    def __init__(self, path: Path, size: int | None = None, checksum: str | None = None,
+                 hasher: Executor | None = None, algorithm: str = ALGORITHM) -> None:
         size = Path(path).stat().st_size if size is None else size
-        self.path, self.size, self.expected = Path(path), size, crc32
+        self.path, self.size, self.expected = Path(path), size, checksum
+        self._hash = new_hash(algorithm)
         self._hasher, self._pending = hasher, []  # one worker thread: the updates run in order
         actual = self.path.stat().st_size
         if actual != size:
@@ -45,7 +47,8 @@ class VerifyingReader:
         if n > size - 8:
             raise CheckpointError(f"{self.path}: not a safetensors file (header of {n} bytes)")
         header = self._read_exact(n)
-        self._crc = zlib.crc32(header, zlib.crc32(raw))
+        self._hash.update(raw)
+        self._hash.update(header)
         self._pos = 8 + n
         self._data_start = 8 + n
         try:
@@ -60,17 +63,14 @@ class VerifyingReader:
         return data
 
     def _update(self, data) -> None:
-        """Extend the running CRC by ``data`` (the next bytes of the file), now or in the hasher thread,
-        which then runs beside the load (zlib releases the GIL); ``data`` must not change after."""
+        """Extend the running hash by ``data`` (the next bytes of the file), now or in the hasher
+        thread, which then runs beside the load's reads; ``data`` must not change after."""
         if self.expected is None:
             return
         if self._hasher is None:
-            self._crc = zlib.crc32(data, self._crc)
+            self._hash.update(data)
         else:
-            self._pending.append(self._hasher.submit(self._update_now, data))
-
-    def _update_now(self, data) -> None:
-        self._crc = zlib.crc32(data, self._crc)
+            self._pending.append(self._hasher.submit(self._hash.update, data))
 
     def _hash_up_to(self, end: int) -> None:
         """Read and hash the bytes from the hashed part's end to ``end``."""
@@ -129,18 +129,19 @@ class VerifyingReader:
         for update in self._pending:
             update.result()
         self._pending.clear()
-        crc = f"{self._crc & 0xFFFFFFFF:08x}"
-        if crc != self.expected:
-            raise CheckpointError(f"{self.path}: checksum {crc} does not match the manifest's {self.expected} "
-                                  "(the file is corrupt)")
+        digest = self._hash.hexdigest()
+        if digest != self.expected:
+            raise CheckpointError(f"{self.path}: checksum {digest} does not match the manifest's "
+                                  f"{self.expected} (the file is corrupt)")
 
     def close(self) -> None:
         self._fh.close()
 
 
-def readers_for(folder: Path, ckpt_dir: Path, files: dict | None,
-                hasher: Executor | None = None) -> dict[str, VerifyingReader]:
-    """A reader per ``*.safetensors`` file of ``folder`` that the manifest (its ``files``) lists;
+def readers_for(folder: Path, ckpt_dir: Path, files: dict | None, hasher: Executor | None = None,
+                algorithm: str = ALGORITHM) -> dict[str, VerifyingReader]:
+    """A reader per ``*.safetensors`` file of ``folder`` that the manifest (its ``files``, checksums of
+    ``algorithm``) lists;
     ``CheckpointError`` naming a listed file that is missing or a file the manifest does not list.
     ``files=None``: an unchecked reader per file there is."""
     folder, ckpt_dir = Path(folder), Path(ckpt_dir)
@@ -157,5 +158,5 @@ def readers_for(folder: Path, ckpt_dir: Path, files: dict | None,
         path = ckpt_dir / rel
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (listed in {ckpt_dir / MANIFEST})")
-        out[path.name] = VerifyingReader(path, files[rel]["size"], files[rel]["crc32"], hasher)
+        out[path.name] = VerifyingReader(path, files[rel]["size"], files[rel][algorithm], hasher, algorithm)
     return out

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from megafim.checkpoint import files
+from megafim.checkpoint import files, manifest
 from megafim.checkpoint.format import (CONFIG_YAML, LATEST, MODEL_CONFIG, MODEL_DIR, TOKENIZER_FILE,
                                        CheckpointError, is_step_dir_name)
 from megafim.checkpoint.safetensors_stream import LazySafetensors
@@ -41,19 +41,20 @@ def read_model_config(ckpt_dir: Path) -> ModelConfig:
         raise CheckpointError(f"{path}: not a valid model config ({exc})") from None
 
 
-def read_model_state(ckpt_dir: Path, checksums: dict | None = None,
-                     hasher=None) -> tuple[Mapping[str, torch.Tensor], ModelConfig]:
+def read_model_state(ckpt_dir: Path, checksums: dict | None = None, hasher=None,
+                     algorithm: str = manifest.ALGORITHM) -> tuple[Mapping[str, torch.Tensor], ModelConfig]:
     """Full model state {name: tensor} and its ModelConfig from a checkpoint's ``model/`` folder.
 
     The tensors are read from the files when accessed, one at a time, each assembled from the slices
     the ranks wrote (``sharded.py``); format 1 kept whole tensors in ``stage_<p>.safetensors``.
-    ``checksums`` (the manifest's ``files``): the shards' CRCs are computed as their bytes are read
+    ``checksums`` (the manifest's ``files``, of its ``algorithm``): the shards' checksums are computed
+    as their bytes are read
     (``verified_read.py``; in the ``hasher`` executor's one thread when given), and the state's
     ``finish()`` compares them."""
     folder = Path(ckpt_dir) / MODEL_DIR
     config = read_model_config(ckpt_dir)
     if (folder / INDEX).is_file():
-        return ShardedState(folder, readers_for(folder, Path(ckpt_dir), checksums, hasher)), config
+        return ShardedState(folder, readers_for(folder, Path(ckpt_dir), checksums, hasher, algorithm)), config
     files = sorted(folder.glob("stage_*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no {INDEX} (not a complete megafim checkpoint)")

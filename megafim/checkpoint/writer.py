@@ -3,6 +3,7 @@ rank's files are complete (docs/checkpoints.md, "Asynchronous saves").
 
 - ``host_copy``: a copy of a state (nested dicts, lists, tuples of tensors) in host memory that keeps
   which tensors share a storage, so ``torch.save`` of the copy writes the same bytes as of the original;
+- ``HostBuffers``: the memory of those copies, reused from one save to the next;
 - ``DeferredSaves``: stands in for DeepSpeed's checkpoint engine during ``engine.save_checkpoint`` and
   keeps (path, host copy) instead of writing, for the writer thread to write with the real engine;
 - ``Writer``: one per rank; runs a save's writes in a thread and waits for the previous one first;
@@ -30,22 +31,23 @@ DELAY_ENV = "MEGAFIM_CHECKPOINT_WRITE_DELAY"
 """``STEP:SECONDS``: the writes of the save of STEP start SECONDS late (tests simulate a slow disk)."""
 
 
-def host_copy(obj, memo: dict | None = None):
+def host_copy(obj, memo: dict | None = None, buffers: HostBuffers | None = None):
     """``obj`` with every tensor copied to host memory (nested dicts, lists, tuples; other values are
     deep-copied). What ``obj`` shares stays shared in the copy: tensors that shared a storage share the
     copy of it (same offset, shape and stride), a tuple or dict met twice is copied once, and a
-    ``Parameter`` stays one; so ``torch.save`` of the copy writes the bytes it wrote of ``obj``."""
+    ``Parameter`` stays one; so ``torch.save`` of the copy writes the bytes it wrote of ``obj``. Calls
+    with the same ``memo`` share their copies too; ``buffers`` supplies the memory of each storage's copy."""
     memo = {} if memo is None else memo
     if id(obj) in memo:
         return memo[id(obj)]
     if isinstance(obj, torch.Tensor):
-        out = _tensor_copy(obj, memo)
+        out = _tensor_copy(obj, memo, buffers)
     elif isinstance(obj, dict):
         out = copy.copy(obj)  # keeps the mapping's type (OrderedDict) and insertion order
         for key, value in obj.items():
-            out[key] = host_copy(value, memo)
+            out[key] = host_copy(value, memo, buffers)
     elif type(obj) in (list, tuple):
-        items = [host_copy(value, memo) for value in obj]
+        items = [host_copy(value, memo, buffers) for value in obj]
         same = type(obj) is tuple and all(a is b for a, b in zip(items, obj))
         out = obj if same else type(obj)(items)  # a tuple of immutable values is itself (as in deepcopy)
     else:
@@ -55,11 +57,14 @@ def host_copy(obj, memo: dict | None = None):
     return out
 
 
-def _tensor_copy(tensor: torch.Tensor, memo: dict) -> torch.Tensor:
+def _tensor_copy(tensor: torch.Tensor, memo: dict, buffers: HostBuffers | None) -> torch.Tensor:
     storage = tensor.untyped_storage()
     key = (storage.device, storage.data_ptr(), storage.nbytes())
     if key not in memo:
-        memo[key] = storage.cpu() if storage.device.type != "cpu" else storage.clone()
+        if buffers is not None:
+            memo[key] = buffers.copy_of(storage, key)
+        else:
+            memo[key] = storage.cpu() if storage.device.type != "cpu" else storage.clone()
     out = torch.empty(0, dtype=tensor.dtype).set_(memo[key], tensor.storage_offset(), tensor.size(),
                                                   tensor.stride())
     if isinstance(tensor, torch.nn.Parameter):
@@ -67,14 +72,50 @@ def _tensor_copy(tensor: torch.Tensor, memo: dict) -> torch.Tensor:
     return out.requires_grad_(tensor.requires_grad) if tensor.requires_grad else out
 
 
+class HostBuffers:
+    """The host memory of one rank's copies, kept from one save to the next: the training state lives
+    in the same storages from step to step (parameters, ZeRO's flat buffers), so the next save copies
+    each into the buffer it had (no allocation, no page faults on fresh memory: a copy into memory
+    touched before runs about twice as fast as a clone on the CPU). The cost is that the copies' memory
+    stays allocated between saves. Only one save at a time may use them: the writer waits for the
+    previous save's writes before the next copy starts."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple, torch.UntypedStorage] = {}
+        self._used: dict[tuple, torch.UntypedStorage] = {}
+
+    def start(self) -> dict:
+        """Begin a save's copies; returns its memo (for ``host_copy``). Buffers the last save used and
+        this one does not are freed by ``finish``."""
+        self._kept, self._used = {**self._kept, **self._used}, {}
+        return {}
+
+    def finish(self) -> None:
+        self._kept = {}
+
+    def copy_of(self, storage: torch.UntypedStorage, key: tuple) -> torch.UntypedStorage:
+        buf = self._kept.pop(key, None)
+        if buf is None:
+            pin = storage.device.type == "cuda"  # a page-locked copy: a direct transfer from the GPU
+            buf = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
+        _bytes(buf).copy_(_bytes(storage))
+        self._used[key] = buf
+        return buf
+
+
+def _bytes(storage: torch.UntypedStorage) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
 class DeferredSaves:
     """DeepSpeed's checkpoint engine for one ``save_checkpoint``: ``save`` keeps a host copy of each
     state dict and its path; ``write_all`` later writes them through the engine it stood in for."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, memo: dict | None = None, buffers: HostBuffers | None = None) -> None:
         self.real = engine.checkpoint_engine
         self.saved: list[tuple[dict, str]] = []
         self._ds_engine = engine
+        self._memo, self._buffers = {} if memo is None else memo, buffers
 
     def __enter__(self) -> DeferredSaves:
         self._ds_engine.checkpoint_engine = self
@@ -82,9 +123,10 @@ class DeferredSaves:
 
     def __exit__(self, *exc) -> None:
         self._ds_engine.checkpoint_engine = self.real
+        self._memo = {}  # it references the live state dicts; the copies are in ``saved``
 
     def save(self, state_dict, path: str) -> None:
-        self.saved.append((host_copy(state_dict), path))
+        self.saved.append((host_copy(state_dict, self._memo, self._buffers), path))
 
     def write_all(self) -> None:
         for state_dict, path in self.saved:
@@ -142,6 +184,7 @@ class Writer:
         self.background = background
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.buffers = HostBuffers()  # the host copies' memory, reused by every save of a background writer
 
     def start(self, job: Callable[[], None]) -> None:
         """Run ``job`` (the writes of one save) after the previous one finished."""

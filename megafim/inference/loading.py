@@ -105,8 +105,8 @@ def _verified_build(source: Path, device, dtype) -> GPT:
             check.result()
         return model
     manifest.verify(source, [rel for rel in model_files if not rel.endswith(".safetensors")])
-    with ThreadPoolExecutor(1) as hasher:  # one thread: each file's CRC updates run in order
-        state, config = read_model_state(source, checksums=data["files"], hasher=hasher)
+    with ThreadPoolExecutor(1) as hasher:  # one thread: each file's hash updates run in order
+        state, config = read_model_state(source, data["files"], hasher, data["algorithm"])
         try:
             model = _build(state, config, device, dtype)
         except Exception:

@@ -1,5 +1,6 @@
-"""megafim.checkpoint.verified_read: a CRC computed while the tensors are read equals the manifest's
-(``manifest.crc32_file``, a plain pass over the file) in any read order, and every corruption, in a read
+"""megafim.checkpoint.verified_read: a checksum computed while the tensors are read equals the manifest's
+(``manifest.checksum_file``, a plain pass over the file; XXH3 and the older manifests' CRC-32) in any
+read order, and every corruption, in a read
 tensor, a skipped one or the header, a truncation, a missing or unlisted file, is an error naming it."""
 
 from concurrent.futures import ThreadPoolExecutor
@@ -26,20 +27,22 @@ def shard(tmp_path):
     return path, tensors
 
 
-def reader(path, hasher=None):
-    return VerifyingReader(path, path.stat().st_size, manifest.crc32_file(path), hasher)
+def reader(path, hasher=None, algorithm=manifest.ALGORITHM):
+    expected = manifest.checksum_file(path, algorithm)
+    return VerifyingReader(path, path.stat().st_size, expected, hasher, algorithm)
 
 
+@pytest.mark.parametrize("algorithm", sorted(manifest.HASHES))
 @pytest.mark.parametrize("in_thread", [False, True])
 @pytest.mark.parametrize("order", [NAMES, ("d", "c", "b", "a"), ("b", "d"), ("a", "a", "c"), ()])
-def test_reads_the_tensors_and_matches_a_plain_pass_in_any_order(shard, order, in_thread):
+def test_reads_the_tensors_and_matches_a_plain_pass_in_any_order(shard, order, in_thread, algorithm):
     path, tensors = shard
     with ThreadPoolExecutor(1) as hasher:
-        r = reader(path, hasher if in_thread else None)
+        r = reader(path, hasher if in_thread else None, algorithm)
         for name in order:
             got = r.get_tensor(name)
             assert got.dtype == tensors[name].dtype and torch.equal(got, tensors[name])
-        r.finish()  # the running CRC over all bytes equals manifest.crc32_file's
+        r.finish()  # the running hash over all bytes equals manifest.checksum_file's
 
 
 def _flip(path, offset):
@@ -48,10 +51,11 @@ def _flip(path, offset):
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.parametrize("algorithm", sorted(manifest.HASHES))
 @pytest.mark.parametrize("where", ["read tensor", "skipped tensor", "header", "last byte"])
-def test_a_flipped_bit_anywhere_is_found(shard, where):
+def test_a_flipped_bit_anywhere_is_found(shard, where, algorithm):
     path, _ = shard
-    expected = manifest.crc32_file(path)
+    expected = manifest.checksum_file(path, algorithm)
     size = path.stat().st_size
     r0 = reader(path)
     begin = r0._data_start
@@ -61,7 +65,7 @@ def test_a_flipped_bit_anywhere_is_found(shard, where):
                  "last byte": size - 1}[where])
     with ThreadPoolExecutor(1) as hasher, \
             pytest.raises(CheckpointError, match=r"tp00_pp00.safetensors: (checksum|header)"):
-        r = VerifyingReader(path, size, expected, hasher)
+        r = VerifyingReader(path, size, expected, hasher, algorithm)
         r.get_tensor("a")
         r.get_tensor("d")
         r.finish()
@@ -69,7 +73,8 @@ def test_a_flipped_bit_anywhere_is_found(shard, where):
 
 def test_truncated_missing_and_unlisted_files_are_named(shard, tmp_path):
     path, _ = shard
-    files = {"model/tp00_pp00.safetensors": {"size": path.stat().st_size, "crc32": manifest.crc32_file(path)}}
+    files = {"model/tp00_pp00.safetensors": {"size": path.stat().st_size,
+                                             manifest.ALGORITHM: manifest.checksum_file(path)}}
     assert set(readers_for(tmp_path / "model", tmp_path, files)) == {"tp00_pp00.safetensors"}
     with pytest.raises(CheckpointError, match=r"tp00_pp00.safetensors: \d+ bytes, the manifest says"):
         VerifyingReader(path, path.stat().st_size + 8, "00000000")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from megafim.checkpoint.format import CheckpointError
-from megafim.checkpoint.writer import (WRITERS_DIR, DeferredSaves, Writer, host_copy, mark_done, write_delay,
-                                       wait_for_ranks)
+from megafim.checkpoint.writer import (WRITERS_DIR, DeferredSaves, HostBuffers, Writer, host_copy, mark_done,
+                                       wait_for_ranks, write_delay)
 
 
 def saved_bytes(obj) -> bytes:
@@ -125,3 +125,27 @@ def test_write_delay_applies_to_its_step_only(monkeypatch):
     assert write_delay(4) == 0.0
     monkeypatch.setenv("MEGAFIM_CHECKPOINT_WRITE_DELAY", "4:2.5")
     assert write_delay(4) == 2.5 and write_delay(2) == 0.0
+
+
+def test_host_buffers_are_reused_by_the_next_save_and_hold_its_values():
+    flat, master, state = optimizer_like_state()
+    buffers = HostBuffers()
+    memo = buffers.start()
+    first = host_copy(state, memo, buffers)
+    slices = host_copy({"w": flat[:12].view(3, 4)}, memo, buffers)  # another copy in the same save
+    buffers.finish()
+    assert saved_bytes(first) == saved_bytes(state)
+    ptr = first["module"]["w"].untyped_storage().data_ptr()
+    assert slices["w"].untyped_storage().data_ptr() == ptr  # a storage is copied once per save
+    with torch.no_grad():
+        flat.add_(1.0)
+    memo = buffers.start()
+    second = host_copy(state, memo, buffers)
+    buffers.finish()
+    assert saved_bytes(second) == saved_bytes(state)
+    assert second["module"]["w"].untyped_storage().data_ptr() == ptr  # the first save's buffer, refilled
+    unused = torch.randn(4)
+    third = host_copy({"other": unused}, buffers.start(), buffers)
+    buffers.finish()  # the buffers of the state the third save did not copy are let go
+    assert torch.equal(third["other"], unused) and buffers.start() == {}
+    assert len(buffers._kept) == 1

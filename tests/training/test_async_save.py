@@ -31,16 +31,20 @@ def _files(ckpt: Path) -> dict[str, bytes]:
             if p.is_file() and p.name not in ("config.yaml", "manifest.json")}
 
 
-def test_async_checkpoints_equal_sync_ones_and_resume_exactly(tiny_data, tmp_path):
+@pytest.mark.parametrize("layout", [LAYOUT, ["--zero-stage", "1"]], ids=["tp2", "dp2"])
+def test_async_checkpoints_equal_sync_ones_and_resume_exactly(tiny_data, tmp_path, layout):
+    """tp 2: each rank holds its parameters' whole Adam state (optim/ views DeepSpeed's copied flat
+    buffer); dp 2: optim/ gathers each parameter's state over the two ranks."""
     sync, background, resumed = tmp_path / "sync", tmp_path / "async", tmp_path / "resumed"
-    common = base_args(tiny_data) + LAYOUT + ["--train-iters", "4", "--save-interval", "2"]
+    common = base_args(tiny_data) + layout + ["--train-iters", "4", "--save-interval", "2"]
     check(launch(2, common + ["--save", str(sync)], tmp_path))
     proc = launch(2, common + ["--save", str(background), "--async-save"], tmp_path)
     check(proc)
     assert "copied to host memory" in proc.stdout and "written in the background" in proc.stdout
     for step in ("step_00000002", "step_00000004"):
         a, b = _files(sync / step), _files(background / step)
-        assert sorted(a) == sorted(b) and any(name.startswith("ds/") for name in a)
+        assert sorted(a) == sorted(b)
+        assert all(any(name.startswith(f"{d}/") for name in a) for d in ("ds", "model", "optim"))
         assert [name for name in a if a[name] != b[name]] == []
         assert manifest.verify(background / step)
         assert not (background / step / ".writers").exists()

@@ -24,13 +24,14 @@ def _save(root, step, payload=b"x" * 1000):
 
 
 def test_manifest_lists_every_file_with_its_checksum(tmp_path):
-    import zlib
+    import xxhash
 
     ckpt = _save(tmp_path, 3, payload=b"abc" * 5000)
     data = json.loads((ckpt / "manifest.json").read_text())
     assert sorted(data["files"]) == ["config.yaml", "sub/blob.bin", "trainer_state.json"]
+    assert data["algorithm"] == "xxh3_64"
     entry = data["files"]["sub/blob.bin"]
-    assert entry == {"size": 15000, "crc32": f"{zlib.crc32(b'abc' * 5000):08x}"}  # the plain definition
+    assert entry == {"size": 15000, "xxh3_64": xxhash.xxh3_64(b"abc" * 5000).hexdigest()}  # one-shot hash
     assert manifest.verify(ckpt) is True
 
 

@@ -99,3 +99,19 @@ def test_optimizer_state_that_does_not_fit_is_refused(tmp_path):
     index.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match=r"index.json: metadata.step is None"):
         _load(tmp_path, *_rank())
+
+
+def test_host_copies_write_the_state_of_the_save_after_the_optimizer_moved_on(tmp_path):
+    """``copy_to_host`` (an asynchronous save): the gathers run at the call and the returned writes,
+    run later, write what a synchronous save at that moment wrote, though the optimizer stepped since
+    (without ZeRO its state tensors are the live ones: the copies must be private)."""
+    stage, opt, dims = _trained(2)
+    assert save_optimizer_state(tmp_path / "sync", "tp00_pp00", opt, stage, dims)() is None
+    write = save_optimizer_state(tmp_path / "async", "tp00_pp00", opt, stage, dims, copy_to_host=True)
+    assert not (tmp_path / "async").exists()
+    for p in stage.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    write()
+    for name in ("tp00_pp00.safetensors", "tp00_pp00.json"):
+        assert (tmp_path / "async" / name).read_bytes() == (tmp_path / "sync" / name).read_bytes()
