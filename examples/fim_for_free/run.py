@@ -37,9 +37,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path[:0] = [str(HERE), str(REPO / "examples")]  # report.py; quickstart.write_corpus
+sys.path[:0] = [str(HERE), str(REPO / "examples")]  # fim_report.py; quickstart.write_corpus
 
-import report  # noqa: E402
+import fim_report as report  # noqa: E402  (not "report": benchmarks/ has one)
 from logged_run import run_logged  # noqa: E402
 
 EVAL_SEED = 1234  # the FIM cut points of the held-out data: the same for every run and step

@@ -25,7 +25,7 @@ def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def load_report():
-    spec = importlib.util.spec_from_file_location("fim_for_free_report", SCRIPT.parent / "report.py")
+    spec = importlib.util.spec_from_file_location("fim_for_free_report", SCRIPT.parent / "fim_report.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
