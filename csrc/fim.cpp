@@ -162,10 +162,11 @@ struct Encoder {
 class ContextEncoder {
  public:
   explicit ContextEncoder(const Encoder& e) : e_(e) {}
-  void operator()(std::string_view text, std::vector<int32_t>& dst) {
+  // `known`: the whole original tokens the text was cut from (for the byte-level encoder), or null.
+  void operator()(std::string_view text, std::vector<int32_t>& dst, const std::vector<KnownToken>* known = nullptr) {
     if (e_.byte_bpe) {
       if (!byte_ws_) byte_ws_ = &ByteBpe::workspace();
-      if (e_.byte_bpe->encode(text, dst, *byte_ws_)) return;
+      if (e_.byte_bpe->encode(text, dst, *byte_ws_, known)) return;
     }
     if (e_.batch) {  // deferred to flush()
       texts_.emplace_back(text);
@@ -304,6 +305,7 @@ class Fim {
     for (int32_t id : {sp.eod, sp.prefix, sp.middle, sp.suffix, sp.pad})
       if (id < 0 || static_cast<size_t>(id) >= bytes_.size())
         throw std::invalid_argument("FIM special token id " + std::to_string(id) + " is outside the vocabulary");
+    known_tokens_ = encode_.byte_bpe && same_model_bytes(*encode_.byte_bpe);
   }
 
   size_t vocab_size() const { return bytes_.size(); }
@@ -355,6 +357,18 @@ class Fim {
   Specials sp_;
   Encoder encode_;
   int rule_;
+  // Whether the byte-level encoder is told which original tokens a re-encoded text holds whole
+  // (ByteBpe::encode's `known`): only when every token with bytes here that the model has an entry
+  // for has the same bytes there (special tokens have none here and are never in a re-encoded text).
+  bool known_tokens_ = false;
+
+  bool same_model_bytes(const ByteBpe& enc) const {
+    for (size_t id = 0; id < bytes_.size(); ++id) {
+      const int32_t i = static_cast<int32_t>(id);
+      if (!bytes_[id].empty() && enc.entry_size(i) > 0 && !enc.entry_is(i, bytes_[id])) return false;
+    }
+    return true;
+  }
 
   // One pass over the context: the positions of its end-of-text tokens (into `eods`), and whether every
   // id is < the vocabulary size (negative ones wrap around). Compared in T's own width, unsigned, in
@@ -487,12 +501,16 @@ class Fim {
     return Pos{t, off};
   }
 
+  // Appends the core's text [from, to) to `text`; with `known`, lists there the tokens appended whole.
   template <typename T>
-  void append_text(const T* core, Pos from, Pos to, std::string& text) const {
+  void append_text(const T* core, Pos from, Pos to, std::string& text, std::vector<KnownToken>* known) const {
+    if (known) known->clear();
     for (size_t t = from.tok; t <= to.tok; ++t) {
       if (t == to.tok && to.off == 0) break;
       const std::string& b = bytes_[core[t]];
       const size_t a = t == from.tok ? from.off : 0, e = t == to.tok ? to.off : b.size();
+      if (known && a == 0 && e == b.size() && e > 0)
+        known->push_back({static_cast<uint32_t>(text.size()), static_cast<int32_t>(core[t])});
       text.append(b, a, e - a);
     }
   }
@@ -533,6 +551,8 @@ void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, 
   dst.clear();
   if (s == e) return;
   thread_local std::string text;
+  thread_local std::vector<KnownToken> known_tokens;
+  std::vector<KnownToken>* known = known_tokens_ ? &known_tokens : nullptr;
   const size_t inside_end = e.tok + (e.off > 0);  // tokens j < inside_end start before e
   const bool s_boundary = at_doc_start && s == Pos{0, 0};
   const bool e_boundary = at_doc_end && e == Pos{m, 0};
@@ -541,8 +561,8 @@ void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, 
     for (++w1; w1 < inside_end && !boundary(core, m, w1);) ++w1;
     if (w1 >= inside_end) {  // no boundary inside: encode it all
       text.clear();
-      append_text(core, s, e, text);
-      encode(text, dst.head);
+      append_text(core, s, e, text, known);
+      encode(text, dst.head, known);
       return;
     }
   }
@@ -551,15 +571,15 @@ void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, 
     for (w2 = inside_end - 1; w2 > w1 && !boundary(core, m, w2);) --w2;
   if (!s_boundary) {
     text.clear();
-    append_text(core, s, Pos{w1, 0}, text);
-    encode(text, dst.head);
+    append_text(core, s, Pos{w1, 0}, text, known);
+    encode(text, dst.head, known);
   }
   dst.from = w1;
   dst.to = w2;
   if (!(e_boundary && w2 == m)) {
     text.clear();
-    append_text(core, Pos{w2, 0}, e, text);
-    encode(text, dst.tail);
+    append_text(core, Pos{w2, 0}, e, text, known);
+    encode(text, dst.tail, known);
   }
 }
 
