@@ -213,6 +213,11 @@ struct Output {
   size_t n, pos = 0;
   float weight[4];  // loss weight by Kind
   std::vector<uint8_t> modes;
+  bool keep_modes = true;  // false: the caller does not want them (no allocation per context)
+
+  void mode(uint8_t m) {
+    if (keep_modes) modes.push_back(m);
+  }
 
   Output(int64_t* t, float* l, bool* m, size_t size, bool mask_sentinels)
       : tokens(t), loss(l), middle(m), n(size), weight{1.0f, 1.0f, mask_sentinels ? 0.0f : 1.0f, 0.0f} {}
@@ -331,8 +336,7 @@ class Fim {
         files(ctx + start, end - start, p > 0, end < n, key, rate, spm_rate, keep_length, static_cast<T>(split),
               encode, out);
       else
-        out.modes.push_back(piece(ctx + start, end - start, p > 0, end < n, key, rate, spm_rate, keep_length,
-                                  encode, out));
+        out.mode(piece(ctx + start, end - start, p > 0, end < n, key, rate, spm_rate, keep_length, encode, out));
       if (end == n) break;
       start = end + 1;
     }
@@ -455,32 +459,49 @@ class Fim {
   int64_t count_chars(const T* tok, size_t m, std::vector<uint64_t>& blocks) const {
     const size_t n_blocks = (m + kCharBlock - 1) / kCharBlock;
     blocks.resize(n_blocks + 1);
+    thread_local std::vector<uint8_t> slow;  // per block: holds a kSlow token
+    slow.resize(n_blocks);
     uint64_t chars = 0;
-    uint32_t slow = 0;
+    uint32_t any_slow = 0;
     for (size_t k = 0; k < n_blocks; ++k) {  // the common case: only whole, valid characters
       blocks[k] = chars;
       const size_t e = std::min(m, (k + 1) * kCharBlock);
-      uint32_t sum = 0;  // exact while no kSlow bit is seen (and the block is then recounted)
+      uint32_t sum = 0, flags = 0;  // sum is exact while no kSlow bit is seen (else recounted below)
 #pragma GCC unroll 8
       for (size_t i = k * kCharBlock; i < e; ++i) {
         const uint32_t v = packed_[tok[i]];
         sum += v;
-        slow |= v;
+        flags |= v;
       }
+      slow[k] = (flags & kSlow) != 0;
+      any_slow |= flags;
       chars += sum;
     }
     blocks[n_blocks] = chars;
-    if (!(slow & kSlow)) return static_cast<int64_t>(chars);
+    if (!(any_slow & kSlow)) return static_cast<int64_t>(chars);
+    // Only the blocks holding a kSlow token are checked byte by byte. A block without one holds
+    // whole valid characters only: its count stands, and a character left open before it is broken.
     Utf8Checker c;
+    uint64_t old_start = blocks[0];
     chars = 0;
-    for (size_t i = 0; i < m; ++i) {
-      if (i % kCharBlock == 0) blocks[i / kCharBlock] = chars;
-      const TokenInfo& in = info_[tok[i]];
-      chars += in.n_chars;
-      if (in.special) return -1;
-      if (in.valid && c.need == 0) continue;
-      for (unsigned char x : bytes_[tok[i]]) c.feed(x);
-      if (!c.ok) return -1;
+    for (size_t k = 0; k < n_blocks; ++k) {
+      const uint64_t old_end = blocks[k + 1];
+      blocks[k] = chars;
+      if (!slow[k]) {
+        if (c.need) return -1;
+        chars += old_end - old_start;
+        old_start = old_end;
+        continue;
+      }
+      old_start = old_end;
+      for (size_t i = k * kCharBlock, e = std::min(m, (k + 1) * kCharBlock); i < e; ++i) {
+        const TokenInfo& in = info_[tok[i]];
+        chars += in.n_chars;
+        if (in.special) return -1;
+        if (in.valid && c.need == 0) continue;
+        for (unsigned char x : bytes_[tok[i]]) c.feed(x);
+        if (!c.ok) return -1;
+      }
     }
     blocks[n_blocks] = chars;
     return c.complete() ? static_cast<int64_t>(chars) : -1;
@@ -526,8 +547,8 @@ class Fim {
       size_t end = start;
       while (end < n && tok[end] != split) ++end;
       if (f > 0) out.push(split, kText);
-      out.modes.push_back(piece(tok + start, end - start, after_eod && f == 0, before_eod && end == n,
-                                file_key(key, f), rate, spm_rate, keep_length, encode, out));
+      out.mode(piece(tok + start, end - start, after_eod && f == 0, before_eod && end == n, file_key(key, f), rate,
+                     spm_rate, keep_length, encode, out));
       if (end == n) break;
       start = end + 1;
     }
@@ -682,6 +703,7 @@ py::tuple transform_arrays(const PyFim& self, const py::array& context, uint64_t
   py::array_t<float> loss(n);
   py::array_t<bool> middle(n);
   Output out(tokens.mutable_data(), loss.mutable_data(), middle.mutable_data(), n, o.mask_sentinels);
+  out.keep_modes = modes != nullptr;
   if (o.split >= static_cast<int64_t>(self.fim->vocab_size()))
     throw std::invalid_argument("FIM split token id " + std::to_string(o.split) + " is outside the vocabulary");
   auto go = [&]() {
