@@ -142,6 +142,11 @@ inline uint8_t line_class(const std::string& b) {
 // holds 128 characters or more. One byte per token keeps the table in L1 (8 KiB for 8000 tokens).
 constexpr uint8_t kSlow = 0x80;
 
+// Per token, what the boundary rules 2 and 3 look at, in one byte (a table as small as the one
+// above, which every context reads whole, so the few dozen look-ups next to each cut stay in cache):
+// starts with a space; ends with an ASCII non-whitespace byte; ends with \n or \r; LineClass << 3.
+enum BoundaryBits : uint8_t { kFirstSpace = 1, kLastAsciiNonWs = 2, kLastNewline = 4, kLineShift = 3 };
+
 using EncodeFn = std::function<void(std::string_view, std::vector<int32_t>&)>;
 // Encodes texts[i] into *dst[i], all in one call.
 using BatchFn = std::function<void(const std::vector<std::string>&, const std::vector<std::vector<int32_t>*>&)>;
@@ -288,6 +293,7 @@ class Fim {
       throw std::invalid_argument("FIM boundary rule " + std::to_string(rule) + " is not 0, 1, 2 or 3");
     info_.resize(bytes_.size());
     packed_.resize(bytes_.size());
+    bits_.resize(bytes_.size());
     for (size_t t = 0; t < bytes_.size(); ++t) {
       const std::string& b = bytes_[t];
       if (b.size() > std::numeric_limits<uint16_t>::max())
@@ -309,6 +315,10 @@ class Fim {
       }
       in.line = line_class(b) & 3;
       packed_[t] = in.valid && in.n_chars < kSlow ? static_cast<uint8_t>(in.n_chars) : kSlow;
+      const bool ascii_non_ws = in.last < 0x80 && in.last != ' ' && !(in.last >= '\t' && in.last <= '\r');
+      bits_[t] = static_cast<uint8_t>((in.first_space ? kFirstSpace : 0) | (ascii_non_ws ? kLastAsciiNonWs : 0) |
+                                      (in.last == '\n' || in.last == '\r' ? kLastNewline : 0) |
+                                      (in.line << kLineShift));
     }
     for (int32_t id : {sp.eod, sp.prefix, sp.middle, sp.suffix, sp.pad})
       if (id < 0 || static_cast<size_t>(id) >= bytes_.size())
@@ -361,6 +371,7 @@ class Fim {
   std::vector<std::string> bytes_;
   std::vector<TokenInfo> info_;
   std::vector<uint8_t> packed_;
+  std::vector<uint8_t> bits_;  // BoundaryBits
   Specials sp_;
   Encoder encode_;
   int rule_;
@@ -422,16 +433,19 @@ class Fim {
   static constexpr size_t kLineScan = 16;
   template <typename T>
   bool boundary(const T* core, size_t m, size_t j) const {
-    const TokenInfo& a = info_[core[j - 1]];
-    const TokenInfo& b = info_[core[j]];
     if (rule_ == kNoBoundary) return false;
-    if (rule_ >= kSpaceAfterAsciiNonWhitespace) {  // a.last is 0xFF when not ASCII; \t..\r and ' ' are \s
-      if (b.first_space && a.last < 0x80 && a.last != ' ' && !(a.last >= '\t' && a.last <= '\r')) return true;
-      if (rule_ != kAlsoAfterNewline || (a.last != '\n' && a.last != '\r')) return false;
-      for (size_t t = j; t < m && t < j + kLineScan; ++t)
-        if (info_[core[t]].line != kLineWs) return info_[core[t]].line == kLineStart;
+    if (rule_ >= kSpaceAfterAsciiNonWhitespace) {  // \t..\r and ' ' are \s
+      const uint8_t a = bits_[core[j - 1]], b = bits_[core[j]];
+      if ((b & kFirstSpace) && (a & kLastAsciiNonWs)) return true;
+      if (rule_ != kAlsoAfterNewline || !(a & kLastNewline)) return false;
+      for (size_t t = j; t < m && t < j + kLineScan; ++t) {
+        const int line = bits_[core[t]] >> kLineShift;
+        if (line != kLineWs) return line == kLineStart;
+      }
       return false;
     }
+    const TokenInfo& a = info_[core[j - 1]];
+    const TokenInfo& b = info_[core[j]];
     if (b.first_space && !a.last_space) return true;
 #ifdef MEGAFIM_HAVE_BPE
     if (encode_.bpe && encode_.bpe->splits_words()) return encode_.bpe->is_boundary(a.last, b.first);
@@ -517,7 +531,12 @@ class Fim {
     if (k + 1 == blocks.size()) return Pos{m, 0};  // c is the character count: the end
     size_t t = k * kCharBlock;  // the block that ends after c: the token is in it
     uint64_t seen = blocks[k];
-    while (seen + info_[core[t]].n_chars <= c) seen += info_[core[t++]].n_chars;
+    // packed_ (read whole by count_chars, so in cache) has the count unless the token is kSlow.
+    auto chars_of = [&](size_t i) -> uint64_t {
+      const uint8_t v = packed_[core[i]];
+      return v & kSlow ? info_[core[i]].n_chars : v;
+    };
+    while (seen + chars_of(t) <= c) seen += chars_of(t++);
     const std::string& b = bytes_[core[t]];
     uint32_t off = 0;
     for (uint64_t left = c - seen;; ++off)
