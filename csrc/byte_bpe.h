@@ -92,7 +92,8 @@ class ByteBpe {
     static constexpr size_t kMaxWordBytes = 64, kMaxEntries = size_t(1) << 16;
     uint64_t owner = 0;
     bpe_detail::BytesMap words;  // pre-token bytes -> span of ids
-    std::vector<int32_t> ids, sym;
+    std::vector<int32_t> ids, sym, merged;  // merged[i]: what sym[i], sym[i + 1] merge into, or -1
+    std::vector<float> rank;                 // rank[i]: that merge's rank
     std::vector<std::pair<size_t, size_t>> a, b;
   };
   // The calling thread's workspace. A caller that encodes many texts in a row fetches it once (a
@@ -277,24 +278,32 @@ class ByteBpe {
         out.insert(out.end(), ws.ids.begin() + f->value_off, ws.ids.begin() + f->value_off + f->value_len);
         return;
       }
+    // Each adjacent pair's merge is looked up once and again only when a merge changes the pair:
+    // the merge table is large and, in a data loader sharing its core, mostly out of cache.
     std::vector<int32_t>& sym = ws.sym;
+    std::vector<int32_t>& merged = ws.merged;
+    std::vector<float>& rank = ws.rank;
     sym.clear();
     for (char c : w) sym.push_back(byte_id_[static_cast<unsigned char>(c)]);
+    merged.resize(sym.size() - 1);
+    rank.resize(sym.size() - 1);
+    auto look = [&](size_t i) {
+      const auto* m = merges_.find(bpe_detail::PairMap::key(sym[i], sym[i + 1]));
+      merged[i] = m ? m->id : -1;
+      rank[i] = m ? m->score : 0.0f;
+    };
+    for (size_t i = 0; i + 1 < sym.size(); ++i) look(i);
     while (sym.size() > 1) {
-      float best_rank = 0;
-      int32_t best_id = -1;
-      size_t best = 0;
-      for (size_t i = 0; i + 1 < sym.size(); ++i) {
-        const auto* m = merges_.find(bpe_detail::PairMap::key(sym[i], sym[i + 1]));
-        if (m && (best_id < 0 || m->score < best_rank)) {
-          best_rank = m->score;
-          best_id = m->id;
-          best = i;
-        }
-      }
-      if (best_id < 0) break;
-      sym[best] = best_id;
+      size_t best = SIZE_MAX;
+      for (size_t i = 0; i + 1 < sym.size(); ++i)  // the lowest rank, leftmost among equal ones
+        if (merged[i] >= 0 && (best == SIZE_MAX || rank[i] < rank[best])) best = i;
+      if (best == SIZE_MAX) break;
+      sym[best] = merged[best];
       sym.erase(sym.begin() + best + 1);
+      merged.erase(merged.begin() + best);
+      rank.erase(rank.begin() + best);
+      if (best + 1 < sym.size()) look(best);
+      if (best > 0) look(best - 1);
     }
     out.insert(out.end(), sym.begin(), sym.end());
     if (!cacheable) return;
