@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", help="a tokenizer to use instead of training one (e.g. a Hugging Face "
                    "tokenizer directory; benchmarks/preprocess_hf.py makes a Llama-3-style one)")
     p.add_argument("--no-baseline", action="store_true",
-                   help="leave the bigcode-style rows out: FIM off and on only (the baseline, run between them, "
-                        "evicts the FIM encoder's tables from the caches; docs/fim.md)")
+                   help="leave the bigcode-style rows out: FIM off and on only (the baseline, run between "
+                        "them, evicts the FIM encoder's tables from the caches; docs/fim.md)")
     p.add_argument("--work-dir", default=str(REPO / "benchmarks" / "_work"))
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "fim_dataset.json"))
     args = p.parse_args(argv)

@@ -15,8 +15,8 @@ PYBIND11_MODULE(byte_bpe, m) {
            py::arg("spec"))
       .def(
           "encode",
-          [](const ByteBpe& self, const std::string& text, const std::vector<std::pair<uint32_t, int32_t>>& known)
-              -> py::object {
+          [](const ByteBpe& self, const std::string& text,
+             const std::vector<std::pair<uint32_t, int32_t>>& known) -> py::object {
             std::vector<megafim::KnownToken> k;
             for (auto [start, id] : known) {
               if (start > text.size()) throw std::invalid_argument("known token start past the text's end");

@@ -170,7 +170,8 @@ class ContextEncoder {
  public:
   explicit ContextEncoder(const Encoder& e) : e_(e) {}
   // `known`: the whole original tokens the text was cut from (for the byte-level encoder), or null.
-  void operator()(std::string_view text, std::vector<int32_t>& dst, const std::vector<KnownToken>* known = nullptr) {
+  void operator()(std::string_view text, std::vector<int32_t>& dst,
+                  const std::vector<KnownToken>* known = nullptr) {
     if (e_.byte_bpe) {
       if (!byte_ws_) byte_ws_ = &ByteBpe::workspace();
       if (e_.byte_bpe->encode(text, dst, *byte_ws_, known)) return;
@@ -316,7 +317,8 @@ class Fim {
       in.line = line_class(b) & 3;
       packed_[t] = in.valid && in.n_chars < kSlow ? static_cast<uint8_t>(in.n_chars) : kSlow;
       const bool ascii_non_ws = in.last < 0x80 && in.last != ' ' && !(in.last >= '\t' && in.last <= '\r');
-      bits_[t] = static_cast<uint8_t>((in.first_space ? kFirstSpace : 0) | (ascii_non_ws ? kLastAsciiNonWs : 0) |
+      bits_[t] = static_cast<uint8_t>((in.first_space ? kFirstSpace : 0) |
+                                      (ascii_non_ws ? kLastAsciiNonWs : 0) |
                                       (in.last == '\n' || in.last == '\r' ? kLastNewline : 0) |
                                       (in.line << kLineShift));
     }
@@ -349,7 +351,8 @@ class Fim {
         files(ctx + start, end - start, p > 0, end < n, key, rate, spm_rate, keep_length, static_cast<T>(split),
               encode, out);
       else
-        out.mode(piece(ctx + start, end - start, p > 0, end < n, key, rate, spm_rate, keep_length, encode, out));
+        out.mode(piece(ctx + start, end - start, p > 0, end < n, key, rate, spm_rate, keep_length, encode,
+                       out));
       if (end == n) break;
       start = end + 1;
     }
@@ -569,8 +572,8 @@ class Fim {
       size_t end = start;
       while (end < n && tok[end] != split) ++end;
       if (f > 0) out.push(split, kText);
-      out.mode(piece(tok + start, end - start, after_eod && f == 0, before_eod && end == n, file_key(key, f), rate,
-                     spm_rate, keep_length, encode, out));
+      out.mode(piece(tok + start, end - start, after_eod && f == 0, before_eod && end == n, file_key(key, f),
+                     rate, spm_rate, keep_length, encode, out));
       if (end == n) break;
       start = end + 1;
     }

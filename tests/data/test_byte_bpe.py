@@ -180,7 +180,8 @@ def test_known_tokens_give_the_same_ids(tokenizers, text, cuts):
 
 def test_known_tokens_on_source_files(tokenizers):
     """Cuts of source files at many places, with the tokens each cut holds whole as `known`."""
-    texts = [t for t in (p.read_text(encoding="utf-8") for p in stdlib_files(limit=12, step=37)) if t.isascii()]
+    texts = [p.read_text(encoding="utf-8") for p in stdlib_files(limit=12, step=37)]
+    texts = [t for t in texts if t.isascii()]
     assert len(texts) > 5
     rng = np.random.default_rng(0)
     for tok, enc in tokenizers[:1]:  # Llama 3 style: the one with ignore_merges and its own merges

@@ -75,7 +75,8 @@ def test_fast_path_equals_definition(fim_tokenizer, data, seed, epoch, index, ra
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(words=st.integers(0, 45), strays=st.lists(st.tuples(st.integers(0, 200), st.sampled_from(STRAY)), max_size=2),
+@given(words=st.integers(0, 45),
+       strays=st.lists(st.tuples(st.integers(0, 200), st.sampled_from(STRAY)), max_size=2),
        seed=st.integers(0, 2**64 - 1), level=st.sampled_from(["context", "document"]))
 @example(words=0, strays=[(31, 0xC3), (96, 0x80)], seed=1, level="context")  # blocks 0 and 3 hold them
 def test_long_pieces_with_bytes_in_some_blocks(fim_tokenizer, words, strays, seed, level):  # noqa: F811
