@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=800, help="standard-library files in the dataset")
     p.add_argument("--tokenizer", help="a tokenizer to use instead of training one (e.g. a Hugging Face "
                    "tokenizer directory; benchmarks/preprocess_hf.py makes a Llama-3-style one)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="leave the bigcode-style rows out: FIM off and on only (the baseline, run between "
+                        "them, evicts the FIM encoder's tables from the caches; docs/fim.md)")
     p.add_argument("--work-dir", default=str(REPO / "benchmarks" / "_work"))
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "fim_dataset.json"))
     args = p.parse_args(argv)
@@ -171,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     for rate in (0.5, 0.9):
         # A tokenizer each: its encoder's word cache must not hold the words another config just cut.
         configs[f"fim {rate}"] = FimTransform(FimConfig(rate=rate), load_tokenizer(model))
-        configs[f"bigcode {rate}"] = BigcodeStyleFim(load_tokenizer(model), rate, 0.5, seed=1234)
+        if not args.no_baseline:
+            configs[f"bigcode {rate}"] = BigcodeStyleFim(load_tokenizer(model), rate, 0.5, seed=1234)
     datasets = {name: GPTDataset(spec, fim=fim) for name, fim in configs.items()}
     n, warm = args.samples, list(range(args.warmup))
     for ds in datasets.values():  # the page cache and the encoders' word caches, alike for all
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"config": name, "cpu_us_per_sample": med[name] * 1e6, "samples_per_cpu_s": 1 / med[name],
                "vs_off": ratio(cpu, name, "off"), "wall_us_per_sample": med_wall[name] * 1e6,
                "wall_vs_off": ratio(wall, name, "off")}
-        if name.startswith("fim"):
+        if name.startswith("fim") and not args.no_baseline:
             row["baseline_over_fim"] = ratio(cpu, name.replace("fim", "bigcode"), name)
             row["wall_baseline_over_fim"] = ratio(wall, name.replace("fim", "bigcode"), name)
         rows.append(row)
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "fim_dataset", "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
               "machine": machine(MACHINE_NOTE), "seq_length": args.seq_length, "samples": n,
               "repeats": args.repeats,
-              "warmup": args.warmup, "same_samples": args.same_samples,
+              "warmup": args.warmup, "same_samples": args.same_samples, "baseline": not args.no_baseline,
               "vocab_size": tok.vocab_size, "tokenizer": str(model), "tokenizer_backend": tok.backend, "rows": rows,
               "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM"),
               "raw_cpu_seconds_per_sample": cpu,

@@ -15,17 +15,25 @@ PYBIND11_MODULE(byte_bpe, m) {
            py::arg("spec"))
       .def(
           "encode",
-          [](const ByteBpe& self, const std::string& text) -> py::object {
+          [](const ByteBpe& self, const std::string& text,
+             const std::vector<std::pair<uint32_t, int32_t>>& known) -> py::object {
+            std::vector<megafim::KnownToken> k;
+            for (auto [start, id] : known) {
+              if (start > text.size()) throw std::invalid_argument("known token start past the text's end");
+              k.push_back({start, id});
+            }
             std::vector<int32_t> ids;
             bool ok;
             {
               py::gil_scoped_release nogil;
-              ok = self.encode(text, ids);
+              ok = self.encode(text, ids, ByteBpe::workspace(), known.empty() ? nullptr : &k);
             }
             if (!ok) return py::none();
             return py::cast(ids);
           },
-          py::arg("text"), "-> list[int], or None when the text is not ASCII or holds a reserved text")
+          py::arg("text"), py::arg("known") = std::vector<std::pair<uint32_t, int32_t>>{},
+          "-> list[int], or None when the text is not ASCII or holds a reserved text. `known`: (start, id) "
+          "of tokens whose bytes the text holds there, in order (FIM's original tokens; see byte_bpe.h)")
       .def(
           "encode_flat",
           [](const ByteBpe& self, const py::list& texts) {

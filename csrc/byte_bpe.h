@@ -12,6 +12,10 @@
 // repeatedly the adjacent pair of lowest rank, leftmost first, and with `ignore_merges` a pre-token
 // that is itself a vocabulary entry is that entry. Pre-tokens of up to 64 bytes are looked up first in
 // a word -> ids cache of the calling thread. Safe to call from many threads at once.
+//
+// A caller that cut the text out of tokens it already has (FIM) may pass them as `known`: with
+// ignore_merges, a pre-token that spans exactly one of them is that token, with no lookup (its bytes
+// are a vocabulary entry, and the entry is what ignore_merges gives).
 #pragma once
 
 #include <atomic>
@@ -35,6 +39,12 @@ enum ByteBpeStep : int {
   kStepDigitsRuns = 4,    // Digits(individual_digits=false)
 };
 
+// Whole tokens of a text, in order: token `id` holds the text's bytes [start, start + its length).
+struct KnownToken {
+  uint32_t start;
+  int32_t id;
+};
+
 struct ByteBpeSpec {
   std::vector<std::string> vocab;            // bytes of each model vocabulary id ("" where none)
   std::vector<int32_t> merges;               // (left, right, merged) ids, flat, in rank order
@@ -51,8 +61,10 @@ class ByteBpe {
       if (s < kStepGpt2Regex || s > kStepDigitsRuns) throw std::invalid_argument("unknown pre-tokenizer step");
     if (spec.merges.size() % 3) throw std::invalid_argument("merges: (left, right, merged) triples expected");
     for (size_t i = 0; i < 128; ++i) byte_id_[i] = -1;
+    vocab_len_.resize(spec.vocab.size());
     for (size_t id = 0; id < spec.vocab.size(); ++id) {
       const std::string& b = spec.vocab[id];
+      vocab_len_[id] = static_cast<uint32_t>(b.size());
       if (b.empty()) continue;
       // Distinct tokens have distinct bytes (the byte-level alphabet is one-to-one).
       words_.insert(b, bpe_detail::hash_bytes(b.data(), b.size()), {static_cast<uint32_t>(id), 0});
@@ -80,7 +92,8 @@ class ByteBpe {
     static constexpr size_t kMaxWordBytes = 64, kMaxEntries = size_t(1) << 16;
     uint64_t owner = 0;
     bpe_detail::BytesMap words;  // pre-token bytes -> span of ids
-    std::vector<int32_t> ids, sym;
+    std::vector<int32_t> ids, sym, merged;  // merged[i]: what sym[i], sym[i + 1] merge into, or -1
+    std::vector<float> rank;                 // rank[i]: that merge's rank
     std::vector<std::pair<size_t, size_t>> a, b;
   };
   // The calling thread's workspace. A caller that encodes many texts in a row fetches it once (a
@@ -94,7 +107,9 @@ class ByteBpe {
   // not ASCII or holds a reserved text.
   bool encode(std::string_view text, std::vector<int32_t>& out) const { return encode(text, out, workspace()); }
 
-  bool encode(std::string_view text, std::vector<int32_t>& out, Workspace& ws) const {
+  // `known`: tokens the caller vouches for (KnownToken; their bytes must be the text's there), or null.
+  bool encode(std::string_view text, std::vector<int32_t>& out, Workspace& ws,
+              const std::vector<KnownToken>* known = nullptr) const {
     for (unsigned char c : text)
       if (c >= 128) return false;
     for (const std::string& r : reserved_)
@@ -110,8 +125,31 @@ class ByteBpe {
       for (auto [s, e] : ws.a) split(step, text, s, e, ws.b);
       std::swap(ws.a, ws.b);
     }
-    for (auto [s, e] : ws.a) word(text.substr(s, e - s), out, ws);
+    if (!known || !ignore_merges_) {
+      for (auto [s, e] : ws.a) word(text.substr(s, e - s), out, ws);
+      return true;
+    }
+    size_t k = 0;  // the first known token that does not start before the pre-token
+    for (auto [s, e] : ws.a) {
+      while (k < known->size() && (*known)[k].start < s) ++k;
+      if (k < known->size() && (*known)[k].start == s && is_entry((*known)[k].id, e - s))
+        out.push_back((*known)[k].id);
+      else
+        word(text.substr(s, e - s), out, ws);
+    }
     return true;
+  }
+
+  // For a caller's check, once, that its token table agrees with the model's: the model vocabulary's
+  // size in ids, the byte length of an id's entry (0: none), whether the entry of `id` is `bytes`.
+  size_t vocab_size() const { return vocab_len_.size(); }
+  size_t entry_size(int32_t id) const {
+    return id >= 0 && static_cast<size_t>(id) < vocab_len_.size() ? vocab_len_[id] : 0;
+  }
+  bool entry_is(int32_t id, std::string_view bytes) const {
+    if (!is_entry(id, bytes.size())) return false;
+    const auto* f = words_.find(bytes, bpe_detail::hash_bytes(bytes.data(), bytes.size()));
+    return f && f->value_off == static_cast<uint32_t>(id);
   }
 
  private:
@@ -120,8 +158,14 @@ class ByteBpe {
   std::vector<std::string> reserved_;
   uint64_t instance_;
   int32_t byte_id_[128];
+  std::vector<uint32_t> vocab_len_;  // bytes of each model vocabulary id (0: none)
   bpe_detail::BytesMap words_;  // vocabulary bytes -> id (in value_off)
   bpe_detail::PairMap merges_;  // (left, right) -> merged id, score = rank
+
+  // Whether `id` is a vocabulary entry of `len` bytes (known tokens are trusted only then).
+  bool is_entry(int32_t id, size_t len) const {
+    return id >= 0 && static_cast<size_t>(id) < vocab_len_.size() && vocab_len_[id] == len && len > 0;
+  }
 
   static uint64_t next_instance() {
     static std::atomic<uint64_t> n{0};
@@ -234,24 +278,32 @@ class ByteBpe {
         out.insert(out.end(), ws.ids.begin() + f->value_off, ws.ids.begin() + f->value_off + f->value_len);
         return;
       }
+    // Each adjacent pair's merge is looked up once and again only when a merge changes the pair:
+    // the merge table is large and, in a data loader sharing its core, mostly out of cache.
     std::vector<int32_t>& sym = ws.sym;
+    std::vector<int32_t>& merged = ws.merged;
+    std::vector<float>& rank = ws.rank;
     sym.clear();
     for (char c : w) sym.push_back(byte_id_[static_cast<unsigned char>(c)]);
+    merged.resize(sym.size() - 1);
+    rank.resize(sym.size() - 1);
+    auto look = [&](size_t i) {
+      const auto* m = merges_.find(bpe_detail::PairMap::key(sym[i], sym[i + 1]));
+      merged[i] = m ? m->id : -1;
+      rank[i] = m ? m->score : 0.0f;
+    };
+    for (size_t i = 0; i + 1 < sym.size(); ++i) look(i);
     while (sym.size() > 1) {
-      float best_rank = 0;
-      int32_t best_id = -1;
-      size_t best = 0;
-      for (size_t i = 0; i + 1 < sym.size(); ++i) {
-        const auto* m = merges_.find(bpe_detail::PairMap::key(sym[i], sym[i + 1]));
-        if (m && (best_id < 0 || m->score < best_rank)) {
-          best_rank = m->score;
-          best_id = m->id;
-          best = i;
-        }
-      }
-      if (best_id < 0) break;
-      sym[best] = best_id;
+      size_t best = SIZE_MAX;
+      for (size_t i = 0; i + 1 < sym.size(); ++i)  // the lowest rank, leftmost among equal ones
+        if (merged[i] >= 0 && (best == SIZE_MAX || rank[i] < rank[best])) best = i;
+      if (best == SIZE_MAX) break;
+      sym[best] = merged[best];
       sym.erase(sym.begin() + best + 1);
+      merged.erase(merged.begin() + best);
+      rank.erase(rank.begin() + best);
+      if (best + 1 < sym.size()) look(best);
+      if (best > 0) look(best - 1);
     }
     out.insert(out.end(), sym.begin(), sym.end());
     if (!cacheable) return;

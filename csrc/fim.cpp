@@ -115,17 +115,19 @@ inline int utf8_len(uint8_t lead) {
   return 0;
 }
 
-// Facts about each vocabulary entry, computed once.
+// Facts about each vocabulary entry, computed once. 8 bytes: the boundary tests and the cuts look up
+// a few hundred tokens per context, spread over the vocabulary, so the fewer cache lines they touch
+// the better (a data loader shares its core's caches with the other work on it).
 struct TokenInfo {
-  uint32_t n_bytes = 0;
-  uint32_t n_chars = 0;     // bytes that start a character
-  int16_t single = -1;      // the byte of a one-byte token, else -1
-  bool special = false;     // no bytes: a control token
-  bool valid = false;       // its bytes alone are complete, valid UTF-8
-  bool first_space = false, last_space = false;
-  uint8_t first = 0xFF, last = 0xFF;  // its first / last byte when ASCII, else 0xFF
-  uint8_t line = kLineNo;             // LineClass
+  uint16_t n_chars;         // bytes that start a character (a longer token is refused)
+  int16_t single;           // the byte of a one-byte token, else -1
+  uint8_t first, last;      // its first / last byte when ASCII, else 0xFF
+  uint8_t line : 2;         // LineClass
+  bool special : 1;         // no bytes: a control token
+  bool valid : 1;           // its bytes alone are complete, valid UTF-8
+  bool first_space : 1, last_space : 1;
 };
+static_assert(sizeof(TokenInfo) == 8, "TokenInfo: one 8-byte entry per token");
 
 inline uint8_t line_class(const std::string& b) {
   for (unsigned char x : b) {
@@ -139,6 +141,11 @@ inline uint8_t line_class(const std::string& b) {
 // low 7 bits, kSlow when the token needs the byte-by-byte UTF-8 check (byte-fallback, special) or
 // holds 128 characters or more. One byte per token keeps the table in L1 (8 KiB for 8000 tokens).
 constexpr uint8_t kSlow = 0x80;
+
+// Per token, what the boundary rules 2 and 3 look at, in one byte (a table as small as the one
+// above, which every context reads whole, so the few dozen look-ups next to each cut stay in cache):
+// starts with a space; ends with an ASCII non-whitespace byte; ends with \n or \r; LineClass << 3.
+enum BoundaryBits : uint8_t { kFirstSpace = 1, kLastAsciiNonWs = 2, kLastNewline = 4, kLineShift = 3 };
 
 using EncodeFn = std::function<void(std::string_view, std::vector<int32_t>&)>;
 // Encodes texts[i] into *dst[i], all in one call.
@@ -162,10 +169,12 @@ struct Encoder {
 class ContextEncoder {
  public:
   explicit ContextEncoder(const Encoder& e) : e_(e) {}
-  void operator()(std::string_view text, std::vector<int32_t>& dst) {
+  // `known`: the whole original tokens the text was cut from (for the byte-level encoder), or null.
+  void operator()(std::string_view text, std::vector<int32_t>& dst,
+                  const std::vector<KnownToken>* known = nullptr) {
     if (e_.byte_bpe) {
       if (!byte_ws_) byte_ws_ = &ByteBpe::workspace();
-      if (e_.byte_bpe->encode(text, dst, *byte_ws_)) return;
+      if (e_.byte_bpe->encode(text, dst, *byte_ws_, known)) return;
     }
     if (e_.batch) {  // deferred to flush()
       texts_.emplace_back(text);
@@ -212,6 +221,11 @@ struct Output {
   size_t n, pos = 0;
   float weight[4];  // loss weight by Kind
   std::vector<uint8_t> modes;
+  bool keep_modes = true;  // false: the caller does not want them (no allocation per context)
+
+  void mode(uint8_t m) {
+    if (keep_modes) modes.push_back(m);
+  }
 
   Output(int64_t* t, float* l, bool* m, size_t size, bool mask_sentinels)
       : tokens(t), loss(l), middle(m), n(size), weight{1.0f, 1.0f, mask_sentinels ? 0.0f : 1.0f, 0.0f} {}
@@ -280,11 +294,13 @@ class Fim {
       throw std::invalid_argument("FIM boundary rule " + std::to_string(rule) + " is not 0, 1, 2 or 3");
     info_.resize(bytes_.size());
     packed_.resize(bytes_.size());
+    bits_.resize(bytes_.size());
     for (size_t t = 0; t < bytes_.size(); ++t) {
       const std::string& b = bytes_[t];
+      if (b.size() > std::numeric_limits<uint16_t>::max())
+        throw std::invalid_argument("token " + std::to_string(t) + " has more than 65535 bytes");
       TokenInfo& in = info_[t];
-      in.n_bytes = static_cast<uint32_t>(b.size());
-      in.special = b.empty();
+      in = TokenInfo{0, -1, 0xFF, 0xFF, kLineNo, b.empty(), false, false, false};
       Utf8Checker c;
       for (unsigned char x : b) {
         in.n_chars += !is_cont(x);
@@ -298,12 +314,18 @@ class Fim {
         if (static_cast<unsigned char>(b.front()) < 128) in.first = static_cast<uint8_t>(b.front());
         if (static_cast<unsigned char>(b.back()) < 128) in.last = static_cast<uint8_t>(b.back());
       }
-      in.line = line_class(b);
+      in.line = line_class(b) & 3;
       packed_[t] = in.valid && in.n_chars < kSlow ? static_cast<uint8_t>(in.n_chars) : kSlow;
+      const bool ascii_non_ws = in.last < 0x80 && in.last != ' ' && !(in.last >= '\t' && in.last <= '\r');
+      bits_[t] = static_cast<uint8_t>((in.first_space ? kFirstSpace : 0) |
+                                      (ascii_non_ws ? kLastAsciiNonWs : 0) |
+                                      (in.last == '\n' || in.last == '\r' ? kLastNewline : 0) |
+                                      (in.line << kLineShift));
     }
     for (int32_t id : {sp.eod, sp.prefix, sp.middle, sp.suffix, sp.pad})
       if (id < 0 || static_cast<size_t>(id) >= bytes_.size())
         throw std::invalid_argument("FIM special token id " + std::to_string(id) + " is outside the vocabulary");
+    known_tokens_ = encode_.byte_bpe && same_model_bytes(*encode_.byte_bpe);
   }
 
   size_t vocab_size() const { return bytes_.size(); }
@@ -329,8 +351,8 @@ class Fim {
         files(ctx + start, end - start, p > 0, end < n, key, rate, spm_rate, keep_length, static_cast<T>(split),
               encode, out);
       else
-        out.modes.push_back(piece(ctx + start, end - start, p > 0, end < n, key, rate, spm_rate, keep_length,
-                                  encode, out));
+        out.mode(piece(ctx + start, end - start, p > 0, end < n, key, rate, spm_rate, keep_length, encode,
+                       out));
       if (end == n) break;
       start = end + 1;
     }
@@ -352,9 +374,22 @@ class Fim {
   std::vector<std::string> bytes_;
   std::vector<TokenInfo> info_;
   std::vector<uint8_t> packed_;
+  std::vector<uint8_t> bits_;  // BoundaryBits
   Specials sp_;
   Encoder encode_;
   int rule_;
+  // Whether the byte-level encoder is told which original tokens a re-encoded text holds whole
+  // (ByteBpe::encode's `known`): only when every token with bytes here that the model has an entry
+  // for has the same bytes there (special tokens have none here and are never in a re-encoded text).
+  bool known_tokens_ = false;
+
+  bool same_model_bytes(const ByteBpe& enc) const {
+    for (size_t id = 0; id < bytes_.size(); ++id) {
+      const int32_t i = static_cast<int32_t>(id);
+      if (!bytes_[id].empty() && enc.entry_size(i) > 0 && !enc.entry_is(i, bytes_[id])) return false;
+    }
+    return true;
+  }
 
   // One pass over the context: the positions of its end-of-text tokens (into `eods`), and whether every
   // id is < the vocabulary size (negative ones wrap around). Compared in T's own width, unsigned, in
@@ -401,16 +436,19 @@ class Fim {
   static constexpr size_t kLineScan = 16;
   template <typename T>
   bool boundary(const T* core, size_t m, size_t j) const {
-    const TokenInfo& a = info_[core[j - 1]];
-    const TokenInfo& b = info_[core[j]];
     if (rule_ == kNoBoundary) return false;
-    if (rule_ >= kSpaceAfterAsciiNonWhitespace) {  // a.last is 0xFF when not ASCII; \t..\r and ' ' are \s
-      if (b.first_space && a.last < 0x80 && a.last != ' ' && !(a.last >= '\t' && a.last <= '\r')) return true;
-      if (rule_ != kAlsoAfterNewline || (a.last != '\n' && a.last != '\r')) return false;
-      for (size_t t = j; t < m && t < j + kLineScan; ++t)
-        if (info_[core[t]].line != kLineWs) return info_[core[t]].line == kLineStart;
+    if (rule_ >= kSpaceAfterAsciiNonWhitespace) {  // \t..\r and ' ' are \s
+      const uint8_t a = bits_[core[j - 1]], b = bits_[core[j]];
+      if ((b & kFirstSpace) && (a & kLastAsciiNonWs)) return true;
+      if (rule_ != kAlsoAfterNewline || !(a & kLastNewline)) return false;
+      for (size_t t = j; t < m && t < j + kLineScan; ++t) {
+        const int line = bits_[core[t]] >> kLineShift;
+        if (line != kLineWs) return line == kLineStart;
+      }
       return false;
     }
+    const TokenInfo& a = info_[core[j - 1]];
+    const TokenInfo& b = info_[core[j]];
     if (b.first_space && !a.last_space) return true;
 #ifdef MEGAFIM_HAVE_BPE
     if (encode_.bpe && encode_.bpe->splits_words()) return encode_.bpe->is_boundary(a.last, b.first);
@@ -441,32 +479,49 @@ class Fim {
   int64_t count_chars(const T* tok, size_t m, std::vector<uint64_t>& blocks) const {
     const size_t n_blocks = (m + kCharBlock - 1) / kCharBlock;
     blocks.resize(n_blocks + 1);
+    thread_local std::vector<uint8_t> slow;  // per block: holds a kSlow token
+    slow.resize(n_blocks);
     uint64_t chars = 0;
-    uint32_t slow = 0;
+    uint32_t any_slow = 0;
     for (size_t k = 0; k < n_blocks; ++k) {  // the common case: only whole, valid characters
       blocks[k] = chars;
       const size_t e = std::min(m, (k + 1) * kCharBlock);
-      uint32_t sum = 0;  // exact while no kSlow bit is seen (and the block is then recounted)
+      uint32_t sum = 0, flags = 0;  // sum is exact while no kSlow bit is seen (else recounted below)
 #pragma GCC unroll 8
       for (size_t i = k * kCharBlock; i < e; ++i) {
         const uint32_t v = packed_[tok[i]];
         sum += v;
-        slow |= v;
+        flags |= v;
       }
+      slow[k] = (flags & kSlow) != 0;
+      any_slow |= flags;
       chars += sum;
     }
     blocks[n_blocks] = chars;
-    if (!(slow & kSlow)) return static_cast<int64_t>(chars);
+    if (!(any_slow & kSlow)) return static_cast<int64_t>(chars);
+    // Only the blocks holding a kSlow token are checked byte by byte. A block without one holds
+    // whole valid characters only: its count stands, and a character left open before it is broken.
     Utf8Checker c;
+    uint64_t old_start = blocks[0];
     chars = 0;
-    for (size_t i = 0; i < m; ++i) {
-      if (i % kCharBlock == 0) blocks[i / kCharBlock] = chars;
-      const TokenInfo& in = info_[tok[i]];
-      chars += in.n_chars;
-      if (in.special) return -1;
-      if (in.valid && c.need == 0) continue;
-      for (unsigned char x : bytes_[tok[i]]) c.feed(x);
-      if (!c.ok) return -1;
+    for (size_t k = 0; k < n_blocks; ++k) {
+      const uint64_t old_end = blocks[k + 1];
+      blocks[k] = chars;
+      if (!slow[k]) {
+        if (c.need) return -1;
+        chars += old_end - old_start;
+        old_start = old_end;
+        continue;
+      }
+      old_start = old_end;
+      for (size_t i = k * kCharBlock, e = std::min(m, (k + 1) * kCharBlock); i < e; ++i) {
+        const TokenInfo& in = info_[tok[i]];
+        chars += in.n_chars;
+        if (in.special) return -1;
+        if (in.valid && c.need == 0) continue;
+        for (unsigned char x : bytes_[tok[i]]) c.feed(x);
+        if (!c.ok) return -1;
+      }
     }
     blocks[n_blocks] = chars;
     return c.complete() ? static_cast<int64_t>(chars) : -1;
@@ -479,7 +534,12 @@ class Fim {
     if (k + 1 == blocks.size()) return Pos{m, 0};  // c is the character count: the end
     size_t t = k * kCharBlock;  // the block that ends after c: the token is in it
     uint64_t seen = blocks[k];
-    while (seen + info_[core[t]].n_chars <= c) seen += info_[core[t++]].n_chars;
+    // packed_ (read whole by count_chars, so in cache) has the count unless the token is kSlow.
+    auto chars_of = [&](size_t i) -> uint64_t {
+      const uint8_t v = packed_[core[i]];
+      return v & kSlow ? info_[core[i]].n_chars : v;
+    };
+    while (seen + chars_of(t) <= c) seen += chars_of(t++);
     const std::string& b = bytes_[core[t]];
     uint32_t off = 0;
     for (uint64_t left = c - seen;; ++off)
@@ -487,12 +547,16 @@ class Fim {
     return Pos{t, off};
   }
 
+  // Appends the core's text [from, to) to `text`; with `known`, lists there the tokens appended whole.
   template <typename T>
-  void append_text(const T* core, Pos from, Pos to, std::string& text) const {
+  void append_text(const T* core, Pos from, Pos to, std::string& text, std::vector<KnownToken>* known) const {
+    if (known) known->clear();
     for (size_t t = from.tok; t <= to.tok; ++t) {
       if (t == to.tok && to.off == 0) break;
       const std::string& b = bytes_[core[t]];
       const size_t a = t == from.tok ? from.off : 0, e = t == to.tok ? to.off : b.size();
+      if (known && a == 0 && e == b.size() && e > 0)
+        known->push_back({static_cast<uint32_t>(text.size()), static_cast<int32_t>(core[t])});
       text.append(b, a, e - a);
     }
   }
@@ -508,8 +572,8 @@ class Fim {
       size_t end = start;
       while (end < n && tok[end] != split) ++end;
       if (f > 0) out.push(split, kText);
-      out.modes.push_back(piece(tok + start, end - start, after_eod && f == 0, before_eod && end == n,
-                                file_key(key, f), rate, spm_rate, keep_length, encode, out));
+      out.mode(piece(tok + start, end - start, after_eod && f == 0, before_eod && end == n, file_key(key, f),
+                     rate, spm_rate, keep_length, encode, out));
       if (end == n) break;
       start = end + 1;
     }
@@ -533,6 +597,8 @@ void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, 
   dst.clear();
   if (s == e) return;
   thread_local std::string text;
+  thread_local std::vector<KnownToken> known_tokens;
+  std::vector<KnownToken>* known = known_tokens_ ? &known_tokens : nullptr;
   const size_t inside_end = e.tok + (e.off > 0);  // tokens j < inside_end start before e
   const bool s_boundary = at_doc_start && s == Pos{0, 0};
   const bool e_boundary = at_doc_end && e == Pos{m, 0};
@@ -541,8 +607,8 @@ void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, 
     for (++w1; w1 < inside_end && !boundary(core, m, w1);) ++w1;
     if (w1 >= inside_end) {  // no boundary inside: encode it all
       text.clear();
-      append_text(core, s, e, text);
-      encode(text, dst.head);
+      append_text(core, s, e, text, known);
+      encode(text, dst.head, known);
       return;
     }
   }
@@ -551,15 +617,15 @@ void Fim::encode_part(const T* core, size_t m, Pos s, Pos e, bool at_doc_start, 
     for (w2 = inside_end - 1; w2 > w1 && !boundary(core, m, w2);) --w2;
   if (!s_boundary) {
     text.clear();
-    append_text(core, s, Pos{w1, 0}, text);
-    encode(text, dst.head);
+    append_text(core, s, Pos{w1, 0}, text, known);
+    encode(text, dst.head, known);
   }
   dst.from = w1;
   dst.to = w2;
   if (!(e_boundary && w2 == m)) {
     text.clear();
-    append_text(core, Pos{w2, 0}, e, text);
-    encode(text, dst.tail);
+    append_text(core, Pos{w2, 0}, e, text, known);
+    encode(text, dst.tail, known);
   }
 }
 
@@ -662,6 +728,7 @@ py::tuple transform_arrays(const PyFim& self, const py::array& context, uint64_t
   py::array_t<float> loss(n);
   py::array_t<bool> middle(n);
   Output out(tokens.mutable_data(), loss.mutable_data(), middle.mutable_data(), n, o.mask_sentinels);
+  out.keep_modes = modes != nullptr;
   if (o.split >= static_cast<int64_t>(self.fim->vocab_size()))
     throw std::invalid_argument("FIM split token id " + std::to_string(o.split) + " is outside the vocabulary");
   auto go = [&]() {

@@ -153,3 +153,40 @@ def test_batch_encoders_mix_both_encoders(tokenizers, llama3_fim, hf_dir):  # no
         assert flat.dtype == np.int32 and lengths.dtype == np.int64
         assert [b.tolist() for b in tok.encode_batch(texts)] == expected
         assert tok.encode_batch([]) == [] and tok.encode_flat([])[0].size == 0
+
+
+def known_tokens(tok, text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """(offset in text[start:end], id) of the tokens of tok.encode(text) that lie wholly in [start, end)."""
+    out, pos = [], 0
+    for i in tok.encode(text):
+        n = len(tok.token_bytes[i])
+        if start <= pos and pos + n <= end and n:
+            out.append((pos - start, i))
+        pos += n
+    return out
+
+
+@SETTINGS
+@given(text=ascii_texts, cuts=st.tuples(st.integers(0, 400), st.integers(0, 400)))
+def test_known_tokens_give_the_same_ids(tokenizers, text, cuts):
+    """FIM re-encodes a text cut out of tokens it has and passes the tokens it holds whole as `known`
+    (ignore_merges: a pre-token that is one of them is that token, no lookup). Any cut of any text:
+    the library's ids of the cut text."""
+    a, b = sorted(min(c, len(text)) for c in cuts)
+    for tok, enc in tokenizers:
+        known = known_tokens(tok, text, a, b)
+        assert enc.encode(text[a:b], known) == tok.encode(text[a:b]), (tok, text, a, b, known)
+
+
+def test_known_tokens_on_source_files(tokenizers):
+    """Cuts of source files at many places, with the tokens each cut holds whole as `known`."""
+    texts = [p.read_text(encoding="utf-8") for p in stdlib_files(limit=12, step=37)]
+    texts = [t for t in texts if t.isascii()]
+    assert len(texts) > 5
+    rng = np.random.default_rng(0)
+    for tok, enc in tokenizers[:1]:  # Llama 3 style: the one with ignore_merges and its own merges
+        for text in texts:
+            text = text[:3000]
+            for a, n in zip(rng.integers(0, len(text), 40), rng.integers(1, 60, 40)):
+                b = min(len(text), int(a + n))
+                assert enc.encode(text[a:b], known_tokens(tok, text, a, b)) == tok.encode(text[a:b])

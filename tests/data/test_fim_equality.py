@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from megafim.data.fim import FimConfig, FimResult, FimTransform
@@ -38,10 +38,12 @@ def contexts(draw, tok):
     return np.asarray(stream[start:start + length], dtype=np.int32)
 
 
+STRAY = (0x80, 0xA0, 0xBF, 0xC3, 0xE2, 0xF0, 0xC0, 0xFF)  # lead, continuation and never-valid bytes
+
+
 def raw_bytes(tok) -> list[int]:
     """Byte-fallback ids of a few lead, continuation and never-valid bytes."""
-    ids = [i for i, b in enumerate(tok.token_bytes)
-           if len(b) == 1 and b[0] in (0x80, 0xA0, 0xBF, 0xC3, 0xE2, 0xF0, 0xC0, 0xFF)]
+    ids = [i for i, b in enumerate(tok.token_bytes) if len(b) == 1 and b[0] in STRAY]
     assert len(ids) == 8
     return ids
 
@@ -70,6 +72,27 @@ def test_fast_path_equals_definition(fim_tokenizer, data, seed, epoch, index, ra
     for dtype in (np.uint16, np.int32, np.int64):
         tokens, loss, middle = t.sample(ctx.astype(dtype), seed, epoch, index)
         assert_same(FimResult(tokens, loss, middle, fast.modes), fast)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(words=st.integers(0, 45),
+       strays=st.lists(st.tuples(st.integers(0, 200), st.sampled_from(STRAY)), max_size=2),
+       seed=st.integers(0, 2**64 - 1), level=st.sampled_from(["context", "document"]))
+@example(words=0, strays=[(31, 0xC3), (96, 0x80)], seed=1, level="context")  # blocks 0 and 3 hold them
+def test_long_pieces_with_bytes_in_some_blocks(fim_tokenizer, words, strays, seed, level):  # noqa: F811
+    """Characters are counted per block of 32 tokens; only blocks holding a byte-fallback token are
+    checked byte by byte. A character spelled in byte tokens at any place (across a block edge too),
+    and stray bytes anywhere in a piece of whole-character blocks (a lead byte, then blocks of whole
+    characters, then a continuation byte is no character): as the definition."""
+    tok = fim_tokenizer
+    ids = tok.encode("a b" * words) + tok.encode("😀") + tok.encode(" c d" * 60)
+    assert sum(len(tok.token_bytes[i]) == 1 and tok.token_bytes[i][0] >= 0x80 for i in ids) == 4
+    for at, byte in strays:
+        ids.insert(min(at, len(ids)), tok.token_bytes.index(bytes([byte])))
+    ctx = np.asarray([tok.eod] + ids + [tok.eod] + tok.encode("x = 1"), dtype=np.int32)
+    t = FimTransform(FimConfig(1.0, 0.5, level), tok)
+    fast = t(ctx, seed=seed, epoch=0, index=0)
+    assert_same(fast, t.reference(ctx, seed=seed, epoch=0, index=0))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
