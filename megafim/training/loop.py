@@ -385,6 +385,9 @@ def _save(run: Run, writer: Writer, reason: str) -> None:
     if not cfg.checkpoint.save:
         run.log.info(f"checkpoint: not saved ({reason}): checkpoint.save is empty")
         return
+    # The ranks end a step at different times; that wait is paid every step (stop.agreed's all-reduce)
+    # and is not the save's: its time starts when every rank is in it.
+    dist.barrier()
     t0 = time.perf_counter()
     path = ckpt_engine.save(cfg.checkpoint.save, run.engine, run.stage, run.dims, run.state, dump_yaml(cfg),
                             run.mc, cfg.parallel.zero_stage, cfg.checkpoint.keep_last, cfg.data.tokenizer_model,
