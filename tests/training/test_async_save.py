@@ -33,10 +33,12 @@ def _files(ckpt: Path) -> dict[str, bytes]:
             if p.is_file() and p.name not in ("config.yaml", "manifest.json")}
 
 
-@pytest.mark.parametrize("layout", [LAYOUT, ["--zero-stage", "1"]], ids=["tp2", "dp2"])
+@pytest.mark.parametrize("layout", [LAYOUT, ["--zero-stage", "1"], LAYOUT + ["--set", "schedule.precision=bf16"]],
+                         ids=["tp2", "dp2", "tp2-bf16"])
 def test_async_checkpoints_equal_sync_ones_and_resume_exactly(tiny_data, tmp_path, layout, monkeypatch):
     """tp 2: each rank holds its parameters' whole Adam state (optim/ views DeepSpeed's copied flat
-    buffer); dp 2: optim/ gathers each parameter's state over the two ranks. The host copy of step 2's
+    buffer); dp 2: optim/ gathers each parameter's state over the two ranks; bf16: ZeRO-1 writes the
+    bf16 parameters from the fp32 masters after the torch optimizer's step. The host copy of step 2's
     save starts 2 s late, while step 3 runs: equal files mean step 3's optimizer step waited for it."""
     sync, background, resumed = tmp_path / "sync", tmp_path / "async", tmp_path / "resumed"
     common = base_args(tiny_data) + layout + ["--train-iters", "4", "--save-interval", "2"]
