@@ -100,8 +100,8 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
     With a background ``writer`` it returns once every tensor to copy has a host buffer; the copy and
     the files are made by the writer's thread (the optimizer's next step waits for the copy), and
     rank 0's commits (manifest, rename, ``latest``; then ``say``) once every rank has marked its files
-    complete, waiting at most ``timeout_s``. Without one (or a
-    synchronous one) it returns after the commit."""
+    complete, waiting at most ``timeout_s``. Without one (or a synchronous one) it returns after the
+    commit."""
     writer = writer or Writer(background=False)
     writer.wait()  # a second save waits for the first (and raises its error)
     step = state.step  # the writer thread commits this step while the loop moves ``state`` on

@@ -241,15 +241,16 @@ class Writer:
         """Run ``copy`` (the host copy of one save, if deferred) and then ``job`` (its writes) after the
         previous save finished."""
         self.wait()
+        copy = copy or (lambda: None)
         if not self.background:
-            (copy or (lambda: None))()
+            copy()
             job()
             return
 
         def run() -> None:
             try:
                 try:
-                    (copy or (lambda: None))()
+                    copy()
                 finally:  # a failed copy must not hold the training loop: the error comes from wait()
                     self._copied.set()
                 job()
