@@ -8,7 +8,9 @@ Builds a small tokenizer and dataset from the standard library (as the tests do)
 model size (its vocabulary is the tokenizer's 512 tokens, not the size's own) twice with
 ``torchrun``, saving every ``--interval`` steps: once synchronously, once with ``--async-save``.
 From the trainer's log it reads how long each save held the training loop (sync: the whole save;
-async: the copy to host memory) and how long the background writes took; from ``metrics.jsonl`` the
+async: the save call, which hands the state to the writer thread, plus the time the next optimizer
+step waited for the writer's host copy; the last save, after which no step runs, is left out) and how
+long the background copy and writes took; from ``metrics.jsonl`` the
 time of the steps that ran while a write was pending. While each run trains, the resident memory of
 every rank is sampled every 20 ms (its peak is over the whole run: training, the saves and, with
 ``--async-save``, the host copy). The state each rank writes is the sum of its files in the checkpoint.
@@ -66,6 +68,18 @@ def sample_ranks(agent: subprocess.Popen, peaks: dict[int, int], stop: threading
         time.sleep(0.02)
 
 
+def async_stalls(log: str) -> tuple[list[float], list[float]]:
+    """(seconds each --async-save save call took, seconds the next optimizer step waited for its copy),
+    from rank 0's log lines in order; a save with no step after it has no wait."""
+    handed, waited = [], []
+    for line in log.splitlines():
+        if m := re.search(r"checkpoint: \S+ handed to the writer in ([0-9.]+) s", line):
+            handed.append(float(m.group(1)))
+        elif m := re.search(r"the optimizer step waited ([0-9.]+) s for the host copy", line):
+            waited.append(float(m.group(1)))
+    return handed, waited
+
+
 def train(args, data, tok, save: Path, background: bool) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.tp * args.pp}",
            "-m", "megafim.train", "--config", str(ROOT / "examples/configs/tiny.yaml"), "--data-path", data,
@@ -88,15 +102,17 @@ def train(args, data, tok, save: Path, background: bool) -> dict:
     sampler.join()
     if agent.returncode != 0:
         raise SystemExit(f"training failed (exit {agent.returncode}):\n{out[-4000:]}")
-    held = [float(x) for x in re.findall(r"checkpoint: \S+ copied to host memory in ([0-9.]+) s", out)]
-    held += [float(x) for x in re.findall(r"checkpoint: saved \S+ in ([0-9.]+) s", out)]
+    held = [float(x) for x in re.findall(r"checkpoint: saved \S+ in ([0-9.]+) s", out)]
+    handed, waited = async_stalls(out)
+    held += [call + wait for call, wait in zip(handed, waited)]
     written = [float(x) for x in re.findall(r"written in the background in ([0-9.]+) s", out)]
     steps = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     after_save = [s["step_time_s"] for s in steps if s["step"] % args.interval == 1 and s["step"] > 1]
     others = [s["step_time_s"] for s in steps if s["step"] > 1 and s["step"] % args.interval != 1]
     ckpt = save / f"step_{args.interval:08d}"
     files = {p.relative_to(ckpt).as_posix(): p.stat().st_size for p in ckpt.rglob("*") if p.is_file()}
-    return {"save_held_loop_s": held, "background_write_s": written,
+    return {"save_held_loop_s": held, "save_call_s": handed, "step_waited_for_copy_s": waited,
+            "background_write_s": written,
             "step_s_after_save": [round(x, 3) for x in after_save], "step_s_other": [round(x, 3) for x in others],
             "rank_peak_rss_mib": [round(peaks[p] / 2**20, 1) for p in sorted(peaks)],
             "checkpoint_mib": round(sum(files.values()) / 2**20, 1),

@@ -8,10 +8,14 @@ Two copies of the weights go into every checkpoint:
   view that any layout reads one global tensor at a time, written without gathering anything;
 - ``optim/``: the optimizer state in the same scheme (``optim_state.py``), for a resume in another layout.
 
-With a background ``writer.Writer`` (``--async-save``) ``save`` returns once the state is copied to host
-memory, and the files are written and committed by the writer thread (``writer.py``). ``optim/``'s
-gathers are collectives, which the writer thread must not run: they run in the loop, into host copies
-that the writer thread writes.
+With a background ``writer.Writer`` (``--async-save``) ``save`` returns once it knows what to copy: every
+tensor of the state has a host buffer, and the writer thread copies the bytes into them while the next
+step's forward and backward run, then writes and commits the files (``writer.py``). The optimizer step
+is the first thing that changes those tensors, and it waits for the copy (``Writer.guard``); a second
+save and the end of training wait for the whole write. Under ZeRO-3 the copy is made in ``save``:
+DeepSpeed frees and re-gathers the parameters' memory in every forward. ``optim/``'s gathers are
+collectives, which the writer thread must not run: they run in the loop, into new tensors that the
+writer thread writes.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from megafim.checkpoint.format import (DS_DIR, MODEL_DIR, OPTIM_DIR, TOKENIZER_F
 from megafim.checkpoint.state import TrainerState, save_rng, write_trainer_state
 from megafim.checkpoint.sharded import merge_index, write_shard
 from megafim.checkpoint.weights import shard_name, write_model_config
-from megafim.checkpoint.writer import (DeferredSaves, HostBuffers, Writer, host_copy, mark_done,
-                                       wait_for_ranks, write_delay)
+from megafim.checkpoint.writer import (COPY_DELAY_ENV, DeferredSaves, HostBuffers, Writer, host_copy,
+                                       mark_done, wait_for_ranks, write_delay)
 from megafim.model.config import ModelConfig
 
 
@@ -93,10 +97,11 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
          timeout_s: float = 600.0, say: Callable[[str], None] = print) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory it commits.
 
-    With a background ``writer`` it returns once the state is copied to host memory; the files are
-    written by the writer's thread, and rank 0's commits (manifest, rename, ``latest``; then ``say``)
-    once every rank has marked its files complete, waiting at most ``timeout_s``. Without one (or a
-    synchronous one) it returns after the commit."""
+    With a background ``writer`` it returns once every tensor to copy has a host buffer; the copy and
+    the files are made by the writer's thread (the optimizer's next step waits for the copy), and
+    rank 0's commits (manifest, rename, ``latest``; then ``say``) once every rank has marked its files
+    complete, waiting at most ``timeout_s``. Without one (or a synchronous one) it returns after the
+    commit."""
     writer = writer or Writer(background=False)
     writer.wait()  # a second save waits for the first (and raises its error)
     step = state.step  # the writer thread commits this step while the loop moves ``state`` on
@@ -104,7 +109,10 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
     if dims.rank == 0:
         files.begin(save_root, step)
     dist.barrier()
-    memo = writer.buffers.start()  # one memo: each storage is copied once, into last save's buffer
+    deferred_copy = writer.background and zero_stage != 3
+    if deferred_copy:
+        writer.guard(optim_state.base_optimizer(engine.optimizer))
+    memo = writer.buffers.start(deferred_copy)  # one memo: each storage copied once, into last save's buffer
     deferred = DeferredSaves(engine, memo, writer.buffers) if writer.background else nullcontext()
     with deferred:  # DeepSpeed's files: written now, or kept in host memory for the writer
         engine.save_checkpoint(str(tmp), tag=DS_DIR, save_latest=False)
@@ -143,8 +151,18 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
         dist.barrier()
         return final
 
+    started = {}
+
+    def copy() -> None:
+        started["copy"] = time.perf_counter()
+        time.sleep(write_delay(step, COPY_DELAY_ENV))
+        try:
+            writer.buffers.copy_pending()
+        except BaseException as exc:
+            mark_done(tmp, dims.rank, exc)
+            raise
+
     def write_and_commit() -> None:
-        started = time.perf_counter()
         try:
             write_files()
         except BaseException as exc:
@@ -155,9 +173,9 @@ def save(save_root: Path, engine, stage, dims, state: TrainerState, config_yaml:
             wait_for_ranks(tmp, dims.world_size, timeout_s)
             merge_indexes()
             files.commit(save_root, step, keep_last)
-            say(f"checkpoint: {final} complete (written in the background in "
-                f"{time.perf_counter() - started:.1f} s)")
-    writer.start(write_and_commit)
+            say(f"checkpoint: {final} complete (copied and written in the background in "
+                f"{time.perf_counter() - started['copy']:.1f} s)")
+    writer.start(write_and_commit, copy)
     return final
 
 

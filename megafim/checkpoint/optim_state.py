@@ -33,7 +33,7 @@ MASTER = "fp32"
 _FLAT_FP32 = ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat")
 
 
-def _base(optimizer) -> torch.optim.Optimizer:
+def base_optimizer(optimizer) -> torch.optim.Optimizer:
     """The torch optimizer: inside DeepSpeed's ZeRO or bf16 wrapper, or the one DeepSpeed uses as is."""
     return getattr(optimizer, "optimizer", optimizer)
 
@@ -77,10 +77,12 @@ def _get(optimizer, param, key: str, host: Callable[[torch.Tensor], torch.Tensor
 
     held = _held_whole(param, key)
     if held is None and not _partitioned(param):
-        held = _base(optimizer).state[param][key]
+        held = base_optimizer(optimizer).state[param][key]
     if held is not None:
-        out = held.detach().reshape(_local_shape(param))
-        return (host(out) if host else out).to(torch.float32)
+        # Converted before the host copy: the copy may be filled later (``writer.HostBuffers``), and a
+        # tensor of another dtype made from it now would read the buffer before it is filled.
+        out = held.detach().reshape(_local_shape(param)).to(torch.float32)
+        return host(out) if host else out
     value = safe_get_full_fp32_param(param) if key == MASTER else safe_get_full_optimizer_state(param, key)
     return value.detach().reshape(_local_shape(param)).to("cpu" if host else value.device, torch.float32)
 
@@ -106,13 +108,13 @@ def _set(optimizer, param, key: str, value: torch.Tensor) -> None:
     elif _partitioned(param):
         safe_set_full_optimizer_state(param, value, key)
     else:
-        target = _base(optimizer).state[param][key]
+        target = base_optimizer(optimizer).state[param][key]
         target.copy_(value.reshape(target.shape))
 
 
 def adam_step(optimizer) -> int | None:
     """Adam's step count (one for all parameters: they step together), None before the first step."""
-    steps = {float(s["step"]) for s in _base(optimizer).state.values() if "step" in s}
+    steps = {float(s["step"]) for s in base_optimizer(optimizer).state.values() if "step" in s}
     if len(steps) > 1:
         raise ValueError(f"the optimizer's parameters have taken different numbers of steps: {sorted(steps)}")
     return int(steps.pop()) if steps else None
@@ -169,7 +171,7 @@ def _materialize(optimizer) -> None:
     """Create a zero Adam state for every tensor the optimizer steps on, as torch's AdamW does at its
     first step (the step count on the CPU unless fused or capturable), and let DeepSpeed link each
     parameter's view of it (ZeRO 1/2 and the bf16 optimizer do that after their first step)."""
-    base = _base(optimizer)
+    base = base_optimizer(optimizer)
     on_device = bool(base.defaults.get("fused") or base.defaults.get("capturable"))
     for tensor in _hp_tensors(optimizer):
         if base.state.get(tensor):
@@ -216,6 +218,6 @@ def load_optimizer_state(folder: Path, optimizer, stage, dims) -> int | None:
                 raise CheckpointError(f"{folder / INDEX}: {stored} has shape {list(saved.spec(stored)[0])}, "
                                       f"this model's is {list(global_shape)}")
             _set(optimizer, param, key, saved.read_slice(stored, offset, _local_shape(param)))
-    for state in _base(optimizer).state.values():
+    for state in base_optimizer(optimizer).state.values():
         state["step"].fill_(step)
     return step

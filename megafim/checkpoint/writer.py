@@ -3,10 +3,13 @@ rank's files are complete (docs/checkpoints.md, "Asynchronous saves").
 
 - ``host_copy``: a copy of a state (nested dicts, lists, tuples of tensors) in host memory that keeps
   which tensors share a storage, so ``torch.save`` of the copy writes the same bytes as of the original;
-- ``HostBuffers``: the memory of those copies, reused from one save to the next;
+- ``HostBuffers``: the memory of those copies, reused from one save to the next; a deferred save only
+  records which storage goes into which buffer, and the writer thread copies the bytes;
 - ``DeferredSaves``: stands in for DeepSpeed's checkpoint engine during ``engine.save_checkpoint`` and
   keeps (path, host copy) instead of writing, for the writer thread to write with the real engine;
-- ``Writer``: one per rank; runs a save's writes in a thread and waits for the previous one first;
+- ``Writer``: one per rank; runs a save's copy and then its writes in a thread and waits for the
+  previous one first; ``guard`` makes an optimizer's ``step`` wait until the copy is done (the step is
+  what changes the copied state);
 - completion markers: each rank, once its files are written, creates ``.writers/rank_<r>`` (or
   ``rank_<r>.failed`` with the error) in the save's temporary directory; rank 0's writer waits for
   all of them before it writes the manifest and moves ``latest``. Files, not collectives: the writer
@@ -29,6 +32,9 @@ from megafim.checkpoint.format import CheckpointError
 WRITERS_DIR = ".writers"
 DELAY_ENV = "MEGAFIM_CHECKPOINT_WRITE_DELAY"
 """``STEP:SECONDS``: the writes of the save of STEP start SECONDS late (tests simulate a slow disk)."""
+COPY_DELAY_ENV = "MEGAFIM_CHECKPOINT_COPY_DELAY"
+"""``STEP:SECONDS``: the host copy of the save of STEP starts SECONDS late in the writer thread (tests
+check that the optimizer step waits for it)."""
 
 
 def host_copy(obj, memo: dict | None = None, buffers: HostBuffers | None = None):
@@ -78,16 +84,24 @@ class HostBuffers:
     each into the buffer it had (no allocation, no page faults on fresh memory: a copy into memory
     touched before runs about twice as fast as a clone on the CPU). The cost is that the copies' memory
     stays allocated between saves. Only one save at a time may use them: the writer waits for the
-    previous save's writes before the next copy starts."""
+    previous save's writes before the next copy starts.
+
+    A deferred save (``start(deferred=True)``) hands out the buffers at once but copies nothing: it
+    keeps each (buffer, storage) pair, which also keeps the storage alive, and ``copy_pending`` copies
+    them later (the writer thread, while the next step's forward and backward run). Until then the
+    buffers hold stale bytes, and the live storages must not change (``Writer.guard``)."""
 
     def __init__(self) -> None:
         self._kept: dict[tuple, torch.UntypedStorage] = {}
         self._used: dict[tuple, torch.UntypedStorage] = {}
+        self._deferred = False
+        self._pending: list[tuple[torch.UntypedStorage, torch.UntypedStorage]] = []
 
-    def start(self) -> dict:
+    def start(self, deferred: bool = False) -> dict:
         """Begin a save's copies; returns its memo (for ``host_copy``). Buffers the last save used and
-        this one does not are freed by ``finish``."""
+        this one does not are freed by ``finish``. ``deferred``: copy the bytes in ``copy_pending``."""
         self._kept, self._used = {**self._kept, **self._used}, {}
+        self._deferred, self._pending = deferred, []
         return {}
 
     def finish(self) -> None:
@@ -98,9 +112,18 @@ class HostBuffers:
         if buf is None:
             pin = storage.device.type == "cuda"  # a page-locked copy: a direct transfer from the GPU
             buf = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
-        _bytes(buf).copy_(_bytes(storage))
+        if self._deferred:
+            self._pending.append((buf, storage))
+        else:
+            _bytes(buf).copy_(_bytes(storage))
         self._used[key] = buf
         return buf
+
+    def copy_pending(self) -> None:
+        """Copy the bytes of a deferred save into the buffers it handed out, and let go of the storages."""
+        pending, self._pending = self._pending, []
+        for buf, storage in pending:
+            _bytes(buf).copy_(_bytes(storage))
 
 
 def _bytes(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -137,9 +160,10 @@ class DeferredSaves:
         return getattr(self.real, name)
 
 
-def write_delay(step: int) -> float:
-    """Seconds the writes of ``step`` wait, from ``MEGAFIM_CHECKPOINT_WRITE_DELAY`` (0 when unset)."""
-    raw = os.environ.get(DELAY_ENV, "")
+def write_delay(step: int, variable: str = DELAY_ENV) -> float:
+    """Seconds the writes (or, with ``COPY_DELAY_ENV``, the copy) of ``step`` wait, from the environment
+    ``variable`` (0 when unset)."""
+    raw = os.environ.get(variable, "")
     if not raw:
         return 0.0
     at, _, seconds = raw.partition(":")
@@ -178,26 +202,62 @@ def wait_for_ranks(tmp: Path, world_size: int, timeout_s: float, poll_s: float =
 
 
 class Writer:
-    """Runs each save's writes inline (``background=False``) or in a thread, one save at a time."""
+    """Runs each save's copy and writes inline (``background=False``) or in a thread, one save at a time."""
 
     def __init__(self, background: bool) -> None:
         self.background = background
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.buffers = HostBuffers()  # the host copies' memory, reused by every save of a background writer
+        self._copied = threading.Event()  # set while no save's host copy is pending
+        self._copied.set()
+        self._copy_unwaited = False  # a save's copy started and no step has waited for it yet
+        self._copy_waits: list[float] = []
+        self._guarded: dict[int, object] = {}  # id(optimizer) -> its hook's handle
 
-    def start(self, job: Callable[[], None]) -> None:
-        """Run ``job`` (the writes of one save) after the previous one finished."""
+    def guard(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make every ``optimizer.step()`` first wait for a pending host copy: the torch optimizer's step
+        is where parameters, master weights and moments change (DeepSpeed's ZeRO 1/2 and bf16 wrappers
+        write their low-precision copies of the parameters only after it). Once per optimizer."""
+        if id(optimizer) not in self._guarded:
+            self._guarded[id(optimizer)] = optimizer.register_step_pre_hook(lambda *_: self.wait_for_copy())
+
+    def wait_for_copy(self) -> None:
+        """Block until the pending save's host copy is done (its writes may go on). The first call
+        after each save records how long it waited (0 when the copy was done)."""
+        if not self._copy_unwaited:
+            return
+        self._copy_unwaited = False
+        started = time.perf_counter()
+        self._copied.wait()
+        self._copy_waits.append(time.perf_counter() - started)
+
+    def take_copy_waits(self) -> list[float]:
+        """Seconds the first ``wait_for_copy`` after each save waited, since the last call (for the log)."""
+        waits, self._copy_waits = self._copy_waits, []
+        return waits
+
+    def start(self, job: Callable[[], None], copy: Callable[[], None] | None = None) -> None:
+        """Run ``copy`` (the host copy of one save, if deferred) and then ``job`` (its writes) after the
+        previous save finished."""
         self.wait()
+        copy = copy or (lambda: None)
         if not self.background:
+            copy()
             job()
             return
 
         def run() -> None:
             try:
+                try:
+                    copy()
+                finally:  # a failed copy must not hold the training loop: the error comes from wait()
+                    self._copied.set()
                 job()
             except BaseException as exc:  # noqa: BLE001  handed to the training loop by wait()
                 self._error = exc
+        self._copied.clear()
+        self._copy_unwaited = True
         # A daemon: a rank that fails does not linger on its write (the save stays incomplete and
         # ``latest`` names the previous one); the training loop waits for it on every normal exit.
         self._thread = threading.Thread(target=run, name="megafim-checkpoint-writer", daemon=True)
@@ -212,6 +272,7 @@ class Writer:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._copy_unwaited = False
         error, self._error = self._error, None
         if error is not None:
             raise error

@@ -186,8 +186,9 @@ class CheckpointSection:
     ``data.data_path``, ``data.split``, ``data.fim.rate``, ``data.fim.spm_rate``, ``data.fim.level``,
     ``data.fim.split_token``, ``data.tokenizer_model``, ``data.special_tokens`` (the model shape never may)."""
     async_save: bool = False
-    """Write checkpoints in a background thread: training continues once the state is copied to host
-    memory; ``latest`` moves when every rank's files are written (docs/checkpoints.md)."""
+    """Copy checkpoints to host memory and write them in a background thread: training continues at
+    once, and the next optimizer step waits for the copy; ``latest`` moves when every rank's files are
+    written (docs/checkpoints.md)."""
 
 
 @dataclass

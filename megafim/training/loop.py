@@ -385,13 +385,16 @@ def _save(run: Run, writer: Writer, reason: str) -> None:
     if not cfg.checkpoint.save:
         run.log.info(f"checkpoint: not saved ({reason}): checkpoint.save is empty")
         return
+    # The ranks end a step at different times; that wait is paid every step (stop.agreed's all-reduce)
+    # and is not the save's: its time starts when every rank is in it.
+    dist.barrier()
     t0 = time.perf_counter()
     path = ckpt_engine.save(cfg.checkpoint.save, run.engine, run.stage, run.dims, run.state, dump_yaml(cfg),
                             run.mc, cfg.parallel.zero_stage, cfg.checkpoint.keep_last, cfg.data.tokenizer_model,
                             writer, cfg.parallel.distributed_timeout_minutes * 60, run.log.info)
     if writer.background:
-        run.log.info(f"checkpoint: {path.name} copied to host memory in {time.perf_counter() - t0:.2f} s "
-                     f"({reason}); writing in the background")
+        run.log.info(f"checkpoint: {path.name} handed to the writer in {time.perf_counter() - t0:.2f} s "
+                     f"({reason}); copied to host memory and written in the background")
     else:
         run.log.info(f"checkpoint: saved {path} in {time.perf_counter() - t0:.2f} s ({reason})")
 
@@ -420,6 +423,8 @@ def train(cfg: TrainConfig) -> int:
             run.optimizer.set_lr(lr)
             with profiler.wrap(state.step + 1):
                 stats, skipped, grad_norm = train_step(run, [next(micro) for _ in range(run.gas)])
+            for waited in writer.take_copy_waits():  # the optimizer step waited for a save's host copy
+                run.log.info(f"checkpoint: the optimizer step waited {waited:.2f} s for the host copy")
             state.step += 1
             state.consumed_samples += cfg.batch.global_batch_size
             state.epoch = sampler.epoch(state.consumed_samples)

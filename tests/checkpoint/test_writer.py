@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from megafim.checkpoint.format import CheckpointError
-from megafim.checkpoint.writer import (WRITERS_DIR, DeferredSaves, HostBuffers, Writer, host_copy, mark_done,
-                                       wait_for_ranks, write_delay)
+from megafim.checkpoint.writer import (COPY_DELAY_ENV, WRITERS_DIR, DeferredSaves, HostBuffers, Writer,
+                                       host_copy, mark_done, wait_for_ranks, write_delay)
 
 
 def saved_bytes(obj) -> bytes:
@@ -149,3 +149,63 @@ def test_host_buffers_are_reused_by_the_next_save_and_hold_its_values():
     buffers.finish()  # the buffers of the state the third save did not copy are let go
     assert torch.equal(third["other"], unused) and buffers.start() == {}
     assert len(buffers._kept) == 1
+
+
+def test_a_deferred_copy_takes_the_values_of_when_it_runs_and_writes_the_eager_copys_bytes():
+    flat, master, state = optimizer_like_state()
+    eager = host_copy(state, HostBuffers().start(), HostBuffers())
+    buffers = HostBuffers()
+    deferred = host_copy(state, buffers.start(deferred=True), buffers)
+    buffers.finish()
+    assert buffers._pending  # nothing copied yet; the storages are kept until the copy
+    buffers.copy_pending()
+    assert saved_bytes(deferred) == saved_bytes(eager) == saved_bytes(state) and not buffers._pending
+    with torch.no_grad():
+        flat.add_(1.0)
+    assert saved_bytes(deferred) == saved_bytes(eager) != saved_bytes(state)
+
+
+def _save_then_step(writer: Writer, delay_s: float):
+    """A parameter and AdamW (stepping changes both); a deferred copy of both started in the writer's
+    thread ``delay_s`` late; then a step. Returns (the copy, the values at the save, after the step)."""
+    param = torch.nn.Parameter(torch.randn(8))
+    optimizer = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.ones(8)
+    optimizer.step()  # Adam's state exists
+    writer.guard(optimizer)
+    writer.guard(optimizer)  # once per optimizer
+    state = {"param": param, "optimizer": optimizer.state_dict()}
+    at_save = saved_bytes(state)
+    copied = host_copy(state, writer.buffers.start(deferred=True), writer.buffers)
+    writer.buffers.finish()
+    writer.start(lambda: None, lambda: (time.sleep(delay_s), writer.buffers.copy_pending()))
+    optimizer.step()  # the next training step
+    return copied, at_save, saved_bytes(state)
+
+
+def test_a_guarded_optimizer_step_waits_for_the_pending_copy():
+    """Without the guard the step would change the state while the copy sleeps: the copy would hold
+    the values after the step."""
+    writer = Writer(background=True)
+    copied, at_save, after_step = _save_then_step(writer, 0.5)
+    waits = writer.take_copy_waits()
+    writer.wait()
+    assert saved_bytes(copied) == at_save != after_step
+    assert len(waits) == 1 and waits[0] > 0.2 and writer.take_copy_waits() == []
+
+
+def test_a_failed_copy_does_not_hold_the_step_and_is_raised_by_wait():
+    writer = Writer(background=True)
+
+    def fail():
+        raise OSError("out of memory")
+    writer.guard(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
+    writer.start(lambda: None, fail)
+    writer.wait_for_copy()  # returns: the copy ended (with an error)
+    with pytest.raises(OSError, match="out of memory"):
+        writer.wait()
+
+
+def test_copy_delay_is_read_from_its_own_variable(monkeypatch):
+    monkeypatch.setenv(COPY_DELAY_ENV, "2:1.5")
+    assert write_delay(2, COPY_DELAY_ENV) == 1.5 and write_delay(2) == 0.0

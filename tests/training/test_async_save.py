@@ -3,10 +3,11 @@ byte and resume exactly; training goes on while a write is pending, a kill durin
 at the previous complete checkpoint, and the end of training waits for the write.
 
 A slow disk is simulated by ``MEGAFIM_CHECKPOINT_WRITE_DELAY=STEP:SECONDS`` (the writer thread of that
-step's save starts its writes that much later)."""
+step's save starts its writes that much later), a slow host copy by ``MEGAFIM_CHECKPOINT_COPY_DELAY``."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from megafim.checkpoint import manifest
+from megafim.checkpoint.writer import COPY_DELAY_ENV
 from tests.training.launcher import REPO, base_args, check, launch, metrics, trainer_env
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -31,16 +33,21 @@ def _files(ckpt: Path) -> dict[str, bytes]:
             if p.is_file() and p.name not in ("config.yaml", "manifest.json")}
 
 
-@pytest.mark.parametrize("layout", [LAYOUT, ["--zero-stage", "1"]], ids=["tp2", "dp2"])
-def test_async_checkpoints_equal_sync_ones_and_resume_exactly(tiny_data, tmp_path, layout):
+@pytest.mark.parametrize("layout", [LAYOUT, ["--zero-stage", "1"], LAYOUT + ["--set", "schedule.precision=bf16"]],
+                         ids=["tp2", "dp2", "tp2-bf16"])
+def test_async_checkpoints_equal_sync_ones_and_resume_exactly(tiny_data, tmp_path, layout, monkeypatch):
     """tp 2: each rank holds its parameters' whole Adam state (optim/ views DeepSpeed's copied flat
-    buffer); dp 2: optim/ gathers each parameter's state over the two ranks."""
+    buffer); dp 2: optim/ gathers each parameter's state over the two ranks; bf16: ZeRO-1 writes the
+    bf16 parameters from the fp32 masters after the torch optimizer's step. The host copy of step 2's
+    save starts 2 s late, while step 3 runs: equal files mean step 3's optimizer step waited for it."""
     sync, background, resumed = tmp_path / "sync", tmp_path / "async", tmp_path / "resumed"
     common = base_args(tiny_data) + layout + ["--train-iters", "4", "--save-interval", "2"]
     check(launch(2, common + ["--save", str(sync)], tmp_path))
+    monkeypatch.setenv(COPY_DELAY_ENV, "2:2")
     proc = launch(2, common + ["--save", str(background), "--async-save"], tmp_path)
+    monkeypatch.delenv(COPY_DELAY_ENV)
     check(proc)
-    assert "copied to host memory" in proc.stdout and "written in the background" in proc.stdout
+    assert "handed to the writer" in proc.stdout and "copied and written in the background in" in proc.stdout
     for step in ("step_00000002", "step_00000004"):
         a, b = _files(sync / step), _files(background / step)
         assert sorted(a) == sorted(b)
@@ -48,6 +55,8 @@ def test_async_checkpoints_equal_sync_ones_and_resume_exactly(tiny_data, tmp_pat
         assert [name for name in a if a[name] != b[name]] == []
         assert manifest.verify(background / step)
         assert not (background / step / ".writers").exists()
+    waits = [float(w) for w in re.findall(r"step waited ([0-9.]+) s for the host copy", proc.stdout)]
+    assert len(waits) == 1 and waits[0] > 0.5  # step 3 waited for it (rank 0 logs; step 4 is the last)
     assert (background / "latest").read_text().strip() == "step_00000004"
     assert not list(background.glob(".tmp-*"))
     check(launch(2, common + ["--save", str(resumed), "--load", str(background / "step_00000002")], tmp_path))
