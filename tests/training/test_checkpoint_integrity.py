@@ -5,7 +5,6 @@ errors that name the file."""
 import json
 
 import pytest
-import yaml
 
 from megafim.checkpoint import compat, engine, files, find, manifest
 from megafim.checkpoint.format import CheckpointError
