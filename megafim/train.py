@@ -57,8 +57,8 @@ def _exit_without_teardown(code: int) -> None:
     """Leave the process once the run is finished: its checkpoints are written, its logs closed and its
     process groups destroyed. The interpreter's own teardown is skipped on purpose: a gloo worker
     thread that is still releasing a collective's tensors then needs the GIL of an interpreter that is
-    finalizing, and the process aborted (``terminate called without an active exception``, about one
-    ZeRO-3 run in a few hundred on the CPU, docs/platform_notes.md)."""
+    finalizing, and the process aborted (``terminate called without an active exception``, rarely: one
+    ZeRO-3 run in CI, none in 51 here; docs/platform_notes.md)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
