@@ -141,9 +141,8 @@ class VerifyingReader:
 def readers_for(folder: Path, ckpt_dir: Path, files: dict | None, hasher: Executor | None = None,
                 algorithm: str = ALGORITHM) -> dict[str, VerifyingReader]:
     """A reader per ``*.safetensors`` file of ``folder`` that the manifest (its ``files``, checksums of
-    ``algorithm``) lists;
-    ``CheckpointError`` naming a listed file that is missing or a file the manifest does not list.
-    ``files=None``: an unchecked reader per file there is."""
+    ``algorithm``) lists; ``CheckpointError`` naming a listed file that is missing or a file the
+    manifest does not list. ``files=None``: an unchecked reader per file there is."""
     folder, ckpt_dir = Path(folder), Path(ckpt_dir)
     if files is None:
         return {path.name: VerifyingReader(path) for path in sorted(folder.glob("*.safetensors"))}

@@ -48,9 +48,8 @@ def read_model_state(ckpt_dir: Path, checksums: dict | None = None, hasher=None,
     The tensors are read from the files when accessed, one at a time, each assembled from the slices
     the ranks wrote (``sharded.py``); format 1 kept whole tensors in ``stage_<p>.safetensors``.
     ``checksums`` (the manifest's ``files``, of its ``algorithm``): the shards' checksums are computed
-    as their bytes are read
-    (``verified_read.py``; in the ``hasher`` executor's one thread when given), and the state's
-    ``finish()`` compares them."""
+    as their bytes are read (``verified_read.py``; in the ``hasher`` executor's one thread when given),
+    and the state's ``finish()`` compares them."""
     folder = Path(ckpt_dir) / MODEL_DIR
     config = read_model_config(ckpt_dir)
     if (folder / INDEX).is_file():

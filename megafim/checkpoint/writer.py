@@ -213,14 +213,15 @@ class Writer:
         self._copied.set()
         self._copy_unwaited = False  # a save's copy started and no step has waited for it yet
         self._copy_waits: list[float] = []
-        self._guarded: dict[int, object] = {}  # id(optimizer) -> its hook's handle
+        self._guarded: set[int] = set()  # id() of the optimizers whose step waits for the copy
 
     def guard(self, optimizer: torch.optim.Optimizer) -> None:
         """Make every ``optimizer.step()`` first wait for a pending host copy: the torch optimizer's step
         is where parameters, master weights and moments change (DeepSpeed's ZeRO 1/2 and bf16 wrappers
         write their low-precision copies of the parameters only after it). Once per optimizer."""
         if id(optimizer) not in self._guarded:
-            self._guarded[id(optimizer)] = optimizer.register_step_pre_hook(lambda *_: self.wait_for_copy())
+            self._guarded.add(id(optimizer))
+            optimizer.register_step_pre_hook(lambda *_: self.wait_for_copy())
 
     def wait_for_copy(self) -> None:
         """Block until the pending save's host copy is done (its writes may go on). The first call
