@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from report import machine, write_json  # noqa: E402  benchmarks/ is this script's folder
+from report import command, machine, write_json  # noqa: E402  benchmarks/ is this script's folder
 
 
 def build_data(work: Path) -> tuple[str, str]:
@@ -140,7 +140,7 @@ def main() -> None:
     sync_s = statistics.median(runs["sync"]["save_held_loop_s"])
     async_s = statistics.median(runs["async"]["save_held_loop_s"])
     result = {"benchmark": "checkpoint_async", "machine": machine("shared with other jobs"),
-              "command": " ".join(["python", *sys.argv]), "size": args.size,
+              "command": command(), "size": args.size,
               "n_layers": args.n_layers or "the size's", "vocab": 512,
               "n_future": args.n_future, "tp": args.tp, "pp": args.pp, "zero_stage": 1,
               "iters": args.iters, "interval": args.interval,

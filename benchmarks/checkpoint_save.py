@@ -158,11 +158,13 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    from report import command as report_command  # the module; this file's report() is the table
+
     work = tempfile.mkdtemp(prefix="ckpt-save-")
     try:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={args.tp * args.pp}",
-               __file__, "--worker", "--work", work, "--command", " ".join(["python", *sys.argv]),
+               __file__, "--worker", "--work", work, "--command", report_command(),
                *sys.argv[1:]]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TMPDIR=work)
         subprocess.run(cmd, check=True, env=env)

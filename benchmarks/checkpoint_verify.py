@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from report import machine, write_json  # noqa: E402  benchmarks/ is this script's folder
+from report import command, machine, write_json  # noqa: E402  benchmarks/ is this script's folder
 
 from megafim.checkpoint import manifest  # noqa: E402
 from megafim.checkpoint.weights import write_weights_checkpoint  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in runs.items()}
     ratio = med["load_verified"] / med["load"]
     result = {"benchmark": "checkpoint_verify", "machine": machine("shared with other jobs"),
-              "command": " ".join(["python", *sys.argv]), "size": args.size, "n_future": args.n_future,
+              "command": command(), "size": args.size, "n_future": args.n_future,
               "checkpoint_mib": round(mib, 1), "repeats": args.repeats,
               "median_s": {k: round(v, 4) for k, v in med.items()},
               "verify_gib_per_s": round(mib / 1024 / med["verify_only"], 2),

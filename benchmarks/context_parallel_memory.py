@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(args.seq, args.docs, args.worker_out)
         return 0
     import torch  # noqa: F401  (so that machine() names its version)
-    from report import machine, write_json
+    from report import command, machine, write_json
 
     rows = {cp: run_layout(cp, args.seq, args.docs) for cp in (1, 2)}
     one = rows[1][0]["peak_activation_mib"]
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in ranks:
             print(f"cp {cp} rank {r['rank']}: peak activation {r['peak_activation_mib']:8.1f} MiB")
     print(f"cp=2 / cp=1 (worst rank): {worst / one:.3f} (target <= {TARGET})")
-    write_json(args.out, {"command": " ".join([sys.executable, *sys.argv]),
+    write_json(args.out, {"command": command(),
                           "machine": machine(note="2 shared CPU cores; peak RSS during the step"),
                           "seq": args.seq, "model": "tiny, n_future=4, document mask",
                           "rows": [r for ranks in rows.values() for r in ranks],

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import machine, write_json  # benchmarks/ is this script's folder
+from report import command, machine, write_json  # benchmarks/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def main() -> None:
         result = {
             "benchmark": "convert_memory",
             "machine": machine("shared with other jobs"),
-            "command": " ".join([Path(py).name, *sys.argv]),
+            "command": command(),
             "model": {"size": args.size, "n_future": args.n_future, "parameters": n_params,
                       "checkpoint_mib": round(model_mib, 1), "hf_shards": len(shards),
                       "largest_shard_mib": round(largest_shard, 1),

@@ -28,7 +28,7 @@ from megafim.model import GPT, model_config  # noqa: E402
 from megafim.model.documents import Documents, token_layout  # noqa: E402
 from megafim.model.gpt import Block  # noqa: E402
 from megafim.model.layers import rotary_cos_sin  # noqa: E402
-from report import machine, write_json  # noqa: E402
+from report import command, machine, write_json  # noqa: E402
 
 TARGETS = {"cpu_masked_over_plain_max": 1.1, "gpu_varlen_over_causal_max": 1.0}
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                                                              else "document_attention_cpu.json"))
     note = "smoke run on the CPU: checks the script, the numbers mean nothing" if args.smoke_cpu else \
         None if args.gpu else "2 shared CPU cores, other jobs running"
-    write_json(out, {"command": " ".join([sys.executable, *sys.argv]), "machine": machine(note=note),
+    write_json(out, {"command": command(), "machine": machine(note=note),
         "rows": rows, "target_ratio_max": target, "met": all(r["ratio"] <= target for r in rows)})
     return 0
 

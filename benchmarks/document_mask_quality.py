@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from report import machine, write_json  # noqa: E402
+from report import command, machine, write_json  # noqa: E402
 
 KINDS = ("ar", "fim_psm", "fim_spm", "middle_psm", "middle_spm")
 
@@ -134,7 +134,7 @@ def write_result(a, rows: list[dict], n_docs: int, tokens: int, t0: float) -> No
         print(f"{k:12}{pl['mean']:10.3f}{ma['mean']:10.3f}{summary['masked_minus_plain'][k]:+10.3f}"
               f"{fmt(pl['seed_range']):>14} / {fmt(ma['seed_range'])}")
     write_json(a.json_out, {
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": command(),
         "machine": machine(note="2-core CPU shared with other jobs; losses do not depend on load"),
         "settings": {k: getattr(a, k) for k in ("max_files", "vocab_size", "seq_length", "train_iters", "seeds",
                                                 "eval_samples")} | {"config": "examples/configs/tiny.yaml",

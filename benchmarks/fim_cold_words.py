@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 import fim_dataset  # noqa: E402  (the corpus and how the machine was shared)
-from report import machine, write_json  # noqa: E402
+from report import command, machine, write_json  # noqa: E402
 from megafim.data.fim import FimConfig, FimTransform  # noqa: E402
 from megafim.data.gpt_dataset import GPTDataset, GPTDatasetSpec  # noqa: E402
 from megafim.data.tokenizer import Tokenizer  # noqa: E402
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"encode_batch of {len(cut)} distinct cut words ({mean_bytes:.1f} bytes on average): "
           f"{new_us:.2f} us/word new, {cached_us:.2f} us/word cached, difference {new_us - cached_us:.2f}")
     result = {"benchmark": "fim_cold_words",
-              "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+              "command": command(),
               "machine": machine(fim_dataset.MACHINE_NOTE), "fim_sample": fim_rows,
               "cut_words": {"count": len(cut), "mean_bytes": mean_bytes, "new_us": new_us, "cached_us": cached_us}}
     write_json(args.output, result)

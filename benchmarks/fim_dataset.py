@@ -38,7 +38,7 @@ from megafim.data.fim import FimConfig, FimTransform  # noqa: E402
 from megafim.data.gpt_dataset import GPTDataset, GPTDatasetSpec  # noqa: E402
 from megafim.data.indexed import IndexedDatasetBuilder  # noqa: E402
 from megafim.data.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
-from report import machine, write_json  # noqa: E402
+from report import command, machine, shown_path, write_json  # noqa: E402
 
 MACHINE_NOTE = "CPU shared with other processes; medians of interleaved repeats"
 
@@ -216,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
                  if "baseline_over_fim" in r else "")
         print(f"{r['config']:<14}{r['cpu_us_per_sample']:>9.1f} [{r['wall_us_per_sample']:6.1f}]"
               f"{r['samples_per_cpu_s']:>10.0f}{r['vs_off']:>7.2f} [{r['wall_vs_off']:4.2f}]{extra}")
-    result = {"benchmark": "fim_dataset", "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+    result = {"benchmark": "fim_dataset", "command": command(),
               "machine": machine(MACHINE_NOTE), "seq_length": args.seq_length, "samples": n,
               "repeats": args.repeats,
               "warmup": args.warmup, "same_samples": args.same_samples, "baseline": not args.no_baseline,
-              "vocab_size": tok.vocab_size, "tokenizer": str(model), "tokenizer_backend": tok.backend, "rows": rows,
+              "vocab_size": tok.vocab_size, "tokenizer": shown_path(model), "tokenizer_backend": tok.backend, "rows": rows,
               "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM"),
               "raw_cpu_seconds_per_sample": cpu,
               "raw_wall_seconds_per_sample": wall}

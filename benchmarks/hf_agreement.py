@@ -29,7 +29,7 @@ from megafim.data.tokenizer import Tokenizer  # noqa: E402
 from megafim.inference.generate import generate  # noqa: E402
 from megafim.inference.loading import load_model  # noqa: E402
 from megafim.inference.sampling import SamplingConfig  # noqa: E402
-from report import machine, write_json  # noqa: E402
+from report import command, machine, write_json  # noqa: E402
 from speculative_decoding import read, stdlib_files  # noqa: E402
 
 
@@ -95,7 +95,7 @@ def main() -> None:
     result = {
         "benchmark": "hf_agreement",
         "machine": machine("shared with other jobs"),
-        "command": " ".join(["python", *sys.argv]),
+        "command": command(),
         "checkpoint": str(loaded.source), "n_future": ours32.config.n_future,
         "parameters": ours32.config.num_parameters(), "texts": len(texts), "tokens_per_text": length,
         "transformers": transformers.__version__, "torch": torch.__version__,

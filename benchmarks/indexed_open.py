@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from report import machine, write_json  # benchmarks/ is this script's folder
+from report import command, machine, write_json  # benchmarks/ is this script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -100,7 +100,7 @@ def main() -> None:
         print(f"{r['sequences']:>12,} {r['idx_mib']:>9,.1f} {r['open_without_range_check_s']:>23.3f} "
               f"{r['open_s']:>8.3f} {r['open_cpu_s']:>7.3f} "
               f"{r['range_check_s']:>14.3f} {r['range_check_cpu_s']:>7.3f} {r['full_check_open_s']:>18.3f}")
-    write_json(args.json, {"command": " ".join(sys.argv), "machine": machine(note="2 cores shared with other jobs"),
+    write_json(args.json, {"command": command(), "machine": machine(note="2 cores shared with other jobs"),
                            "repeats": args.repeats, "rows": rows})
 
 

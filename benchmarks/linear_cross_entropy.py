@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megafim.ops.multi_token_loss import multi_token_loss  # noqa: E402
-from report import machine, write_json  # noqa: E402
+from report import command, machine, write_json  # noqa: E402
 
 BATCH, SEQ, DIM = 8, 2048, 2048
 VOCABS = (32000, 128256)
@@ -239,7 +239,7 @@ def main() -> None:
     liger, liger_version = load_liger()
     print(f"device: {device_name}; Liger-Kernel: {liger_version}")
     print("float64 check:", json.dumps({k: v["max_rel_error"] for k, v in correctness.items()}))
-    doc = {"benchmark": "linear_cross_entropy", "command": " ".join([sys.executable, *sys.argv]),
+    doc = {"benchmark": "linear_cross_entropy", "command": command(),
            "machine": machine(device=device_name, triton=_version("triton"), liger_kernel=liger_version),
            "shape": {"tokens": BATCH * SEQ, "batch": BATCH, "seq": SEQ, "dim": DIM, "dtype": "bfloat16"},
            "correctness": correctness, "liger_reference_issue": LIGER_REFERENCE}

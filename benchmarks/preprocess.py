@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from megafim.data.indexed import IndexedDataset  # noqa: E402
 from megafim.data.preprocess import resolve_inputs  # noqa: E402
-from report import machine, write_json  # noqa: E402
+from report import command, machine, shown_command, write_json  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -267,12 +267,12 @@ def main() -> None:
     print(f"peak RSS x{args.scale} / x1: {scale_med['peak_rss_mib'] / med['megafim']['peak_rss_mib']:.2f}")
     result = {
         "benchmark": "preprocess", "machine": shared_machine(load_at_start),
-        "command": "python benchmarks/preprocess.py " + " ".join(sys.argv[1:]),
+        "command": command(),
         "megatron_lm": {"dir": str(mdir), "version": checkout_version(mdir)} if mdir else None,
         "corpus": {"path": str(small), "bytes": small.stat().st_size, "documents": n_docs,
                    "scaled_bytes": large.stat().st_size, "scale": args.scale},
         "tokenizer": {"model": str(model), "vocab_size": tok.vocab_size, "our_eod": tok.eod},
-        "commands": {k: shlex.join(v) for k, v in commands.items()},
+        "commands": {k: shown_command(v) for k, v in commands.items()},
         "runs": runs, "medians": med,
         "scaled": {"runs": scale_rows, "medians": scale_med,
                    "peak_rss_ratio_scaled_over_x1": scale_med["peak_rss_mib"] / med["megafim"]["peak_rss_mib"]},

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import shlex
 import sys
 import sysconfig
 from pathlib import Path
@@ -35,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from megafim.data.indexed import IndexedDataset  # noqa: E402
 from megafim.data.preprocess import resolve_inputs  # noqa: E402
 from preprocess import ensure_tokenizer, medians, run_measured  # noqa: E402  (benchmarks/preprocess.py)
-from report import machine, write_json  # noqa: E402
+from report import command as report_command, machine, shown_command, shown_path, write_json  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -128,9 +127,9 @@ def main() -> None:
         "benchmark": "preprocess_group",
         "machine": machine("shared with other jobs while measuring: runs alternate, medians reported",
                            load_average_at_start=list(load_at_start), load_average_at_end=list(os.getloadavg())),
-        "command": "python benchmarks/preprocess_group.py " + " ".join(sys.argv[1:]),
+        "command": report_command(),
         "corpus": {"records": n_records, "repositories": n_repos, "bytes": size},
-        "tokenizer": str(model), "commands": {k: shlex.join(v) for k, v in commands.items()},
+        "tokenizer": shown_path(model), "commands": {k: shown_command(v) for k, v in commands.items()},
         "runs": runs, "medians": med, "steady_records_per_s_over_plain": ratios,
     }
     write_json(args.output, result)

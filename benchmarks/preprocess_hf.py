@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from preprocess import (checkout_version, compare_outputs, make_corpus, medians, megatron_checkout,  # noqa: E402
                         one_run, ours_cmd, print_table, shared_machine)
-from report import write_json  # noqa: E402
+from report import command, shown_command, write_json  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -107,11 +106,11 @@ def main() -> None:
     med = {k: medians(v) for k, v in runs.items()}
     print_table(f"stdlib JSONL, Hugging Face tokenizer, {args.workers} workers, median of {args.repeats}", med)
     result = {"benchmark": "preprocess_hf", "machine": shared_machine(load_at_start),
-              "command": "python benchmarks/preprocess_hf.py " + " ".join(sys.argv[1:]),
+              "command": command(),
               "megatron_lm": {"dir": str(mdir), "version": checkout_version(mdir)} if mdir else None,
               "corpus": {"path": str(small), "bytes": small.stat().st_size, "documents": n_docs},
               "tokenizer": {"path": str(model), "vocab_size": tok.vocab_size, "eod": tok.eod},
-              "commands": {k: shlex.join(v) for k, v in commands.items()}}
+              "commands": {k: shown_command(v) for k, v in commands.items()}}
     if mdir is not None:
         agreement = compare_outputs(str(work / "ours_text_document"), str(work / "megatron_text_document"),
                                     tok.eod, tok.eod)

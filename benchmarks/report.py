@@ -1,8 +1,9 @@
 """What every benchmark writes beside its numbers: the machine it ran on, and the JSON file itself.
 
-    from report import machine, write_json      (the scripts in benchmarks/ run with this folder on sys.path)
+    from report import command, machine, write_json      (the scripts in benchmarks/ run with this folder on sys.path)
 
-``machine()`` names the CPU (from /proc/cpuinfo), its cores and memory, Python and the platform, and,
+``command()`` is the command line that produced a result, as one types it at the repository's root
+(``python``, the script's path inside the checkout, the arguments as given). ``machine()`` names the CPU (from /proc/cpuinfo), its cores and memory, Python and the platform, and,
 when the benchmark has imported torch, torch's version and the GPU. Numbers from different machines
 must not be compared, so every result file says where it came from.
 """
@@ -12,8 +13,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cpu_name() -> str:
@@ -32,6 +36,26 @@ def memory_gib() -> float | None:
         return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def command(argv: list[str] | None = None) -> str:
+    """``argv`` (``sys.argv``) as a command to run from the repository's root: ``python`` and the
+    script's path relative to the checkout, so that a result names no path of the machine that ran it."""
+    argv = sys.argv if argv is None else argv
+    return shlex.join(["python", shown_path(argv[0]), *argv[1:]])
+
+
+def shown_command(cmd: list[str]) -> str:
+    """A command a benchmark ran, as ``command()`` shows its own: ``python`` for this interpreter, and
+    the paths inside the checkout relative to its root."""
+    shown = ["python" if arg == sys.executable else shown_path(arg) if arg.startswith("/") else arg for arg in cmd]
+    return shlex.join(shown)
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` relative to the repository's root when it lies inside the checkout, else as given."""
+    full = Path(path).resolve()
+    return full.relative_to(REPO).as_posix() if full.is_relative_to(REPO) else str(path)
 
 
 def machine(note: str | None = None, **extra) -> dict:

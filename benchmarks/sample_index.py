@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from report import machine, write_json  # benchmarks/ is this script's folder
+from report import command, machine, write_json  # benchmarks/ is this script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 CORPORA = {"large": 32_000_000, "small": 1_000_000}  # documents
@@ -154,7 +154,7 @@ def main() -> None:
                 "peak_megatron_over_megafim":
                     by["megatron-style"]["peak_extra_MiB_median"] / by["megafim"]["peak_extra_MiB_median"]}
     print(json.dumps(ratios, indent=1))
-    result = {"benchmark": "sample_index", "command": " ".join([Path(sys.executable).name] + sys.argv),
+    result = {"benchmark": "sample_index", "command": command(),
               "machine": machine("shared CPU: other jobs ran at the same time; medians of repeats"),
               "seq_length": SEQ_LENGTH, "num_samples": args.num_samples, "repeats": args.repeats,
               "rows": rows, "ratios": ratios}

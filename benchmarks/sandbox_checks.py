@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from megafim.eval import humaneval, humaneval_infilling  # noqa: E402
 from megafim.eval.execution import Check, SandboxConfig, isolation_report, run_check  # noqa: E402
 from megafim.eval.humaneval_infilling import Sample  # noqa: E402
-from report import machine, write_json  # noqa: E402
+from report import command, machine, write_json  # noqa: E402
 
 
 def trivial_latencies(count: int, config: SandboxConfig) -> list[float]:
@@ -72,7 +72,7 @@ def main() -> None:
     print(f"{'trivial check, p90 (s)':<34}{trivial['p90_s']:>12}")
     print(f"{'canonical ' + args.benchmark + ' passed':<34}{canonical['passed']:>8}/{canonical['tasks']}")
     print(f"{'canonical wall (s), workers ' + str(args.workers):<34}{canonical['wall_s']:>12}")
-    write_json(args.out, {"command": " ".join(sys.argv), "machine": machine("shared with other jobs"),
+    write_json(args.out, {"command": command(), "machine": machine("shared with other jobs"),
                           "sandbox": isolation_report(config), "trivial": trivial,
                           "canonical": canonical})
 

@@ -40,7 +40,7 @@ from megafim.inference.loading import load_model  # noqa: E402
 from megafim.inference.sampling import SamplingConfig  # noqa: E402
 from megafim.inference.speculative import speculative_generate  # noqa: E402
 from megafim.model import GPT, model_config  # noqa: E402
-from report import machine, write_json  # noqa: E402
+from report import command, machine, write_json  # noqa: E402
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -179,7 +179,7 @@ def main() -> None:
     result = {
         "benchmark": "speculative_decoding",
         "machine": machine(None if device.type == "cuda" else "CPU shared with other jobs"),
-        "command": " ".join(["python", *sys.argv]),
+        "command": command(),
         "threads": torch.get_num_threads(),
         "model": {"source": source, "n_future": model.config.n_future, "parameters": model.config.num_parameters(),
                   "dtype": args.dtype},

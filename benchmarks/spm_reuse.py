@@ -30,7 +30,7 @@ from megafim.data.tokenizer import Tokenizer  # noqa: E402
 from megafim.inference.infill import SpmInfillSession, fim_prompt, infill  # noqa: E402
 from megafim.inference.loading import load_model  # noqa: E402
 from megafim.inference.sampling import SamplingConfig  # noqa: E402
-from report import machine, write_json  # noqa: E402
+from report import command, machine, write_json  # noqa: E402
 from speculative_decoding import read, stdlib_files  # noqa: E402
 
 
@@ -101,7 +101,7 @@ def main() -> None:
     result = {
         "benchmark": "spm_reuse",
         "machine": machine("shared with other jobs"),
-        "command": " ".join(["python", *sys.argv]),
+        "command": command(),
         "checkpoint": str(loaded.source), "files": cases, "keystrokes": len(spm_fed),
         "max_new_tokens": args.max_new_tokens,
         "prompt_tokens_median": med(lengths),

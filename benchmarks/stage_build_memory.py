@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from report import machine, memory_gib, write_json  # benchmarks/ is this script's folder
+from report import command, machine, memory_gib, write_json  # benchmarks/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['size']:<7}{r['mode']:<7}{r['stage_params'] / 1e6:>13.0f}M{r['stage_gib']:>11.2f}"
               f"{r['peak_rss_gib']:>14.2f}{r['seconds']:>9.1f}")
     result = {"benchmark": "stage_build_memory",
-              "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+              "command": command(),
               "machine": machine(),
               "rows": rows}
     write_json(args.out, result)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import sentencepiece as spm  # noqa: E402
 
 from megafim.data.tokenizer import Tokenizer  # noqa: E402
-from report import machine, write_json  # noqa: E402
+from report import command, machine, write_json  # noqa: E402
 
 
 def stdlib_texts() -> list[str]:
@@ -118,7 +118,7 @@ def main() -> int:
         print(f"{name:<22}{row['tokens_per_s'] / 1e6:>15.2f}{row['tokens_per_cpu_s'] / 1e6:>14.2f}"
               f"{row['speedup_vs_sentencepiece']:>17.2f}")
     result = {
-        "benchmark": "tokenizer_encode", "command": shlex.join([sys.executable, *sys.argv]),
+        "benchmark": "tokenizer_encode", "command": command(),
         "machine": machine(sentencepiece=spm.__version__),
         "load_average_before": load_before, "load_average_after": load_after,
         "corpus": {"files": len(texts), "bytes": n_bytes}, "model": model, "vocab_size": ours.vocab_size,

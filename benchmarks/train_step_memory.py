@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megafim.model import GPT, model_config  # noqa: E402
-from report import machine, write_json  # noqa: E402
+from report import command, machine, write_json  # noqa: E402
 
 TOTAL_BLOCKS = 24  # the 1.3B shape's layers; n_layers = TOTAL_BLOCKS - (n - 1) keeps trunk + heads equal
 TARGETS = {"peak_memory_ratio_max": 1.15, "tokens_per_s_ratio_min": 0.9}
@@ -124,7 +124,7 @@ def main() -> None:
     summary["target_peak_memory"] = summary["peak_memory_ratio_n4_over_n1"] <= TARGETS["peak_memory_ratio_max"]
     summary["target_tokens_per_s"] = summary["tokens_per_s_ratio_n4_over_n1"] >= TARGETS["tokens_per_s_ratio_min"]
     print(json.dumps(summary, indent=1))
-    doc = {"benchmark": "train_step_memory", "command": " ".join([sys.executable, *sys.argv]),
+    doc = {"benchmark": "train_step_memory", "command": command(),
            "machine": machine(device=device_name),
            "model": size, "total_blocks": total_blocks, "targets": TARGETS, "results": rows, "summary": summary}
     write_json(args.out, doc)

@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from report import machine, write_json  # noqa: E402
+from report import command, machine, write_json  # noqa: E402
 
 PEAK_FLOPS = 989e12
 SHAPE = dict(hidden=2048, layers=24, heads=16, ffn=5632, vocab=32000, seq=2048)
@@ -159,7 +159,7 @@ def main() -> int:
     device = "cpu" if args.smoke_cpu else "cuda"
     steps, warmup = (3, 1) if args.smoke_cpu else (args.steps, args.warmup)
     rows = {}
-    doc = {"benchmark": "train_throughput", "command": " ".join(sys.argv), "shape": s,
+    doc = {"benchmark": "train_throughput", "command": command(), "shape": s,
            "micro_batch": args.micro_batch, "steps": steps, "warmup": warmup, "smoke_cpu": args.smoke_cpu,
            "machine": machine(device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke run)"),
            "rows": rows}
